@@ -1,0 +1,285 @@
+"""The recipe: one YAML file per run, checked strictly before anything heavy happens.
+
+Each section is a frozen dataclass; the comment beside each field is its documentation (README's recipe
+reference is generated from the same text). `load_recipe(path, overrides)` applies `dotted.key=value`
+overrides (values parsed as YAML) and raises `UserError` naming the offending key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixtral_ft.errors import UserError
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SECRET_KEYS = {"token", "hf_token", "hub_token", "access_token", "auth_token", "api_key", "apikey",
+               "wandb_api_key", "password", "passwd", "secret", "secret_key"}
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str  # hub id (mistralai/Mixtral-8x7B-v0.1), local folder, or `tiny` (built-in random model)
+    quantize_experts: bool = True  # NF4 experts; false keeps them bf16 (needs ~90 GB, e.g. an H200)
+    compute_dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bfloat16 | float16 | float32
+    revision: str | None = None  # hub revision (branch, tag or commit) for a hub id
+    adapter: str | None = None  # existing LoRA adapter folder to keep training (SFT -> DPO chains)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str  # local .jsonl/.json/.parquet, hub dataset id, or builtin:oasst_top1 (bundled sample)
+    split: str = "train"  # split to train on (local files have only `train`)
+    eval_split: str | None = None  # split to evaluate on, e.g. `test`; null for none
+    test_size: float = 0.0  # fraction of rows held out for eval when the source has no eval split
+    format: str = "auto"  # auto | chatml (`text` column) | messages (`messages`/`conversation` column)
+    max_bad_fraction: float = 0.1  # stop the run if more than this fraction of rows is unparseable
+    max_rows: int | None = None  # read at most this many rows (quick experiments)
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA input; 0 is faster
+    target_modules: tuple[str, ...] = ATTENTION_TARGETS  # attention projections to adapt
+    allow_other_targets: bool = False  # allow targets outside q/k/v/o_proj (router and experts stay frozen)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    output_dir: str  # where the adapter, tokenizer, recipe.yaml and run.json are written
+    max_steps: int = -1  # optimizer steps; -1 runs `num_train_epochs` epochs
+    num_train_epochs: float = 1.0  # used when max_steps is -1
+    save_steps: int = 500  # checkpoint every N steps
+    seed: int = 42  # seeds python, numpy, torch and data shuffling
+    learning_rate: float = 2e-4  # peak learning rate
+    lr_scheduler_type: str = "cosine"  # transformers scheduler name
+    warmup_ratio: float = 0.03  # fraction of steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 0.3  # gradient clipping (QLoRA paper value)
+    optim: str = "adamw_torch"  # transformers optimizer name (paged_adamw_8bit saves memory on GPU)
+    per_device_train_batch_size: int = 2  # micro-batch per GPU
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_length: int = 2048  # tokens per row; longer conversations are truncated
+    packing: bool = False  # pack rows into full max_length sequences
+    gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
+    logging_steps: int = 1  # log every N steps
+    eval_steps: int | None = None  # evaluate every N steps when an eval split exists
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    lora: LoraSection = field(default_factory=LoraSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return build_recipe(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file '{path}' not found: pass the path of a YAML recipe, e.g. recipes/tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"recipe '{path}' is not valid YAML{line}: fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of sections (model, data, lora, train)")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{item}' is not key=value: write it like lora.r=8")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"override '{item}': the value is not valid YAML; quote it") from None
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            section = ".".join(parts[: i + 1])
+            raise UserError(f"override '{item}': '{section}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_recipe(raw: dict[str, Any]) -> Recipe:
+    _reject_secrets(raw, "")
+    recipe = _build(Recipe, raw, "")
+    check_recipe(recipe)
+    return recipe
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping of keys, got {_kind(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise UserError(f"unknown key '{prefix}{key}'{_suggest(str(key), fields, prefix)}")
+    values = {}
+    for name, f in fields.items():
+        dotted = prefix + name
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in raw or (raw[name] is None and required):
+            if required:
+                raise UserError(f"missing required key '{dotted}': add it to the recipe")
+            if dataclasses.is_dataclass(hints[name]):
+                values[name] = _build(hints[name], {}, dotted + ".")
+            continue
+        values[name] = _coerce(hints[name], raw[name], dotted)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, dotted + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, dotted)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"'{dotted}' must be a list of strings, got {_kind(value)}: e.g. [q_proj, v_proj]")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"'{dotted}' must be true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"'{dotted}' must be an integer, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string; accept it as a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"'{dotted}' must be a number, got {_kind(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"'{dotted}' must be a non-empty string, got {_kind(value)}")
+        return value
+    raise TypeError(f"unsupported recipe type {hint} for {dotted}")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, str):
+        return f"the string {value!r}" if len(value) < 40 else "a string"
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _suggest(key: str, fields: dict, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    aliases = {"rank": "r", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+               "lora_alpha": "alpha", "lora_dropout": "dropout", "steps": "max_steps",
+               "max_seq_length": "max_length", "output": "output_dir", "dataset": "path"}
+    guess = aliases.get(key) if aliases.get(key) in fields else (close[0] if close else None)
+    if guess:
+        return f" (did you mean '{prefix}{guess}'?)"
+    return f": valid keys here are {', '.join(fields)}"
+
+
+def _reject_secrets(raw: Any, prefix: str) -> None:
+    if not isinstance(raw, dict):
+        return
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if str(key).lower() in SECRET_KEYS:
+            _secret_error(dotted)
+        _reject_secrets(value, dotted + ".")
+
+
+def _secret_error(dotted: str) -> None:
+    raise UserError(
+            f"'{dotted}' looks like a secret: recipes are saved with every run, so never put tokens in them; "
+            "set HF_TOKEN / WANDB_API_KEY in the environment or run `huggingface-cli login`"
+        )
+
+
+# --- range and consistency checks ----------------------------------------------------------------
+
+def check_recipe(recipe: Recipe) -> None:
+    m, d, lo, t = recipe.model, recipe.data, recipe.lora, recipe.train
+    _need(m.compute_dtype in ("auto", "bfloat16", "float16", "float32"), "model.compute_dtype",
+          "must be auto, bfloat16, float16 or float32")
+    _need(d.format in ("auto", "chatml", "messages"), "data.format", "must be auto, chatml or messages")
+    _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
+    _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1], e.g. 0.1")
+    _need(d.max_rows is None or d.max_rows > 0, "data.max_rows", "must be > 0 or null")
+    _need(lo.r > 0, "lora.r", "must be > 0, e.g. 16")
+    _need(lo.alpha > 0, "lora.alpha", "must be > 0, e.g. 32 (twice r)")
+    _need(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1), e.g. 0.05")
+    _need(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one of q_proj, k_proj, v_proj, o_proj")
+    others = [x for x in lo.target_modules if x not in ATTENTION_TARGETS]
+    _need(not others or lo.allow_other_targets, "lora.target_modules",
+          f"has {others}: only {list(ATTENTION_TARGETS)} are supported (router and experts stay frozen); "
+          "set lora.allow_other_targets: true to override")
+    _need(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", "must be > 0, or -1 to train by epochs")
+    _need(t.num_train_epochs > 0, "train.num_train_epochs", "must be > 0")
+    _need(t.save_steps > 0, "train.save_steps", "must be > 0, e.g. 500")
+    _need(t.learning_rate > 0, "train.learning_rate", "must be > 0, e.g. 2e-4")
+    _need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+    _need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _need(t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0, e.g. 0.3")
+    _need(t.per_device_train_batch_size > 0, "train.per_device_train_batch_size", "must be > 0")
+    _need(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
+    _need(t.max_length >= 16, "train.max_length", "must be >= 16 tokens, e.g. 2048")
+    _need(t.logging_steps > 0, "train.logging_steps", "must be > 0")
+    _need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", "must be > 0 or null")
+    _need(t.seed >= 0, "train.seed", "must be >= 0")
+
+
+def _need(ok: bool, key: str, fix: str) -> None:
+    if not ok:
+        raise UserError(f"'{key}' {fix}")
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
