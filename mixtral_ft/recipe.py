@@ -74,6 +74,7 @@ class TrainSection:
     assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
     logging_steps: int = 1  # log every N steps
     eval_steps: int | None = None  # evaluate every N steps when an eval split exists
+    overwrite: bool = False  # replace a finished run in output_dir (otherwise that is an error)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,108 @@
+"""Load Mixtral for QLoRA: NF4 attention and experts, frozen base, LoRA on the attention projections.
+
+`load_model` is what training, audit, chat and merge use. It never materializes the bf16 model: see
+`loader.py` for the streaming and `quant.py` for the NF4 experts. LoRA goes on q/k/v/o only; we do not
+call peft's `prepare_model_for_kbit_training`, which would upcast every non-4-bit weight to fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
+from mixtral_ft.tiny import TINY_NAME, tiny_model_dir
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it natively, fp32 otherwise (most CPUs lack bf16 matmuls)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if cpu_bf16 else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> Path:
+    """`tiny`, a local folder, or a hub id (downloaded through huggingface_hub, safetensors only)."""
+    if name == TINY_NAME:
+        return tiny_model_dir()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
+        return path
+    if not HUB_ID.match(name):
+        raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as exc:  # network, auth, missing repo: all the user's to fix
+        raise UserError(f"could not fetch model '{name}' from the Hub ({type(exc).__name__}): check the id, "
+                        "your network, and HF_TOKEN / `huggingface-cli login` for gated models") from None
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    quantize_experts: bool = True,
+    device: str | torch.device | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> nn.Module:
+    """Mixtral with NF4 attention and (unless `quantize_experts=False`) NF4 experts, base frozen."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path, revision)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "mixtral":
+        raise UserError(f"'{name_or_path}' is a {config.model_type} model: mixtral_ft fine-tunes Mixtral only")
+    manifest = read_manifest(path)
+    if manifest is not None:
+        quantize_experts = manifest["quantize_experts"]  # a pre-quantized folder is what it is
+    model = build_skeleton(config, dtype, quantize_experts)
+    stream_checkpoint(model, path, device, dtype)
+    finish_model(model, device)
+    model.requires_grad_(False)
+    # peft and the HF Trainer read these flags to treat the model as bitsandbytes-4-bit.
+    model.is_loaded_in_4bit = True
+    model.quantization_method = "bitsandbytes"
+    model.mixtral_ft_source = str(name_or_path)
+    model.mixtral_ft_quantize_experts = quantize_experts
+    model.name_or_path = str(path)
+    return model
+
+
+def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
+    """Wrap `model` with a trainable LoRA adapter on the recipe's targets (or continue `adapter`)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

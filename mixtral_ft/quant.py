@@ -1,0 +1,149 @@
+"""NF4 storage and compute for Mixtral's fused experts.
+
+transformers 5 stores each layer's experts as two 3-D parameters (`gate_up_proj` [E, 2I, H] and
+`down_proj` [E, H, I]); bitsandbytes' `load_in_4bit` quantizes only `nn.Linear`, so they would stay
+bf16 (2.6 GiB per layer, ~84 GiB for Mixtral). `NF4Experts` replaces transformers' `MixtralExperts`
+module: the same forward signature and math, with both weights held as bitsandbytes `Params4bit`
+(NF4, blocksize 64, double-quantized statistics: ~0.52 bytes per parameter).
+
+Compute goes through `_NF4GroupedLinear`, a custom autograd function that dequantizes the layer's
+weights, runs one matmul per expert (grouped GEMM on CUDA), and keeps nothing but a reference to the
+packed weights for backward, where it dequantizes again. No bf16 copy of the experts outlives a call.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from torch import nn
+
+BLOCKSIZE = 64
+
+
+def quantize_nf4(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> bnb.nn.Params4bit:
+    """NF4-quantize `tensor` on `device`; dequantizing gives `dtype` back."""
+    param = bnb.nn.Params4bit(
+        tensor.to(dtype), requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=True,
+        quant_type="nf4", quant_storage=torch.uint8,
+    )
+    return param.to(device)  # Params4bit quantizes on its first move to a real device
+
+
+def prequantized_nf4(packed: torch.Tensor, stats: dict[str, torch.Tensor], device) -> bnb.nn.Params4bit:
+    """Rebuild a `Params4bit` from the packed data and the statistics `quantize` wrote."""
+    return bnb.nn.Params4bit.from_prequantized(packed, stats, requires_grad=False, device=device)
+
+
+def dequantize_nf4(param: bnb.nn.Params4bit) -> torch.Tensor:
+    return bnbf.dequantize_4bit(param.data, param.quant_state)
+
+
+def is_4bit(param: torch.Tensor) -> bool:
+    return isinstance(param, bnb.nn.Params4bit) and bool(getattr(param, "bnb_quantized", False))
+
+
+def storage_bytes(param: torch.Tensor) -> int:
+    """Bytes a parameter occupies, 4-bit statistics included."""
+    size = param.numel() * param.element_size()
+    if is_4bit(param):
+        size += sum(v.numel() * v.element_size() for v in param.quant_state.as_dict(packed=True).values())
+    return size
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """Parameter count of the unquantized tensor (a packed NF4 tensor holds two per byte)."""
+    return param.quant_state.shape.numel() if is_4bit(param) else param.numel()
+
+
+def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row block e of `x` (rows sorted by expert, `counts[e]` rows each) times `weight_t[e]` [K, N]."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm"):
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch.nn.functional.grouped_mm(x, weight_t, offs=offsets)
+    out = x.new_empty(x.shape[0], weight_t.shape[-1])
+    start = 0
+    for expert, n in enumerate(counts.tolist()):  # one host sync for the whole layer
+        if n:
+            torch.mm(x[start:start + n], weight_t[expert], out=out[start:start + n])
+            start += n
+    return out
+
+
+class _NF4GroupedLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ W[e].T for NF4 `W` [E, out, in]; frozen, so only dx is returned."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts):
+        ctx.weight = weight  # the packed parameter, alive anyway; no dequantized copy is saved
+        ctx.save_for_backward(counts)
+        dense = dequantize_nf4(weight).to(x.dtype)
+        return _grouped_mm(x, dense.transpose(1, 2), counts)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (counts,) = ctx.saved_tensors
+        dense = dequantize_nf4(ctx.weight).to(grad_out.dtype)
+        return _grouped_mm(grad_out.contiguous(), dense, counts), None, None
+
+
+class NF4Experts(nn.Module):
+    """Drop-in for transformers' `MixtralExperts`, with `gate_up_proj` / `down_proj` in NF4."""
+
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.act_fn = act_fn
+        self.register_parameter("gate_up_proj", None)  # set by the loader, one layer at a time
+        self.register_parameter("down_proj", None)
+
+    @classmethod
+    def like(cls, experts: nn.Module) -> NF4Experts:
+        return cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, experts.act_fn)
+
+    def set_weight(self, name: str, param: bnb.nn.Params4bit) -> None:
+        expected = {"gate_up_proj": (self.num_experts, 2 * self.intermediate_dim, self.hidden_dim),
+                    "down_proj": (self.num_experts, self.hidden_dim, self.intermediate_dim)}[name]
+        if tuple(param.quant_state.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(param.quant_state.shape)}, expected {expected}")
+        self.register_parameter(name, param)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        num_tokens, top_k = top_k_index.shape
+        expert_ids = top_k_index.reshape(-1)
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.num_experts)[: self.num_experts]
+        rows = hidden_states[order // top_k]
+
+        gate, up = _NF4GroupedLinear.apply(rows, self.gate_up_proj, counts).chunk(2, dim=-1)
+        out = _NF4GroupedLinear.apply(self.act_fn(gate) * up, self.down_proj, counts)
+
+        # Weight and sum in fp32, then restore token order: deterministic (no atomics), like transformers.
+        out = out.float() * top_k_weights.reshape(-1)[order].unsqueeze(-1).float()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        out = out[inverse].view(num_tokens, top_k, self.hidden_dim).sum(dim=1)
+        return out.to(hidden_states.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Same layout as bitsandbytes' Linear4bit: packed data under the name, statistics beside it.
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(self, name)
+            if param is None:
+                continue
+            destination[prefix + name] = param if keep_vars else param.detach()
+            for key, value in param.quant_state.as_dict(packed=True).items():
+                destination[f"{prefix}{name}.{key}"] = value
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, nf4"
+
+
+def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Linear4bit:
+    """An empty bitsandbytes NF4 Linear with `linear`'s shape; its weight is set while loading."""
+    return bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+        compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta",
+    )

@@ -1,0 +1,188 @@
+"""Training: recipe -> data -> NF4 model + LoRA -> audit -> TRL SFTTrainer -> adapter and run.json.
+
+Run it as `mixtral-ft train RECIPE [key=value ...]`, or under a launcher:
+`accelerate launch -m mixtral_ft.train RECIPE ...` (torchrun works too). The story is linear on
+purpose: seed, tokenizer, data, model, audit, trainer, train, save. TRL owns the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import Recipe, dump_recipe
+
+RUN_FILES = ("run.json", "adapter_model.safetensors")
+
+
+def check_output_dir(recipe: Recipe) -> Path:
+    """Refuse to overwrite another run or to write where we cannot, before any heavy work."""
+    out = Path(recipe.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir '{out}' is a file: choose a folder path")
+    if out.is_dir() and any((out / f).exists() for f in RUN_FILES) and not recipe.train.overwrite:
+        raise UserError(f"train.output_dir '{out}' already holds a run: choose a new folder, "
+                        "or set train.overwrite=true to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
+    return out
+
+
+def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, pad_token: str):
+    from trl import SFTConfig
+
+    t = recipe.train
+    return SFTConfig(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        save_steps=t.save_steps,
+        save_strategy="steps",
+        seed=t.seed,
+        data_seed=t.seed,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of all steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=t.max_length,
+        packing=t.packing,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        report_to="none",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        assistant_only_loss=False,  # our data already carries exact assistant masks (see data.py)
+        dataset_num_proc=None,
+        disable_tqdm=False,
+        pad_token=pad_token,
+    )
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux: the process's peak resident memory, model and data included.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import bitsandbytes
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    from mixtral_ft import __version__
+
+    mods = {"mixtral_ft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "trl": trl.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    mods["python"] = platform.python_version()
+    return mods
+
+
+def train(recipe: Recipe) -> dict:
+    """Run one SFT job end to end; returns the run summary that is also written to run.json."""
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from mixtral_ft.audit import audit_model
+    from mixtral_ft.data import load_sft_data
+    from mixtral_ft.model import apply_lora, load_model, resolve_model_path
+    from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
+
+    started = time.time()
+    out = check_output_dir(recipe)
+    set_seed(recipe.train.seed)
+
+    model_path = resolve_model_path(recipe.model.name, recipe.model.revision)
+    tokenizer = load_tokenizer(model_path, mode="finetuning")
+    data = load_sft_data(recipe.data, tokenizer, max_length=recipe.train.max_length, seed=recipe.train.seed)
+    for report in data.reports:
+        print(report.line(), flush=True)
+    train_rows = data.train if recipe.train.assistant_only_loss else data.train.remove_columns("assistant_masks")
+
+    model = load_model(str(model_path), quantize_experts=recipe.model.quantize_experts,
+                       compute_dtype=recipe.model.compute_dtype)
+    model.config.use_cache = False
+    model = apply_lora(model, recipe.lora, adapter=recipe.model.adapter)
+    audit = audit_model(model, quantize_experts=recipe.model.quantize_experts)
+    print(audit.table(), flush=True)
+    if not audit.ok:
+        raise UserError(f"audit failed: {audit.failures[0]} (run `mixtral-ft audit` for the full table)")
+
+    dtype = model.get_base_model().dtype
+    # MistralCommonBackend names id 0 "<pad>" but its vocabulary calls it "<unk>"; TRL looks the name up.
+    pad_token = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
+    trainer = SFTTrainer(model=model, args=sft_config(recipe, dtype, data.eval is not None, pad_token),
+                         train_dataset=train_rows, eval_dataset=data.eval, processing_class=tokenizer)
+    result = trainer.train()
+
+    summary = summarize(recipe, trainer, result, started, dtype)
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(out))
+        save_tokenizer(tokenizer, out)
+        dump_recipe(recipe, out / "recipe.yaml")
+        (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
+    return summary
+
+
+def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
+    history = trainer.state.log_history
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    runtime = result.metrics.get("train_runtime", time.time() - started)
+    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    device = trainer.args.device
+    return {
+        "method": "sft",
+        "model": recipe.model.name,
+        "seed": recipe.train.seed,
+        "steps": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "device": str(device),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "train_loss": result.training_loss,
+        "losses": losses,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
+        "train_runtime_s": round(runtime, 2),
+        "wall_s": round(time.time() - started, 2),
+        "peak_memory_gib": round(peak_memory_gib(device), 3),
+        "versions": library_versions(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mixtral_ft.train RECIPE [key=value ...]`: the entry point accelerate and torchrun launch."""
+    from mixtral_ft.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
