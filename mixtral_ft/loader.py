@@ -185,7 +185,7 @@ def save_prequantized(model: nn.Module, out_dir: Path, *, source: str, max_shard
         owner = _stat_owner(key)
         groups[owner[0] if owner else key].append(key)
     shards, current, size = [], {}, 0
-    for owner, keys in groups.items():
+    for keys in groups.values():
         group_size = sum(state[k].numel() * state[k].element_size() for k in keys)
         if current and size + group_size > max_shard_bytes:
             shards.append(current)
