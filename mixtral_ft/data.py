@@ -79,7 +79,9 @@ def parse_chatml(text: str) -> list[dict]:
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """Alternating user/assistant turns that start on user and end on assistant; ValueError(reason) if impossible."""
-    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError("conversation is not a list of turns")
+    if not messages:
         raise ValueError("empty conversation")
     turns = []
     for message in messages:
@@ -122,11 +124,8 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
 
 
 def encode_conversation(messages: list[dict], tokenizer) -> dict:
-    """Mistral-common's finetuning encoding of a conversation, plus a mask of the assistant tokens.
-
-    `messages` are normalized first. The mask is 1 on each assistant turn's content and its `</s>`.
-    Raises ValueError(reason) for conversations that cannot be encoded.
-    """
+    """Mistral-common's finetuning encoding of the normalized conversation, and a mask that is 1 on each
+    assistant turn's content and its `</s>`. ValueError(reason) for conversations that cannot be encoded."""
     from mistral_common.exceptions import MistralCommonException
     from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
@@ -136,7 +135,7 @@ def encode_conversation(messages: list[dict], tokenizer) -> dict:
     turns = [(UserMessage if m["role"] == "user" else AssistantMessage)(content=m["content"]) for m in messages]
     try:
         ids = mistral.encode_chat_completion(ChatCompletionRequest(messages=turns)).tokens
-    except MistralCommonException as exc:
+    except (MistralCommonException, ValueError) as exc:  # ValueError: pydantic's ValidationError
         raise ValueError(f"tokenizer rejected the conversation ({type(exc).__name__})") from None
 
     def prefix_length(n: int) -> int:
@@ -241,8 +240,7 @@ def _read_source(path: str, split: str):
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name not in BUILTIN:
-            raise UserError(f"data: unknown built-in dataset '{name}'; available: "
-                            + ", ".join(f"builtin:{n}" for n in BUILTIN))
+            raise UserError(f"data: unknown built-in dataset '{name}'; use one of {[f'builtin:{n}' for n in BUILTIN]}")
         return _read_file(Path(BUILTIN[name]), path, split)
     local = Path(path).expanduser()
     suffix = local.suffix.lower()
@@ -304,6 +302,8 @@ def _check_json_text(file: Path, label: str) -> None:
                 except json.JSONDecodeError as exc:
                     raise UserError(f"data: line {number} of '{label}' is not valid JSON ({exc.msg}); "
                                     "each line of a .jsonl file must be one JSON object") from None
+    if json_list is None:
+        raise UserError(f"data: '{label}' has no rows; check data.path")
 
 
 def _pick_column(columns: list[str], fmt: str, label: str):

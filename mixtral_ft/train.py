@@ -72,6 +72,7 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, pad_token: st
         fp16=dtype == torch.float16,
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=True,
         assistant_only_loss=False,  # our data already carries exact assistant masks (see data.py)
         dataset_num_proc=None,
@@ -123,7 +124,10 @@ def train(recipe: Recipe) -> dict:
     data = load_sft_data(recipe.data, tokenizer, max_length=recipe.train.max_length, seed=recipe.train.seed)
     for report in data.reports:
         print(report.line(), flush=True)
-    train_rows = data.train if recipe.train.assistant_only_loss else data.train.remove_columns("assistant_masks")
+    train_rows, eval_rows = data.train, data.eval
+    if not recipe.train.assistant_only_loss:  # TRL applies an `assistant_masks` column whenever present
+        train_rows = train_rows.remove_columns("assistant_masks")
+        eval_rows = eval_rows.remove_columns("assistant_masks") if eval_rows is not None else None
 
     model = load_model(str(model_path), quantize_experts=recipe.model.quantize_experts,
                        compute_dtype=recipe.model.compute_dtype)
@@ -138,7 +142,7 @@ def train(recipe: Recipe) -> dict:
     # MistralCommonBackend names id 0 "<pad>" but its vocabulary calls it "<unk>"; TRL looks the name up.
     pad_token = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
     trainer = SFTTrainer(model=model, args=sft_config(recipe, dtype, data.eval is not None, pad_token),
-                         train_dataset=train_rows, eval_dataset=data.eval, processing_class=tokenizer)
+                         train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer)
     result = trainer.train()
 
     summary = summarize(recipe, trainer, result, started, dtype)

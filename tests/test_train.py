@@ -1,0 +1,72 @@
+"""End-to-end SFT on the tiny model: the real loader, peft, TRL and outputs, on CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from mixtral_ft.cli import main
+from mixtral_ft.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+CONVERSATION = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+                "The capital of France is Paris. It lies on the Seine.<|im_end|>\n")
+
+
+@pytest.fixture(scope="module")
+def repeated_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("repeated")
+    data = tmp / "repeated.jsonl"
+    data.write_text("".join(json.dumps({"text": CONVERSATION}) + "\n" for _ in range(40)))
+    out = tmp / "run"
+    code = main(["train", TINY, f"data.path={data}", "data.test_size=0", f"train.output_dir={out}",
+                 "train.max_steps=20", "train.logging_steps=1", "train.warmup_ratio=0",
+                 "train.lr_scheduler_type=constant", "train.save_steps=20"])
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_loss_falls_on_a_repeated_sample(repeated_run):
+    losses = [entry["loss"] for entry in json.loads((repeated_run / "run.json").read_text())["losses"]]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 2.0
+
+
+@pytest.mark.slow
+def test_adapter_targets_exactly_the_attention_projections(repeated_run):
+    config = json.loads((repeated_run / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    with safe_open(str(repeated_run / "adapter_model.safetensors"), "pt") as f:
+        targets = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in f.keys()}
+        assert all(".self_attn." in key for key in f.keys())
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@pytest.mark.slow
+def test_run_outputs(repeated_run):
+    from transformers import AutoTokenizer
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "recipe.yaml", "run.json",
+                 "tokenizer.model.v1", "tokenizer_config.json"):
+        assert (repeated_run / name).is_file(), name
+    tokenizer = AutoTokenizer.from_pretrained(repeated_run)
+    assert type(tokenizer).__name__ == "MistralCommonBackend"
+    assert tokenizer.encode("[INST] Hi [/INST]", add_special_tokens=False)[:2] == [733, 16289]
+    resolved = load_recipe(repeated_run / "recipe.yaml")  # the resolved recipe is itself a valid recipe
+    assert resolved.train.max_steps == 20 and resolved.lora.r == 16
+    run = json.loads((repeated_run / "run.json").read_text())
+    assert run["steps"] == 20 and run["world_size"] == 1 and run["seed"] == 42
+    assert run["tokens_per_s"] > 0 and run["peak_memory_gib"] > 0
+    assert run["final_loss"] == run["losses"][-1]["loss"]
+    assert {"torch", "transformers", "peft", "bitsandbytes", "trl"} <= set(run["versions"])
+
+
+@pytest.mark.slow
+def test_existing_run_is_not_overwritten(repeated_run, capsys):
+    before = (repeated_run / "adapter_model.safetensors").read_bytes()
+    assert main(["train", TINY, f"train.output_dir={repeated_run}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (repeated_run / "adapter_model.safetensors").read_bytes() == before
