@@ -105,12 +105,23 @@ def library_versions() -> dict[str, str]:
     return mods
 
 
+def build_sft_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, callbacks: list):
+    from trl import SFTTrainer
+
+    dtype = model.get_base_model().dtype
+    # MistralCommonBackend names id 0 "<pad>" but its vocabulary calls it "<unk>"; TRL looks the name up.
+    pad_token = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
+    return SFTTrainer(model=model, args=sft_config(recipe, dtype, eval_rows is not None, pad_token),
+                      train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer,
+                      callbacks=callbacks)
+
+
 def train(recipe: Recipe) -> dict:
     """Run one SFT job end to end; returns the run summary that is also written to run.json."""
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from mixtral_ft.audit import audit_model
+    from mixtral_ft.callbacks import make_callbacks
     from mixtral_ft.data import load_sft_data
     from mixtral_ft.model import apply_lora, load_model, resolve_model_path
     from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
@@ -139,10 +150,8 @@ def train(recipe: Recipe) -> dict:
         raise UserError(f"audit failed: {audit.failures[0]} (run `mixtral-ft audit` for the full table)")
 
     dtype = model.get_base_model().dtype
-    # MistralCommonBackend names id 0 "<pad>" but its vocabulary calls it "<unk>"; TRL looks the name up.
-    pad_token = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
-    trainer = SFTTrainer(model=model, args=sft_config(recipe, dtype, data.eval is not None, pad_token),
-                         train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer)
+    callbacks = make_callbacks(recipe, out)
+    trainer = build_sft_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks)
     result = trainer.train()
 
     summary = summarize(recipe, trainer, result, started, dtype)

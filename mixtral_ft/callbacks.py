@@ -1,0 +1,16 @@
+"""Trainer callbacks a recipe turns on: one list, assembled here, handed to the TRL trainer.
+
+Each concern lives in its own module (router telemetry, safety guards); this file only decides which
+callbacks a run gets, so train.py stays a linear story.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixtral_ft.recipe import Recipe
+
+
+def make_callbacks(recipe: Recipe, output_dir: Path) -> list:
+    callbacks: list = []
+    return callbacks
