@@ -97,7 +97,7 @@ def step_flops(config, tokens: int, seq: int, checkpointing: bool) -> float:
 
 def run_benchmark(*, layers: int, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
                   tiny: bool, checkpointing: bool = True) -> dict:
-    from mixtral_ft.model import apply_lora, resolve_compute_dtype
+    from mixtral_ft.model import apply_lora, peak_memory_gib, resolve_compute_dtype
     from mixtral_ft.recipe import LoraSection
     from mixtral_ft.tiny import tiny_config
 
@@ -135,7 +135,7 @@ def run_benchmark(*, layers: int, batch: int, seq: int, steps: int, warmup: int,
         "model": "tiny" if tiny else "mixtral-8x7b-shape", "layers": config.num_hidden_layers,
         "batch": batch, "seq": seq, "checkpointing": checkpointing, "dtype": str(dtype).removeprefix("torch."),
         "build_s": round(build_s, 2), "weights_gib": round(weights_gib, 3) if device.type == "cuda" else None, "step_s": round(step_s, 4),
-        "tok_per_s": round(batch * seq / step_s, 1), "peak_gib": round(_peak_gib(device), 3),
+        "tok_per_s": round(batch * seq / step_s, 1), "peak_gib": round(peak_memory_gib(device), 3),
         "matmul_peak_tflops": round(peak_tflops, 1), "hfu": round(achieved / peak_tflops, 4),
         "loss": round(float(loss.detach()), 4),
     }
@@ -148,14 +148,6 @@ def _sync(device: torch.device) -> None:
 
 def _allocated_gib(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS on CPU
 
 
 def _device_name(device: torch.device) -> str:

@@ -12,5 +12,9 @@ from mixtral_ft.recipe import Recipe
 
 
 def make_callbacks(recipe: Recipe, output_dir: Path) -> list:
-    callbacks: list = []
+    from mixtral_ft.guards import guard_callbacks
+    from mixtral_ft.telemetry import telemetry_callbacks
+
+    callbacks: list = [*guard_callbacks(recipe)]  # NaN guard, SIGTERM/SIGINT checkpoints, recipe in checkpoints
+    callbacks += telemetry_callbacks(recipe, output_dir)  # router stats, tokens/s, plots (call telemetry.attach)
     return callbacks

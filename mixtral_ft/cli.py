@@ -5,6 +5,11 @@
     mixtral-ft audit MODEL_OR_RECIPE [--json]    show what is 4-bit, what trains, what it weighs
     mixtral-ft tiny DIR                          write the built-in tiny random Mixtral
     mixtral-ft quantize MODEL OUT                write a pre-quantized NF4 copy of a model
+    mixtral-ft merge ADAPTER --out DIR           fold a LoRA adapter into the (NF4-dequantized) base
+    mixtral-ft push DIR --repo-id ORG/NAME       upload an adapter or merged model with a model card
+    mixtral-ft chat MODEL [--prompt TEXT]        talk to a model, adapter or merged model (REPL or one shot)
+    mixtral-ft eval OUTPUT_DIR_OR_RECIPE         held-out loss/perplexity, base vs adapter; eval.json
+    mixtral-ft plan RECIPE [--gpu-mem GiB]       predict peak GPU memory without loading the model
 """
 
 from __future__ import annotations
@@ -21,10 +26,22 @@ from mixtral_ft.errors import UserError
 
 
 def cmd_train(args) -> int:
+    from mixtral_ft.launch import launch, needs_launcher
     from mixtral_ft.recipe import load_recipe
     from mixtral_ft.train import train
 
-    train(load_recipe(args.recipe, args.overrides))
+    if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
+        return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
+    from mixtral_ft.guards import Preempted, TrainingError
+
+    try:
+        train(load_recipe(args.recipe, args.overrides))
+    except TrainingError as exc:  # the run diverged: not bad input, so exit 1 rather than 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Preempted as exc:  # a checkpoint is saved; 143 / 130 tell the scheduler it was a signal
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
@@ -103,6 +120,64 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from mixtral_ft.export import merge_adapter
+
+    info = merge_adapter(args.adapter, args.out, base_weights=args.base_weights, base=args.base,
+                         dtype=args.dtype, verify=args.verify, device=args.device)
+    print(f"wrote merged model ({info['base_weights']} base weights, {info['dtype']}) to {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from mixtral_ft.hub import push_folder
+
+    push_folder(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run)
+    return 0
+
+
+def _generation(args):
+    from mixtral_ft.chat import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+
+
+def cmd_chat(args) -> int:
+    from mixtral_ft.chat import chat
+
+    chat(args.model, adapter=args.adapter, prompt=args.prompt, system=args.system,
+         settings=_generation(args), quantize=not args.no_quantize)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mixtral_ft.evaluate import evaluate
+
+    evaluate(args.target, adapter=args.adapter, data=args.data, samples=args.samples, out=args.out,
+             max_rows=args.max_rows, settings=_generation(args))
+    return 0
+
+
+def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens per reply")
+    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def cmd_plan(args) -> int:
+    from mixtral_ft.plan import run_plan
+
+    return run_plan(args.recipe, args.overrides, gpu_mem=args.gpu_mem, num_gpus=args.num_gpus, as_json=args.json)
+
+
+def cmd_bench(args) -> int:
+    from mixtral_ft.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def _refuse_nonempty(path: Path, what: str) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{what} '{path}' already exists and is not empty: choose a new folder")
@@ -115,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a recipe says")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lora.r=8 train.max_steps=5")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="processes (GPUs) to train on through accelerate (default: 1, or the config's)")
+    p.add_argument("--accelerate-config", default=None, metavar="PATH",
+                   help="accelerate config, e.g. accelerate_configs/fsdp_qlora.yaml")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check recipes without loading a model")
@@ -143,11 +222,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where to quantize (default: cuda if available, else cpu)")
     p.add_argument("--bf16-experts", action="store_true", help="keep experts in bf16")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights (streamed, shard by shard)")
+    p.add_argument("adapter", help="adapter folder (a training output_dir)")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--base-weights", choices=["dequantized", "original"], default="dequantized",
+                   help="dequantized: the NF4 weights the adapter was trained against (default); "
+                        "original: the checkpoint's bf16 weights")
+    p.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="dtype of the written weights (auto: the checkpoint's)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare with adapter-on-NF4-base on held-out rows; writes verify.json")
+    p.add_argument("--device", default=None, help="device for --verify (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("push", help="upload an adapter or merged model folder to the Hub, with a model card")
+    p.add_argument("dir", help="adapter folder or merged model folder")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=True,
+                   help="create the repo private (default) or public (--no-private)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no token")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("chat", help="chat with a model, an adapter on its NF4 base, or a merged model")
+    p.add_argument("model", help="tiny, a model folder, a hub id, or a training output_dir (adapter + its base)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder to put on MODEL")
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
+    p.add_argument("--system", default=None, help="system prompt, folded into the first user turn")
+    p.add_argument("--no-quantize", action="store_true",
+                   help="load a plain transformers model (e.g. a merged folder) instead of the NF4 one")
+    _add_generation_flags(p, max_new_tokens=256, temperature=0.7)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
+    p.add_argument("target", metavar="OUTPUT_DIR_OR_RECIPE", help="training output_dir or a recipe")
+    p.add_argument("--adapter", default=None, help="adapter folder (default: the output_dir's own)")
+    p.add_argument("--data", default=None, help="evaluate on this file instead of the recipe's held-out split")
+    p.add_argument("--samples", type=int, default=3, help="sample generations to write to eval.json")
+    p.add_argument("--max-rows", type=int, default=None, help="score at most this many held-out rows")
+    p.add_argument("--out", default=None, help="report path (default: OUTPUT_DIR/eval.json)")
+    _add_generation_flags(p, max_new_tokens=128, temperature=0.0)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if "
+                                    "it does not fit")
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/oasst.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.per_device_train_batch_size=8")
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default: 80)")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs the run is spread over (DDP)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("bench", help="throughput and memory of full-width Mixtral in NF4 (see --help)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of mixtral_ft.bench")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser owns every option after the command
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+    parser = build_parser()
+    # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would
+    # leave `k=v` unrecognized: key=value leftovers are overrides too, in the order given.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Upstream deprecation chatter (e.g. peft calling is_gradient_checkpointing) is not the user's to fix.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -6,10 +6,12 @@ OpenAssistant/oasst_top1_2023-08-25) or lists of turns (`messages`/`conversation
 {role, content} or ShareGPT {from, value} turns). Each row becomes `input_ids` plus `assistant_masks`
 (1 on assistant content and its `</s>`), which TRL's SFTTrainer uses as-is without re-tokenizing.
 Bad rows are dropped and counted per reason; too many of them stop the run with a `UserError`.
+`data.mixture` blends several sources by weight (`load_sources`, shared with preference data in prefs.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +24,8 @@ from mixtral_ft.recipe import DataSection
 if TYPE_CHECKING:
     from datasets import Dataset
 
-BUILTIN = {"oasst_top1": str(Path(__file__).parent / "sample_data" / "oasst_top1.jsonl")}
+BUILTIN = {"oasst_top1": str(Path(__file__).parent / "sample_data" / "oasst_top1.jsonl"),
+           "preferences": str(Path(__file__).parent / "sample_data" / "preferences.jsonl")}
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MESSAGE_COLUMNS = ("messages", "conversation", "conversations")
 ROLE_ALIASES = {"user": "user", "human": "user", "prompter": "user",
@@ -36,12 +39,15 @@ class SourceReport:
     read: int = 0
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    sampled: str | None = None  # mixtures: the source's share of the mixed train set
 
     def line(self) -> str:
         total = sum(self.dropped.values())
         text = f"data: {self.source}: read {self.read}, kept {self.kept}, dropped {total}"
         if total:
             text += " (" + ", ".join(f"{r}: {n}" for r, n in _by_count(self.dropped)) + ")"
+        if self.sampled:
+            text += f"; mixture: {self.sampled}"
         return text
 
 
@@ -174,31 +180,105 @@ def _finetuning_tokenizer(tokenizer):
 def load_sft_data(cfg: DataSection, tokenizer, *, max_length: int, seed: int) -> SFTData:
     """Tokenized, masked train (and eval) datasets for the recipe's data section, with one report per split."""
     _finetuning_tokenizer(tokenizer)
-    train, train_report = _load_split(cfg, cfg.split, tokenizer, max_length)
-    reports = [train_report]
+    return load_sources(cfg, lambda one, split: _load_split(one, split, tokenizer, max_length), seed=seed)
+
+
+def load_sources(cfg: DataSection, load_split, *, seed: int) -> SFTData:
+    """Train and eval rows of `data.path` or of each `data.mixture` source, mixed by weight.
+
+    `load_split(cfg_of_one_source, split)` returns (Dataset, SourceReport). Each source's eval rows come from
+    its eval split, or are held out (data.test_size) before sampling, so no eval row is ever trained on.
+    """
+    if cfg.path is not None or not cfg.mixture:  # recipes can't set both; a replace(cfg, path=FILE) means FILE
+        return SFTData(*_train_and_eval(cfg, load_split, seed))
+    parts = []
+    for source in cfg.mixture:
+        one = dataclasses.replace(cfg, path=source.path, split=source.split, eval_split=source.eval_split,
+                                  format=source.format or cfg.format, max_rows=source.max_rows or cfg.max_rows,
+                                  mixture=(), mixture_size=None)
+        parts.append(_train_and_eval(one, load_split, seed))
+    return mix(parts, [s.weight for s in cfg.mixture], cfg.mixture_size, seed)
+
+
+def _train_and_eval(cfg: DataSection, load_split, seed: int):
+    train, report = load_split(cfg, cfg.split)
+    reports = [report]
     eval_set = None
     if cfg.eval_split:
-        eval_set, eval_report = _load_split(cfg, cfg.eval_split, tokenizer, max_length)
+        eval_set, eval_report = load_split(cfg, cfg.eval_split)
         reports.append(eval_report)
     elif cfg.test_size > 0:
         try:
             parts = train.train_test_split(test_size=cfg.test_size, seed=seed)
         except ValueError as exc:
-            raise UserError(f"data: cannot hold out data.test_size={cfg.test_size} of {len(train)} rows ({exc}); "
-                            "use more data or set data.test_size: 0") from None
+            raise UserError(f"data: cannot hold out data.test_size={cfg.test_size} of {len(train)} rows of "
+                            f"{cfg.path} ({exc}); use more data or set data.test_size: 0") from None
         train, eval_set = parts["train"], parts["test"]
-    return SFTData(train=train, eval=eval_set, reports=reports)
+    return train, eval_set, reports
 
 
-def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
-    from datasets import Dataset
+def mixture_counts(weights: list[float], total: int) -> list[int]:
+    """Rows per source: weight/sum(weights) of `total`, rounded so that they add up to `total` exactly."""
+    shares = [w / sum(weights) * total for w in weights]
+    counts = [int(share) for share in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
+
+def mix(parts: list[tuple], weights: list[float], size: int | None, seed: int) -> SFTData:
+    """One train set from (train, eval, reports) per source. The total is `size` (data.mixture_size) or the
+    sum of the sources' train rows; a source asked for more rows than it has is repeated whole, then sampled."""
+    import numpy as np
+    from datasets import concatenate_datasets
+
+    rng = np.random.default_rng(seed)
+    total = size or sum(len(train) for train, _, _ in parts)
+    chosen = []
+    for (train, _, reports), weight, n in zip(parts, weights, mixture_counts(weights, total)):
+        repeats, rest = divmod(n, len(train))
+        indices = np.concatenate([np.tile(np.arange(len(train)), repeats),
+                                  rng.choice(len(train), rest, replace=False)]).astype(int)
+        chosen.append(train.select(indices))
+        reports[0].sampled = f"weight {weight / sum(weights):.2f}, {n} of {total} rows ({n / len(train):.2f}x)"
+    mixed = concatenate_datasets(chosen)
+    mixed = mixed.select(rng.permutation(len(mixed)))  # interleave the sources, reproducibly
+    evals = [eval_set for _, eval_set, _ in parts if eval_set is not None]
+    reports = [report for _, _, source_reports in parts for report in source_reports]
+    return SFTData(train=mixed, eval=concatenate_datasets(evals) if evals else None, reports=reports)
+
+
+def read_rows(cfg: DataSection, split: str):
+    """The raw rows of one source's split (at most data.max_rows) and its label for messages."""
     dataset = _read_source(cfg.path, split)
     label = f"{cfg.path} [{split}]"
     if cfg.max_rows is not None and len(dataset) > cfg.max_rows:
         dataset = dataset.select(range(cfg.max_rows))
     if len(dataset) == 0:
         raise UserError(f"data: {label} has no rows; check data.path and data.split")
+    return dataset, label
+
+
+def settle(report: SourceReport, dropped: Counter, cfg: DataSection, label: str, *, not_bad: str | None,
+           empty_fix: str) -> None:
+    """Record the drops; stop the run when too many rows are bad or none is left. Rows dropped for `not_bad`
+    (a length setting, not bad data) don't count towards data.max_bad_fraction."""
+    report.dropped = dict(_by_count(dropped))
+    bad = report.read - report.kept - dropped[not_bad]
+    reasons = ", ".join(f"{r}: {n}" for r, n in _by_count(dropped))
+    if bad / report.read > cfg.max_bad_fraction:
+        raise UserError(f"data: {100 * bad / report.read:.0f}% of rows in {label} are unparseable "
+                        f"(top reasons: {reasons}); fix the data or raise data.max_bad_fraction "
+                        f"(now {cfg.max_bad_fraction})")
+    if report.kept == 0:
+        raise UserError(f"data: no usable rows in {label} ({reasons}); {empty_fix}")
+
+
+def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
+    from datasets import Dataset
+
+    dataset, label = read_rows(cfg, split)
     column, parse = _pick_column(dataset.column_names, cfg.format, label)
 
     report = SourceReport(source=label)
@@ -218,18 +298,8 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
         rows["input_ids"].append(ids)
         rows["assistant_masks"].append(mask)
     report.kept = len(rows["input_ids"])
-    report.dropped = dict(_by_count(dropped))
-
-    # Rows lost to max_length are a setting, not bad data, so they don't count towards max_bad_fraction.
-    bad = report.read - report.kept - dropped[TRUNCATED]
-    reasons = ", ".join(f"{r}: {n}" for r, n in _by_count(dropped))
-    if bad / report.read > cfg.max_bad_fraction:
-        raise UserError(f"data: {100 * bad / report.read:.0f}% of rows in {label} are unparseable "
-                        f"(top reasons: {reasons}); fix the data or raise data.max_bad_fraction "
-                        f"(now {cfg.max_bad_fraction})")
-    if report.kept == 0:
-        raise UserError(f"data: no usable rows in {label} ({reasons}); fix the data, or raise "
-                        f"train.max_length (now {max_length}) if rows are too long")
+    settle(report, dropped, cfg, label, not_bad=TRUNCATED,
+           empty_fix=f"fix the data, or raise train.max_length (now {max_length}) if rows are too long")
     return Dataset.from_dict(rows), report
 
 

@@ -72,17 +72,17 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
         written = _merge_shards(source, staging, lora, base_weights == "dequantized", quantize_experts,
                                 DTYPES.get(dtype))
         _write_side_files(source, adapter, staging, written)
-        info = {"format": "mixtral_ft-merged", "version": 1, "adapter": str(adapter), "base": base_name,
+        # `base` as the user knows it (hub id, `tiny`), not the cache folder it resolved to: the card shows it.
+        shown = base or model_cfg.get("name") or base_name
+        info = {"format": "mixtral_ft-merged", "version": 1, "adapter": str(adapter), "base": shown,
                 "base_path": str(source), "base_weights": base_weights, "quantize_experts": quantize_experts,
                 "dtype": written["dtype"], "lora_tensors": len(lora)}
         write_scrubbed(staging / "merge.json", json.dumps(info, indent=2) + "\n")
         if verify:
-            from mixtral_ft.verify import verify_merge
-
             report = verify_merge(staging, adapter, source, quantize_experts=quantize_experts, device=device)
             write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
             info["verify"] = report
-        write_card(staging, "model")
+        write_card(staging, "model", title=out.name)
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.rename(out)
@@ -151,12 +151,12 @@ def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, qu
                 target = out_dtype or tensor.dtype
                 legacy = LEGACY_EXPERT_KEY.match(key)
                 roundtrip_expert = dequantized and quantize_experts
-                if dequantized and ATTENTION_KEY.match(key) or roundtrip_expert and FUSED_EXPERT_KEY.match(key):
+                if (dequantized and ATTENTION_KEY.match(key)) or (roundtrip_expert and FUSED_EXPERT_KEY.match(key)):
                     value = nf4_roundtrip(tensor)
                 elif roundtrip_expert and legacy:
                     value = experts.get(int(legacy[1]), int(legacy[2]), legacy[3])
                 else:
-                    value = tensor.float() if out_dtype and tensor.is_floating_point() else tensor
+                    value = tensor  # untouched: in the source dtype it is copied bit for bit
                 delta = pending.pop(LEGACY_ROUTER_KEY.sub(r"\1.mlp.gate.weight", key), None)
                 if delta is not None:
                     a, b, scale = delta
@@ -187,14 +187,20 @@ class _LegacyExperts:
     """
 
     def __init__(self, source: Path, shards: list[Path]):
+        from safetensors import safe_open
+
         index = source / "model.safetensors.index.json"
-        self.where = json.loads(index.read_text())["weight_map"] if index.exists() else None
-        self.source, self.default = source, shards[0].name
-        self.layer, self.fused = None, None
+        if index.exists():
+            self.where = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(str(shards[0]), framework="pt") as reader:
+                self.where = dict.fromkeys(reader.keys(), shards[0].name)
+        self.experts = json.loads((source / "config.json").read_text())["num_local_experts"]
+        self.source, self.layer, self.fused = source, None, None
 
     def get(self, layer: int, expert: int, which: str) -> torch.Tensor:
         if layer != self.layer:
-            self.fused, self.layer = None, None  # free the previous layer before building the next
+            self.fused = None  # free the previous layer before building the next
             self.fused, self.layer = self._build(layer), layer
         gate_up, down = self.fused
         inter = down.shape[-1]
@@ -204,25 +210,23 @@ class _LegacyExperts:
     def _build(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         from safetensors import safe_open
 
-        keys = {}
         prefix = f"model.layers.{layer}.block_sparse_moe.experts."
-        for name in (self.where or {}):
-            if name.startswith(prefix):
-                keys[name] = self.where[name]
-        if self.where is None:
-            with safe_open(str(self.source / self.default), framework="pt") as reader:
-                keys = {k: self.default for k in reader.keys() if k.startswith(prefix)}
+        keys = {k: f for k, f in self.where.items() if k.startswith(prefix)}
         parts = {}
         for file in sorted(set(keys.values())):
             with safe_open(str(self.source / file), framework="pt") as reader:
                 parts.update({k: reader.get_tensor(k) for k, f in keys.items() if f == file})
-        n = len(parts) // 3
-        try:
-            w1, w2, w3 = ([parts[f"{prefix}{e}.{w}.weight"] for e in range(n)] for w in ("w1", "w2", "w3"))
+        try:  # fill [E, 2I, H] / [E, H, I] in place, dropping each piece as it is copied
+            inter, hidden = parts[f"{prefix}0.w1.weight"].shape
+            n, dtype = self.experts, parts[f"{prefix}0.w1.weight"].dtype
+            gate_up, down = torch.empty(n, 2 * inter, hidden, dtype=dtype), torch.empty(n, hidden, inter, dtype=dtype)
+            for e in range(n):
+                gate_up[e, :inter] = parts.pop(f"{prefix}{e}.w1.weight")  # gate_up_proj[e] = w1 over w3
+                gate_up[e, inter:] = parts.pop(f"{prefix}{e}.w3.weight")
+                down[e] = parts.pop(f"{prefix}{e}.w2.weight")
         except KeyError as exc:
             raise UserError(f"checkpoint lacks {exc.args[0]}: the download is incomplete") from None
-        gate_up = torch.cat([torch.stack(w1), torch.stack(w3)], dim=1)  # gate_up_proj[e] = w1 over w3
-        return nf4_roundtrip(gate_up), nf4_roundtrip(torch.stack(w2))
+        return nf4_roundtrip(gate_up), nf4_roundtrip(down)
 
 
 def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict) -> None:
@@ -243,3 +247,89 @@ def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict)
     for name in ("recipe.yaml", "run.json"):
         if (adapter / name).exists():
             write_scrubbed(staging / name, (adapter / name).read_text())
+
+
+# --- verify -------------------------------------------------------------------------------------------
+
+BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has no recipe to take data from
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Write a haiku about autumn.", "Red leaves drift and fall,\ncold wind hums through empty trees,\nthe year exhales."),
+    ("Explain recursion in one sentence.", "A function solves a problem by calling itself on smaller parts of it."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+]
+
+
+def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: bool = True,
+                 device: str | None = None, samples: int = 8, max_length: int = 256) -> dict:
+    """Merged model (plain transformers) vs adapter-on-NF4-base (`load_model` + peft) on held-out rows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mixtral_ft.model import default_device, load_model, resolve_compute_dtype
+    from mixtral_ft.tokenizer import load_tokenizer
+
+    device = torch.device(device) if device else default_device()
+    # fp32 on CPU even where bf16 runs: this is an accuracy check, and bf16 noise would hide merge errors.
+    dtype = torch.float32 if device.type == "cpu" else resolve_compute_dtype("auto", device)
+    rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
+    base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
+    reference = _logits(PeftModel.from_pretrained(base_model, str(adapter)), rows, device)
+    del base_model
+    merged_model = AutoModelForCausalLM.from_pretrained(
+        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None)
+    got = _logits(merged_model, rows, device)
+    del merged_model
+    diffs = [(a - b).abs() for a, b in zip(reference, got)]
+    report = {
+        "samples": len(rows), "source": source, "tokens": sum(len(ids) for ids, _ in rows),
+        "device": str(device), "compute_dtype": str(dtype).removeprefix("torch."),
+        "max_abs_logit_diff": max(d.max().item() for d in diffs),
+        "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
+        "mean_abs_logit": sum(r.abs().sum().item() for r in reference) / sum(r.numel() for r in reference),
+        "perplexity_adapter_on_base": _perplexity(reference, rows),
+        "perplexity_merged": _perplexity(got, rows),
+    }
+    print(f"verify: {report['samples']} samples ({source}), {report['tokens']} tokens, {report['compute_dtype']}")
+    print(f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
+          f"mean {report['mean_abs_logit_diff']:.3g} (mean |logit| {report['mean_abs_logit']:.3g})")
+    print(f"verify: perplexity (assistant tokens): adapter-on-base {report['perplexity_adapter_on_base']:.4f}, "
+          f"merged {report['perplexity_merged']:.4f}")
+    return report
+
+
+def _held_out(adapter: Path, tokenizer, samples: int, max_length: int) -> tuple[list, str]:
+    """The recipe's eval rows (same split and seed as training), else its first rows, else built-ins."""
+    from mixtral_ft.data import encode_conversation
+
+    if (adapter / "recipe.yaml").exists():
+        from mixtral_ft.data import load_sft_data
+        from mixtral_ft.recipe import load_recipe
+
+        try:
+            recipe = load_recipe(adapter / "recipe.yaml")
+            data = load_sft_data(recipe.data, tokenizer, max_length=max_length, seed=recipe.train.seed)
+        except UserError as exc:  # e.g. a relative data path from another working directory
+            print(f"verify: recipe data unavailable ({exc}); using built-in conversations")
+        else:
+            split, what = (data.eval, "eval split") if data.eval is not None else (data.train, "train rows, no eval split")
+            rows = split.select(range(min(samples, len(split))))
+            return [(r["input_ids"], r["assistant_masks"]) for r in rows], f"{recipe.data.path} {what}"
+    rows = [encode_conversation([{"role": "user", "content": u}, {"role": "assistant", "content": a}], tokenizer)
+            for u, a in BUILTIN_CONVERSATIONS[:samples]]
+    return [(r["input_ids"], r["assistant_masks"]) for r in rows], "built-in conversations"
+
+
+@torch.no_grad()
+def _logits(model, rows: list, device: torch.device) -> list[torch.Tensor]:
+    model.eval()
+    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids, _ in rows]
+
+
+def _perplexity(logits: list[torch.Tensor], rows: list) -> float:
+    """exp(mean NLL) over the assistant tokens, the tokens training put its loss on."""
+    nll, count = 0.0, 0
+    for out, (ids, mask) in zip(logits, rows):
+        target, keep = torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.bool)
+        nll += torch.nn.functional.cross_entropy(out[:-1][keep], target[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return float(torch.exp(torch.tensor(nll / max(count, 1))))

@@ -37,18 +37,20 @@ def stream_checkpoint(model: nn.Module, path: Path, device: torch.device, dtype:
     for shard in checkpoint_shards(path):
         stats: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         with safe_open(str(shard), framework="pt", device="cpu") as reader:
+            # A packed NF4 tensor is known by its statistics beside it, whatever its storage dtype.
+            packed = {owner[0] for owner in map(_stat_owner, reader.keys()) if owner}
             for key in reader.keys():
                 stat_owner = _stat_owner(key)
                 if stat_owner:
                     stats[stat_owner[0]][stat_owner[1]] = reader.get_tensor(key)
                     continue
-                if key in stats or _is_prequantized_target(model, key, reader):
+                if key in packed:
                     stats[key]["__data__"] = reader.get_tensor(key)
                     continue
                 _place(model, key, reader.get_tensor(key), device, dtype, experts)
         for name, parts in stats.items():  # quantize writes a tensor and its statistics in one shard
-            packed = parts.pop("__data__")
-            _set_module_param(model, name, prequantized_nf4(packed, parts, device))
+            data = parts.pop("__data__")
+            _set_module_param(model, name, prequantized_nf4(data, parts, device))
     experts.finish()
 
 
@@ -68,11 +70,6 @@ def _stat_owner(key: str) -> tuple[str, str] | None:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     return None
-
-
-def _is_prequantized_target(model: nn.Module, key: str, reader) -> bool:
-    # A packed NF4 tensor is uint8 while the module expects a float weight.
-    return reader.get_slice(key).get_dtype() == "U8"
 
 
 def _place(model, key, tensor, device, dtype, experts: _ExpertAssembler) -> None:

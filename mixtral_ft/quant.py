@@ -13,25 +13,46 @@ packed weights for backward, where it dequantizes again. No bf16 copy of the exp
 
 from __future__ import annotations
 
+import os
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
+from mixtral_ft.errors import UserError
+
 BLOCKSIZE = 64
+STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def quant_storage_dtype() -> torch.dtype:
+    """The dtype the packed NF4 bytes are stored as: uint8, except under FSDP.
+
+    FSDP shards only floating-point parameters (accelerate leaves uint8 `Params4bit` unsharded on every
+    GPU; FSDP1's flat parameters need one dtype), so under accelerate's FSDP (`ACCELERATE_USE_FSDP=true`)
+    the same bytes are typed bfloat16 (bitsandbytes #1092). `MIXTRAL_FT_QUANT_STORAGE` overrides.
+    """
+    default = "bfloat16" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "uint8"
+    name = os.environ.get("MIXTRAL_FT_QUANT_STORAGE", default)
+    if name not in STORAGE_DTYPES:
+        raise UserError(f"MIXTRAL_FT_QUANT_STORAGE={name!r} is not a storage dtype: use one of {', '.join(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[name]
 
 
 def quantize_nf4(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> bnb.nn.Params4bit:
     """NF4-quantize `tensor` on `device`; dequantizing gives `dtype` back."""
     param = bnb.nn.Params4bit(
         tensor.to(dtype), requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=True,
-        quant_type="nf4", quant_storage=torch.uint8,
+        quant_type="nf4", quant_storage=quant_storage_dtype(),
     )
     return param.to(device)  # Params4bit quantizes on its first move to a real device
 
 
 def prequantized_nf4(packed: torch.Tensor, stats: dict[str, torch.Tensor], device) -> bnb.nn.Params4bit:
     """Rebuild a `Params4bit` from the packed data and the statistics `quantize` wrote."""
+    storage = quant_storage_dtype()  # same bytes either way: a float storage is a view of the uint8 ones
+    packed = packed.view(storage) if packed.dtype != storage else packed
     return bnb.nn.Params4bit.from_prequantized(packed, stats, requires_grad=False, device=device)
 
 
@@ -145,5 +166,5 @@ def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Linear4b
     """An empty bitsandbytes NF4 Linear with `linear`'s shape; its weight is set while loading."""
     return bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-        compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta",
+        compress_statistics=True, quant_type="nf4", quant_storage=quant_storage_dtype(), device="meta",
     )

@@ -8,8 +8,8 @@ purpose: seed, tokenizer, data, model, audit, trainer, train, save. TRL owns the
 from __future__ import annotations
 
 import json
+import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.errors import UserError
-from mixtral_ft.recipe import Recipe, dump_recipe
+from mixtral_ft.recipe import Recipe, check_trainer_names, dump_recipe
 
 RUN_FILES = ("run.json", "adapter_model.safetensors")
 
@@ -27,12 +27,13 @@ def check_output_dir(recipe: Recipe) -> Path:
     out = Path(recipe.train.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"train.output_dir '{out}' is a file: choose a folder path")
-    if out.is_dir() and any((out / f).exists() for f in RUN_FILES) and not recipe.train.overwrite:
-        raise UserError(f"train.output_dir '{out}' already holds a run: choose a new folder, "
-                        "or set train.overwrite=true to replace it")
+    if out.is_dir():
+        from mixtral_ft.resume import check_existing_run
+
+        check_existing_run(recipe, out)  # a finished run, or checkpoints with train.resume=false: UserError
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test.{os.getpid()}"  # one per process: ranks probe the same folder at once
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -42,6 +43,8 @@ def check_output_dir(recipe: Recipe) -> Path:
 
 def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, pad_token: str):
     from trl import SFTConfig
+
+    from mixtral_ft.telemetry import report_to
 
     t = recipe.train
     return SFTConfig(
@@ -70,7 +73,15 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, pad_token: st
         eval_steps=t.eval_steps,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        report_to="none",
+        report_to=report_to(recipe),  # wandb / tensorboard from logging.report_to; see configure_reporting
+        run_name=recipe.logging.run_name or Path(t.output_dir).name,
+        # Pass the recipe's value even when 0: left unset, TRL takes the model config's (0.02 for Mixtral) and
+        # turns the aux loss on. TRL then asks for router logits only when it is > 0, and masks padding.
+        router_aux_loss_coef=t.router_aux_loss_coef,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (guards.NanGuard stops on it), not as the mean so far
+        hub_token=None,  # training_args.bin pickles these arguments into every checkpoint: never a token
+        use_cpu=not torch.cuda.is_available(),  # as default_device(); under torchrun this picks CPU DDP on gloo
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=True,
@@ -79,13 +90,6 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, pad_token: st
         disable_tqdm=False,
         pad_token=pad_token,
     )
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is KiB on Linux: the process's peak resident memory, model and data included.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def library_versions() -> dict[str, str]:
@@ -111,56 +115,94 @@ def build_sft_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, c
     dtype = model.get_base_model().dtype
     # MistralCommonBackend names id 0 "<pad>" but its vocabulary calls it "<unk>"; TRL looks the name up.
     pad_token = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
-    return SFTTrainer(model=model, args=sft_config(recipe, dtype, eval_rows is not None, pad_token),
-                      train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer,
-                      callbacks=callbacks)
+    trainable = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
+    trainer = SFTTrainer(model=model, args=sft_config(recipe, dtype, eval_rows is not None, pad_token),
+                         train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer,
+                         callbacks=callbacks)
+    # TRL casts a 4-bit model's LoRA weights to bf16, but a resume loads them through peft as fp32: the resumed
+    # run would train in another precision. Keep them fp32 (as dpo.py does): exact resume, no rounded-away steps.
+    for name, p in model.named_parameters():
+        if name in trainable:
+            p.data = trainable[name]
+    return trainer
 
 
 def train(recipe: Recipe) -> dict:
-    """Run one SFT job end to end; returns the run summary that is also written to run.json."""
+    """Run one SFT or DPO job end to end; returns the run summary that is also written to run.json."""
     from transformers import set_seed
 
     from mixtral_ft.audit import audit_model
     from mixtral_ft.callbacks import make_callbacks
     from mixtral_ft.data import load_sft_data
-    from mixtral_ft.model import apply_lora, load_model, resolve_model_path
+    from mixtral_ft.guards import run_trainer
+    from mixtral_ft.launch import is_main_process, prepare_for_distributed
+    from mixtral_ft.model import apply_lora, load_model, peak_memory_gib, resolve_model_path
+    from mixtral_ft.resume import find_resume_checkpoint
+    from mixtral_ft.telemetry import attach, configure_reporting
     from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
 
     started = time.time()
     out = check_output_dir(recipe)
+    resume_from = find_resume_checkpoint(recipe, out)  # before the model loads: a bad train.resume fails fast
+    check_trainer_names(recipe)  # likewise a misspelled train.optim / train.lr_scheduler_type
     set_seed(recipe.train.seed)
 
     model_path = resolve_model_path(recipe.model.name, recipe.model.revision)
     tokenizer = load_tokenizer(model_path, mode="finetuning")
-    data = load_sft_data(recipe.data, tokenizer, max_length=recipe.train.max_length, seed=recipe.train.seed)
-    for report in data.reports:
+    if recipe.train.method == "dpo":  # preference pairs, tokenized in Mixtral's format (prefs.py)
+        from mixtral_ft.prefs import load_preference_data
+
+        data = load_preference_data(recipe.data, tokenizer, max_length=recipe.train.max_length,
+                                    max_prompt_length=recipe.dpo.max_prompt_length, seed=recipe.train.seed)
+    else:
+        data = load_sft_data(recipe.data, tokenizer, max_length=recipe.train.max_length, seed=recipe.train.seed)
+    for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
         print(report.line(), flush=True)
     train_rows, eval_rows = data.train, data.eval
-    if not recipe.train.assistant_only_loss:  # TRL applies an `assistant_masks` column whenever present
+    if recipe.train.method == "sft" and not recipe.train.assistant_only_loss:  # TRL applies an `assistant_masks` column whenever present
         train_rows = train_rows.remove_columns("assistant_masks")
         eval_rows = eval_rows.remove_columns("assistant_masks") if eval_rows is not None else None
 
     model = load_model(str(model_path), quantize_experts=recipe.model.quantize_experts,
                        compute_dtype=recipe.model.compute_dtype)
     model.config.use_cache = False
-    model = apply_lora(model, recipe.lora, adapter=recipe.model.adapter)
+    # LoRA's init draws from the global RNG: seed it again here, because loading may have drawn from it (building
+    # the tiny model seeds and draws), and the same seed must give the same adapter whether or not it was cached.
+    set_seed(recipe.train.seed)
+    model = prepare_for_distributed(apply_lora(model, recipe.lora, adapter=recipe.model.adapter))
     audit = audit_model(model, quantize_experts=recipe.model.quantize_experts)
-    print(audit.table(), flush=True)
+    if is_main_process():
+        print(audit.table(), flush=True)
     if not audit.ok:
         raise UserError(f"audit failed: {audit.failures[0]} (run `mixtral-ft audit` for the full table)")
 
     dtype = model.get_base_model().dtype
     callbacks = make_callbacks(recipe, out)
-    trainer = build_sft_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks)
-    result = trainer.train()
+    configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
+    if recipe.train.method == "dpo":  # TRL's DPOTrainer on the same LoRA model; reference = starting adapter
+        from mixtral_ft.dpo import build_dpo_trainer as build_trainer
+    else:
+        build_trainer = build_sft_trainer
+    trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks)
+    attach(trainer)  # telemetry callbacks ahead of the reporters, so wandb/tensorboard get their scalars
+    result = run_trainer(trainer, resume_from)  # raises Preempted after a SIGTERM/SIGINT checkpoint
 
     summary = summarize(recipe, trainer, result, started, dtype)
+    if recipe.train.method == "dpo":  # reward accuracy and margins from TRL's log history
+        from mixtral_ft.dpo import dpo_summary
+
+        summary.update(dpo_summary(trainer.state.log_history))
+    # Every rank calls save_model: under FSDP and ZeRO-3 gathering the adapter is collective; only rank 0 writes.
+    trainer.save_model(str(out))
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
         save_tokenizer(tokenizer, out)
         dump_recipe(recipe, out / "recipe.yaml")
         (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
+        if recipe.hub.push:
+            from mixtral_ft.hub import push_after_training
+
+            push_after_training(out, recipe)
     return summary
 
 
@@ -171,7 +213,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     device = trainer.args.device
     return {
-        "method": "sft",
+        "method": recipe.train.method,
         "model": recipe.model.name,
         "seed": recipe.train.seed,
         "steps": trainer.state.global_step,

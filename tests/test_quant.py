@@ -1,6 +1,7 @@
 """NF4 experts: storage, both checkpoint layouts, the transformers oracle, gradients, and memory proofs."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,37 @@ def test_cuda_bf16_matches_reference(tiny_dir):
     with torch.no_grad():
         ours, theirs = model(ids).logits.float(), reference(ids).logits
     assert ((ours - theirs).norm() / theirs.norm()).item() <= 2e-2
+
+
+@pytest.mark.slow
+def test_load_memory_does_not_grow_with_depth_beyond_the_nf4_footprint(tmp_path):
+    """Streaming load: twice the layers costs only their NF4 bytes, never the bf16 model.
+
+    Materializing the bf16 checkpoint would add >= 120 MB between these two depths; streaming adds
+    the extra layers' NF4 footprint (~27 MB). Constant start-up costs cancel in the difference.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import MixtralConfig
+
+    probe = str(Path(__file__).with_name("load_memory_probe.py"))
+    measured = {}
+    for layers in (8, 16):
+        config = MixtralConfig(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                               num_experts_per_tok=2, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        folder = tmp_path / f"L{layers}"
+        MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="20MB")
+        # A fixed mmap threshold and one arena make RSS follow live bytes instead of glibc's caching.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, probe, str(folder)], capture_output=True, text=True, check=True,
+                             env=env)
+        measured[layers] = json.loads(out.stdout.strip().splitlines()[-1])
+    layer_bf16 = 8 * 3 * 256 * 1024 * 2
+    growth = measured[16]["peak_growth"] - measured[8]["peak_growth"]
+    extra_final = measured[16]["final"] - measured[8]["final"]
+    assert growth <= extra_final + 4 * layer_bf16, measured

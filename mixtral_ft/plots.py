@@ -1,0 +1,74 @@
+"""End-of-run plots (matplotlib, Agg): the loss curve and the router's layers x experts load heatmap.
+
+Both read what the run already wrote (the Trainer's log history, router_stats.jsonl), so they can be
+redrawn from a finished output dir: `plot_router_heatmap(out / "router_stats.jsonl", out / "x.png")`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: training machines have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> Path | None:
+    train = [(h["step"], h["loss"]) for h in log_history if isinstance(h.get("loss"), (int, float))]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if isinstance(h.get("eval_loss"), (int, float))]
+    if not train and not evals:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o--")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set(xlabel="step", ylabel="loss", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_router_heatmap(stats_path: Path, path: Path) -> Path | None:
+    """Layers x experts load at the baseline and the last record, and their difference."""
+    if not stats_path.is_file():
+        return None
+    records = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    first, last = records[0], records[-1]
+    loads = [torch.tensor(first["expert_fraction"]), torch.tensor(last["expert_fraction"])]
+    layers, experts = loads[0].shape
+    plt = _pyplot()
+    panels = [(loads[0], f"expert load, step {first['step']}"), (loads[1], f"expert load, step {last['step']}"),
+              (loads[1] - loads[0], "change")][: 1 if len(records) == 1 else 3]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.6 * len(panels), 1.4 + 0.22 * max(layers, 4)),
+                             dpi=100, squeeze=False)
+    top = float(max(x.max() for x in loads))
+    for ax, (data, title) in zip(axes[0], panels):
+        change = title == "change"
+        span = float(data.abs().max()) or 1e-3
+        image = ax.imshow(data, aspect="auto", cmap="RdBu_r" if change else "viridis",
+                          vmin=-span if change else 0.0, vmax=span if change else top)
+        ax.set(title=title, xlabel="expert", ylabel="layer", xticks=range(experts))
+        if layers * experts <= 64:  # small grids: print the numbers too
+            for (i, j), v in zip(((i, j) for i in range(layers) for j in range(experts)), data.flatten().tolist()):
+                dark = abs(v) > 0.5 * span if change else v < 0.6 * top  # viridis is dark low, RdBu at both ends
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
+        fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.suptitle(f"share of routed tokens per expert (uniform = {1 / experts:.3f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

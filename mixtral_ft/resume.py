@@ -1,0 +1,217 @@
+"""Checkpoint discovery for `train.resume`: which `checkpoint-N` may be resumed from, decided before any heavy work.
+
+`train.resume` takes four values:
+  auto (default)  resume from the newest complete checkpoint in train.output_dir if there is one, else start fresh
+  true            resume from the newest complete checkpoint; if there is none, that is an error
+  false           never resume; an output_dir holding checkpoints of an unfinished run is an error
+  PATH            resume from that checkpoint folder, which must be complete
+A run is finished once run.json exists (train.py writes it last); `train.overwrite` replaces a finished run only,
+so a preempted job whose recipe says `overwrite: true` still resumes instead of starting over on every restart.
+
+The HF Trainer's `get_last_checkpoint` trusts the folder name, so a save cut short by a preemption or a full
+disk becomes the one it resumes from. Here a checkpoint is complete only when everything a resume reads is there
+and intact: trainer_state.json parses; the adapter's safetensors header parses and the file holds all the data the
+header promises; optimizer.pt, scheduler.pt and rng_state*.pth are whole zip archives (torch.save's format; a
+truncated one loses its central directory, a corrupted one fails its CRC). Incomplete ones are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import Recipe
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
+TORCH_FILES = ("optimizer.pt", "scheduler.pt")
+# Keys that may differ between a checkpoint's recipe and the resuming one: where things go and how often they
+# are logged or saved. Every other key shapes the training trajectory, so changing it breaks an exact resume.
+FREE_KEYS = {"train.output_dir", "train.resume", "train.overwrite", "train.save_steps", "train.logging_steps",
+             "train.eval_steps", "hub.push", "hub.repo_id", "hub.private"}
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders in `out`, newest (highest N) first."""
+    if not out.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, or None when it is complete."""
+    if not folder.is_dir():
+        return "not a folder"
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+        if not isinstance(step, int):
+            raise TypeError
+    except FileNotFoundError:
+        return "no trainer_state.json (the save was cut short)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    weights = next((folder / n for n in ADAPTER_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        return "no adapter_model.safetensors"
+    problem = _safetensors_problem(weights)
+    if problem:
+        return problem
+    rng = sorted(folder.glob("rng_state*.pth"))
+    ranks = sorted(int(m[1]) for p in rng if (m := re.match(r"rng_state_(\d+)\.pth$", p.name)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not rng:
+        return "no rng_state.pth"
+    # One RNG file per rank: rank 0 writes trainer_state.json without waiting for the others.
+    if ranks and (ranks != list(range(len(ranks))) or (world > 1 and len(ranks) < world)):
+        return f"RNG states for ranks {ranks}, expected 0..{max(world, len(ranks)) - 1}"
+    for name in [*TORCH_FILES, *(p.name for p in rng)]:
+        problem = _torch_file_problem(folder / name)
+        if problem:
+            return problem
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + length + end:
+            return f"{path.name} is truncated"
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return f"{path.name} is unreadable"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return f"no {path.name}" if not path.is_file() else f"{path.name} is empty"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:  # CRC of every member: what a partial page-cache flush leaves
+                return f"{path.name} is corrupted"
+    except (OSError, zipfile.BadZipFile):
+        return f"{path.name} is truncated or not a torch.save file"
+    return None
+
+
+def newest_complete(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint in `out`, and the newer incomplete ones skipped on the way."""
+    skipped = []
+    for folder in list_checkpoints(out):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
+
+
+def check_existing_run(recipe: Recipe, out: Path) -> None:
+    """Refuse to replace a finished run or to ignore an unfinished one; clear what `train.overwrite` replaces."""
+    t = recipe.train
+    finished = (out / "run.json").exists()
+    checkpoints = list_checkpoints(out)
+    path_resume = isinstance(t.resume, str) and t.resume != "auto"
+    if finished:
+        if not t.overwrite:
+            raise UserError(f"train.output_dir '{out}' already holds a run: choose a new folder, "
+                            "or set train.overwrite=true to replace it")
+        if t.resume is True:
+            raise UserError(f"train.output_dir '{out}' holds a finished run, so there is nothing to resume: "
+                            "set train.resume=auto (or false) with train.overwrite=true to replace it")
+        _clear(out, [] if path_resume else checkpoints)
+    elif checkpoints and t.resume is False:
+        if not t.overwrite:
+            raise UserError(f"train.output_dir '{out}' holds checkpoints of an unfinished run: set "
+                            "train.resume=auto to continue it, or train.overwrite=true to start over")
+        _clear(out, checkpoints)
+    elif not checkpoints and (out / "adapter_model.safetensors").exists() and not t.overwrite:
+        raise UserError(f"train.output_dir '{out}' already holds a run: choose a new folder, "
+                        "or set train.overwrite=true to replace it")
+
+
+def _clear(out: Path, checkpoints: list[Path]) -> None:
+    # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up.
+    if not _rank_zero():
+        return  # every rank runs this check; one deletes
+    try:
+        for folder in checkpoints:
+            shutil.rmtree(folder)
+        # run.json goes last: a rank looking meanwhile still sees a finished run, and so also starts fresh.
+        (out / "run.json").unlink(missing_ok=True)
+    except OSError as exc:
+        raise UserError(f"train.overwrite: cannot clear the previous run in '{out}' ({exc.strerror}): "
+                        "choose another train.output_dir") from None
+    if checkpoints:
+        _say(f"train.overwrite: removed {len(checkpoints)} checkpoint(s) of the previous run in {out}")
+
+
+def _rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate before Python starts
+
+
+def _say(line: str) -> None:
+    if _rank_zero():
+        print(line, flush=True)
+
+
+def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
+    """The checkpoint `train.resume` asks for (None: start fresh); a UserError when it cannot be honoured."""
+    resume = recipe.train.resume
+    if resume is False:
+        return None
+    if isinstance(resume, str) and resume != "auto":
+        folder = Path(resume).expanduser()
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise UserError(f"train.resume '{resume}' is not a complete checkpoint ({problem}): pass a "
+                            "checkpoint-N folder written by a run, or train.resume=auto")
+    else:
+        folder, skipped = newest_complete(out)
+        for bad, why in skipped:
+            _say(f"resume: skipping incomplete {bad}: {why}")
+        if folder is None:
+            if resume is True:
+                raise UserError(f"train.resume=true but train.output_dir '{out}' holds no complete checkpoint: "
+                                "set train.resume=auto to start fresh, or pass a checkpoint folder")
+            return None
+    check_same_recipe(folder, recipe)
+    step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    _say(f"resume: continuing from {folder} (step {step})")
+    return folder
+
+
+def check_same_recipe(folder: Path, recipe: Recipe) -> None:
+    """A checkpoint resumes only the recipe that wrote it (guards.CheckpointRecipe saves that recipe beside it)."""
+    saved = folder / "recipe.yaml"
+    if not saved.is_file():
+        return  # written by a plain HF Trainer or cut short before the recipe: nothing to compare with
+    try:
+        before = _flat(yaml.safe_load(saved.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return
+    now = _flat(recipe.to_dict())
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if k not in FREE_KEYS and before.get(k) != now.get(k)]
+    if changed:
+        raise UserError(f"checkpoint '{folder}' was written by a different recipe ({'; '.join(changed[:3])}): "
+                        "restore those values to resume it, or use a new train.output_dir")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
