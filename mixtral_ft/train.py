@@ -136,7 +136,7 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.data import load_sft_data
     from mixtral_ft.guards import run_trainer
     from mixtral_ft.launch import is_main_process, prepare_for_distributed
-    from mixtral_ft.model import apply_lora, load_model, peak_memory_gib, resolve_model_path
+    from mixtral_ft.model import apply_lora, load_model, resolve_model_path
     from mixtral_ft.resume import find_resume_checkpoint
     from mixtral_ft.telemetry import attach, configure_reporting
     from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
@@ -207,6 +207,8 @@ def train(recipe: Recipe) -> dict:
 
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
+    from mixtral_ft.model import peak_memory_gib
+
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
     runtime = result.metrics.get("train_runtime", time.time() - started)
