@@ -101,6 +101,11 @@ def load_for_inference(target: Target, *, quantize: bool = True):
     else:
         from transformers import AutoModelForCausalLM
 
+        from mixtral_ft.loader import read_manifest
+
+        if read_manifest(path) is not None:
+            raise UserError(f"'{target.base}' is a pre-quantized NF4 folder, which only mixtral_ft's loader "
+                            "reads: drop --no-quantize")
         device = default_device()
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=resolve_compute_dtype(target.compute_dtype, device),

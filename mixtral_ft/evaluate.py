@@ -54,6 +54,10 @@ def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
     from mixtral_ft.model import resolve_model_path
     from mixtral_ft.tokenizer import load_tokenizer
 
+    if data_path is None and getattr(recipe.train, "method", "sft") != "sft":
+        # Preference pairs have no single reference answer to score: perplexity needs conversations.
+        raise UserError(f"this is a {recipe.train.method} run: its data are preference pairs; pass "
+                        "--data FILE with conversations (e.g. --data builtin:oasst_top1)")
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.name, recipe.model.revision), mode="finetuning")
     cfg = recipe.data
     if data_path is not None:

@@ -142,8 +142,16 @@ def guard_callbacks(recipe: Recipe) -> list:
 def run_trainer(trainer, resume_from: Path | None):
     """trainer.train() with the signal handlers installed; raises `Preempted` once a signal's checkpoint is saved."""
     guard = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionGuard)), None)
-    with guard.installed() if guard else _nothing():
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        with guard.installed() if guard else _nothing():
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except TrainingError:
+        for callback in trainer.callback_handler.callbacks:  # end the progress bar's line, so that the
+            bar = getattr(callback, "training_bar", None)  # error line the CLI prints starts a line of its own
+            if bar is not None:
+                bar.close()
+                callback.training_bar = None
+        raise
     if guard and guard.stopped:
         signum, step = guard.stopped
         if _distributed():

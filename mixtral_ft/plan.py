@@ -27,7 +27,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 def nf4_bytes(n: int) -> int:
     """A Params4bit of n weights: 4-bit codes, uint8 absmax per 64, fp32 absmax per 256 of those, tables."""
     blocks = math.ceil(n / 64)
-    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + 64 + 1024  # offset, NF4 map, nested map
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + 64 + 1024  # offset, NF4 + nested maps
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,11 @@ class Estimate:
 
 
 def optimizer_bytes_per_param(optim: str) -> int:
+    """Adam: two fp32 states; Lion: one; 8-bit: uint8 states (absmax per 256 is < 2%); SGD, Adafactor: ~none."""
     name = optim.lower()
-    if "lion" in name:
-        return 1 if "8bit" in name else 4  # one momentum state
-    if "8bit" in name:
-        return 2  # two uint8 states (blockwise absmax per 256 is < 2%)
-    if "sgd" in name or "adafactor" in name:
-        return 0  # no momentum by default / factored second moments (rows + columns)
-    return 8  # Adam family: exp_avg and exp_avg_sq in fp32
+    if "sgd" in name or "adafactor" in name:  # no momentum by default / factored second moments
+        return 0
+    return (1 if "lion" in name else 2) * (1 if "8bit" in name else 4)
 
 
 def estimate(d: Dims, run: Run) -> Estimate:
@@ -111,10 +108,11 @@ def estimate(d: Dims, run: Run) -> Estimate:
     shapes = {"q_proj": (H, qw), "k_proj": (H, kvw), "v_proj": (H, kvw), "o_proj": (qw, H)}
     lora = L * run.lora_r * sum(sum(shapes[t]) for t in run.lora_targets if t in shapes)
     autocast = run.loop == "trainer" and c < 4  # the HF Trainer runs bf16/fp16 under torch.autocast
+    # Grads counted whole: with accumulation they persist between micro-batches (without, they are 0.2% here).
     rows = weights + [("LoRA weights (fp32)", 4 * lora), ("LoRA grads (fp32)", 4 * lora),
                       (f"optimizer states ({run.optim})", optimizer_bytes_per_param(run.optim) * lora)]
-    if autocast:  # autocast caches a bf16 copy of each LoRA weight for the step (saved for backward)
-        rows.append(("LoRA bf16 copies (autocast)", c * lora))
+    if autocast:  # bf16 copies of the LoRA weights, kept for backward: one layer's when checkpointing recomputes
+        rows.append(("LoRA bf16 copies (autocast)", c * lora // (L if run.checkpointing else 1)))
     if run.num_gpus > 1:  # DDP all-reduces through flat buckets: a second copy of the gradients
         rows.append(("DDP gradient buckets", 4 * lora))
 
@@ -132,7 +130,7 @@ def estimate(d: Dims, run: Run) -> Estimate:
         return n_proj * T * width * 4 if cast else (0 if kept_anyway else T * width * c)
 
     n_qkv = sum(t in run.lora_targets for t in ATTENTION[:3])
-    kv_kept = qw if run.padded and run.loop == "trainer" else kvw  # with a mask, sdpa gets repeat_kv copies
+    kv_kept = qw if run.padded else kvw  # with a mask, transformers' sdpa passes repeat_kv copies of k and v
     attn = (norm1 + lora_inputs(n_qkv, H, False) + lora_inputs(int("o_proj" in run.lora_targets), qw, True)
             + len(run.lora_targets) * T * run.lora_r * lb  # lora_A's output, kept by lora_B
             + 2 * T * qw * c + 2 * T * kv_kept * c + B * d.heads * S * 4)  # sdpa: q, k, v, output, logsumexp
@@ -145,17 +143,17 @@ def estimate(d: Dims, run: Run) -> Estimate:
     # --- one layer's MoE: the moments where a whole dequantized expert weight meets the big activations
     w_gu = E * 2 * F * H * (c * 16 + 1) // 16 if run.quantize_experts else 0  # + the fp32 absmax (4 B per 64)
     w_dn = E * H * F * (c * 16 + 1) // 16 if run.quantize_experts else 0
-    n2, rows_, grad = T * H * c, Tk * H * c, T * H * c  # router input, rows sorted by expert, residual grad
+    n2, by_expert, grad = T * H * c, Tk * H * c, T * H * c  # router input, rows sorted by expert, residual grad
     # Checkpointing recomputes a layer when backward first needs it: the gradient arriving then is the
     # residual's plus the fp32 [tokens*top_k, H] copy that un-summing the experts' outputs makes.
     in_flight = grad + Tk * H * 4 if run.checkpointing else 0
     how = "recompute" if run.checkpointing else "forward"
     moe = {  # moment: (dequantized weight, everything else of this MoE); silu(gate) and its product are `act`s
-        f"{how} through gate_up_proj": (w_gu, in_flight + n2 + rows_ + gate_up),
-        f"{how} through down_proj": (w_dn, in_flight + n2 + rows_ + gate_up + 2 * act + Tk * H * c),
+        f"{how} through gate_up_proj": (w_gu, in_flight + n2 + by_expert + gate_up),
+        f"{how} through down_proj": (w_dn, in_flight + n2 + by_expert + gate_up + 2 * act + Tk * H * c),
         "backward through down_proj": (w_dn, grad + gate_up + 2 * act + Tk * H * c),
         "backward through silu(gate) * up": (0, grad + gate_up + 3 * act),  # gate_up, d(act), d(up), d(gate)
-        "backward through gate_up_proj": (w_gu, grad + gate_up + rows_),  # d(gate_up), d(rows)
+        "backward through gate_up_proj": (w_gu, grad + gate_up + by_expert),  # d(gate_up), d(rows)
     }
     kept = L * T * H * c if run.checkpointing else (L - 1) * layer  # the layer inputs, or every layer's saves
     phases = {f"last layer, {m}": kept + common + sum(b) for m, b in moe.items()}
@@ -169,7 +167,7 @@ def estimate(d: Dims, run: Run) -> Estimate:
         N = B * (S - 1)  # worst case: every label counts
         tile = min(N, 4096) * min(V, 32768)
         # Triton folds the tile in place. The torch fallback's backward (trl/kernels/chunked_logprob.py,
-        # _backward_tile) holds the tile, 5 fp32 tiles (y, z, log_p, p, grad), a bool mask and 2 fp32 temporaries.
+        # _backward_tile) holds the tile, 5 fp32 tiles (y, z, log_p, p, grad), a bool mask, 2 fp32 temporaries.
         loss = N * H * (c + 4) + tile * (c if run.triton else c + 5 * 4 + 1 + 2 * 4)  # + fp32 grad of hidden
         what = "fused LM head backward (chunked logits, fp32 hidden-state gradient)"
     phases[what] = before_loss + loss
@@ -179,10 +177,11 @@ def estimate(d: Dims, run: Run) -> Estimate:
                   before_loss - norm), ("final norm input (fp32)", norm), ("logits + loss buffers", loss)]
     else:
         dequant, rest = moe[moment.removeprefix("last layer, ")]
-        activ = [(f"checkpointed inputs, {L} layers" if run.checkpointing else f"saved activations, {L - 1} layers",
-                  kept), ("last layer's saved activations", common), ("MoE activations + gradients", rest)]
+        held = f"checkpointed inputs, {L} layers" if run.checkpointing else f"saved activations, {L - 1} layers"
+        activ = [(held, kept), ("last layer's saved activations", common), ("MoE activations + gradients", rest)]
         if dequant:
-            activ.append((f"dequant workspace ({'gate_up' if dequant == w_gu else 'down'}_proj, {_dtype(c)})", dequant))
+            which = "gate_up_proj" if dequant == w_gu else "down_proj"
+            activ.append((f"dequant workspace ({which}, {_dtype(c)})", dequant))
     return Estimate(rows + activ, moment, phases, sum(b for _, b in weights))
 
 
@@ -254,10 +253,11 @@ def advise(d: Dims, run: Run, accumulation: int, usable: float) -> list[str]:
             tries.append((["train.gradient_checkpointing=true"], replace(run, checkpointing=True)))
         if not run.quantize_experts:
             tries.append((["model.quantize_experts=true"], replace(run, quantize_experts=True)))
-        smaller = [b for b in range(B - 1, 0, -1) if gib(replace(run, batch=b)) <= usable] or [1] * (B > 1)
-        for b in smaller[:1]:  # the same global batch: more accumulation steps
-            tries.append(([f"train.per_device_train_batch_size={b}",
-                           f"train.gradient_accumulation_steps={math.ceil(B * accumulation / b)}"], replace(run, batch=b)))
+        smaller = [b for b in range(B - 1, 0, -1) if gib(replace(run, batch=b)) <= usable]
+        for b in smaller[:1] or ([1] if B > 1 else []):  # the same global batch: more accumulation steps
+            steps = math.ceil(B * accumulation / b)
+            tries.append(([f"train.per_device_train_batch_size={b}", f"train.gradient_accumulation_steps={steps}"],
+                          replace(run, batch=b)))
         lengths = [s for s in (S // 2, S // 4, S // 8) if s >= 256]
         for s in [s for s in lengths if gib(replace(run, seq=s)) <= usable][:1] or lengths[-1:]:
             tries.append(([f"train.max_length={s}"], replace(run, seq=s)))  # longer rows are truncated
@@ -309,9 +309,9 @@ def plan(recipe, *, gpu_mem: float = 80.0, num_gpus: int = 1) -> dict:
     return {"model": recipe.model.name, "gpu_mem_gib": gpu_mem, "num_gpus": num_gpus, "usable_gib": usable,
             "settings": {k: v for k, v in vars(run).items() if k != "triton"},
             "components": [{"name": n, "bytes": int(b), "gib": round(b / GIB, 3)} for n, b in est.rows],
-            "peak_bytes": int(est.peak), "peak_gib": round(peak, 2), "weights_gib": round(est.weights / GIB, 2), "peak_at": est.moment,
-            "phases_gib": {k: round(v / GIB, 3) for k, v in est.phases.items()}, "fits": peak <= usable,
-            "advice": advise(d, run, recipe.train.gradient_accumulation_steps, usable), "notes": notes}
+            "peak_bytes": int(est.peak), "peak_gib": round(peak, 2), "weights_gib": round(est.weights / GIB, 2),
+            "peak_at": est.moment, "phases_gib": {k: round(v / GIB, 3) for k, v in est.phases.items()},
+            "fits": peak <= usable, "advice": advise(d, run, recipe.train.gradient_accumulation_steps, usable), "notes": notes}
 
 
 def render(report: dict) -> str:
@@ -328,7 +328,7 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_plan(recipe_path: str, overrides=(), *, gpu_mem: float = 80.0, num_gpus: int = 1, as_json: bool = False) -> int:
+def run_plan(recipe_path: str, overrides=(), *, gpu_mem: float = 80.0, num_gpus: int = 1, as_json=False) -> int:
     from mixtral_ft.recipe import load_recipe
 
     report = plan(load_recipe(recipe_path, overrides), gpu_mem=gpu_mem, num_gpus=num_gpus)

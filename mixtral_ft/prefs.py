@@ -18,19 +18,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mixtral_ft.data import (
-    ROLE_ALIASES,
-    SFTData,
-    SourceReport,
-    _finetuning_tokenizer,
-    encode_conversation,
-    load_sources,
-    normalize_messages,
-    read_rows,
-    settle,
-)
+from mixtral_ft.data import ROLE_ALIASES, _finetuning_tokenizer, encode_conversation, normalize_messages
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
+from mixtral_ft.sources import SFTData, SourceReport, load_sources, read_rows, settle
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 

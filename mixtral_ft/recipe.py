@@ -88,7 +88,7 @@ class TrainSection:
     optim: str = "adamw_torch"  # transformers optimizer name (paged_adamw_8bit saves memory on GPU)
     per_device_train_batch_size: int = 2  # micro-batch per GPU
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_length: int = 2048  # tokens per row; longer conversations are truncated
+    max_length: int = 2048  # tokens per row; longer conversations are truncated (DPO: prompt + answer)
     packing: bool = False  # pack rows into full max_length sequences
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
@@ -110,7 +110,7 @@ class HubSection:
 class DpoSection:  # used when train.method is dpo; train.max_length caps prompt + answer
     beta: float = 0.1  # pull towards the reference model (the starting policy): higher stays closer
     loss_type: str = "sigmoid"  # TRL DPO loss: sigmoid (the DPO paper), ipo, hinge, apo_zero, ...
-    max_prompt_length: int = 512  # longer prompts keep <s> and their last tokens (the question being answered)
+    max_prompt_length: int = 512  # if prompt + answer exceed train.max_length: the prompt keeps <s> and its end
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,9 @@ def train(recipe: Recipe) -> dict:
     out = check_output_dir(recipe)
     resume_from = find_resume_checkpoint(recipe, out)  # before the model loads: a bad train.resume fails fast
     check_trainer_names(recipe)  # likewise a misspelled train.optim / train.lr_scheduler_type
+    adapter = recipe.model.adapter  # apply_lora checks it too, but only after minutes of model loading
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
     set_seed(recipe.train.seed)
 
     model_path = resolve_model_path(recipe.model.name, recipe.model.revision)

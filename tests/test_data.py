@@ -12,7 +12,6 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mixtral_ft.data import (
-    BUILTIN,
     encode_conversation,
     load_sft_data,
     normalize_messages,
@@ -20,6 +19,7 @@ from mixtral_ft.data import (
 )
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
+from mixtral_ft.sources import BUILTIN
 from mixtral_ft.tokenizer import bundled_tokenizer_file, load_tokenizer
 
 EOS = 2

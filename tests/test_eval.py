@@ -100,3 +100,9 @@ def test_bad_adapter_and_samples_are_refused(capsys):
     assert "not an adapter folder" in capsys.readouterr().err
     assert main(["eval", str(ROOT / "recipes" / "tiny.yaml"), "--samples", "-1"]) == 2
     assert "--samples" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (ROOT / "recipes" / "tiny_dpo.yaml").is_file(), reason="no DPO recipe in this version")
+def test_preference_run_needs_conversation_data(capsys):
+    assert main(["eval", str(ROOT / "recipes" / "tiny_dpo.yaml")]) == 2
+    assert "--data FILE with conversations" in capsys.readouterr().err

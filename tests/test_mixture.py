@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_ft.data import load_sft_data, mixture_counts
+from mixtral_ft.data import load_sft_data
 from mixtral_ft.errors import UserError
 from mixtral_ft.prefs import load_preference_data
 from mixtral_ft.recipe import DataSection, MixtureSource, load_recipe
+from mixtral_ft.sources import mixture_counts
 from mixtral_ft.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
