@@ -31,7 +31,12 @@ def cmd_train(args) -> int:
     from mixtral_ft.train import train
 
     if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
-        return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        try:
+            return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
+        except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
+            return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
     from mixtral_ft.guards import Preempted, TrainingError
 
     try:

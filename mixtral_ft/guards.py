@@ -121,7 +121,9 @@ def _diverged(args, step: int, what: str, value: float) -> None:
     last, _ = newest_complete(Path(args.output_dir))
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
     raise TrainingError(f"training diverged at step {step}: {what} is {value}; {kept}. Lower train.learning_rate "
-                        f"(now {args.learning_rate:g}) or train.max_grad_norm, or check the data, and start again")
+                        f"(now {args.learning_rate:g}) or train.max_grad_norm, or check the data, then start again "
+                        "(train.resume=false train.overwrite=true) or go on from a checkpoint's weights in a new "
+                        "output_dir (model.adapter=CHECKPOINT)")
 
 
 class CheckpointRecipe(TrainerCallback):
@@ -136,7 +138,8 @@ class CheckpointRecipe(TrainerCallback):
 
 
 def guard_callbacks(recipe: Recipe) -> list:
-    return [NanGuard(), PreemptionGuard(), CheckpointRecipe(recipe)]
+    # PreemptionGuard first: NanGuard's finite-weights check then also covers the save a signal asks for.
+    return [PreemptionGuard(), NanGuard(), CheckpointRecipe(recipe)]
 
 
 def run_trainer(trainer, resume_from: Path | None):

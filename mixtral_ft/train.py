@@ -19,8 +19,6 @@ import torch
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe, check_trainer_names, dump_recipe
 
-RUN_FILES = ("run.json", "adapter_model.safetensors")
-
 
 def check_output_dir(recipe: Recipe) -> Path:
     """Refuse to overwrite another run or to write where we cannot, before any heavy work."""

@@ -1,0 +1,169 @@
+"""Strict YAML -> frozen dataclasses: every mistake is a one-line `UserError` naming the dotted key.
+
+Generic machinery behind recipe.py: read a YAML mapping, apply `dotted.key=value` overrides (values
+parsed as YAML), reject secret-looking keys anywhere in the tree, and build nested dataclasses from their
+type hints (unknown keys with a suggestion, wrong types, missing required values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixtral_ft.errors import UserError
+
+SECRET_KEYS = {"token", "hf_token", "hub_token", "access_token", "auth_token", "api_key", "apikey",
+               "wandb_api_key", "password", "passwd", "secret", "secret_key"}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file '{path}' not found: pass the path of a YAML recipe, e.g. recipes/tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"recipe '{path}' is not valid YAML{line}: fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of sections (model, data, lora, train)")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{item}' is not key=value: write it like lora.r=8")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"override '{item}': the value is not valid YAML; quote it") from None
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            section = ".".join(parts[: i + 1])
+            raise UserError(f"override '{item}': '{section}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping of keys, got {_kind(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise UserError(f"unknown key '{prefix}{key}'{_suggest(str(key), fields, prefix)}")
+    values = {}
+    for name, f in fields.items():
+        dotted = prefix + name
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in raw or (raw[name] is None and required):
+            if required:
+                raise UserError(f"missing required key '{dotted}': add it to the recipe")
+            if dataclasses.is_dataclass(hints[name]):
+                values[name] = build_dataclass(hints[name], {}, dotted + ".")
+            continue
+        values[name] = _coerce(hints[name], raw[name], dotted)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, dotted + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if bool in inner and isinstance(value, bool):  # train.resume: true/false or a string
+            return value
+        return _coerce(inner[0], value, dotted)
+    if origin is tuple and dataclasses.is_dataclass(args[0]):  # data.mixture: a list of mappings
+        if not isinstance(value, list):
+            raise UserError(f"'{dotted}' must be a list of mappings, got {_kind(value)}: "
+                            "e.g. [{path: builtin:oasst_top1, weight: 1}]")
+        return tuple(build_dataclass(args[0], item, f"{dotted}[{i}].") for i, item in enumerate(value))
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"'{dotted}' must be a list of strings, got {_kind(value)}: e.g. [q_proj, v_proj]")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"'{dotted}' must be true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"'{dotted}' must be an integer, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string; accept it as a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"'{dotted}' must be a number, got {_kind(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"'{dotted}' must be a non-empty string, got {_kind(value)}")
+        return value
+    raise TypeError(f"unsupported recipe type {hint} for {dotted}")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, str):
+        return f"the string {value!r}" if len(value) < 40 else "a string"
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _suggest(key: str, fields: dict, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    aliases = {"rank": "r", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+               "lora_alpha": "alpha", "lora_dropout": "dropout", "steps": "max_steps",
+               "max_seq_length": "max_length", "output": "output_dir", "dataset": "path"}
+    guess = aliases.get(key) if aliases.get(key) in fields else (close[0] if close else None)
+    if guess:
+        return f" (did you mean '{prefix}{guess}'?)"
+    return f": valid keys here are {', '.join(fields)}"
+
+
+def reject_secrets(raw: Any, prefix: str) -> None:
+    if not isinstance(raw, dict):
+        return
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if str(key).lower() in SECRET_KEYS:
+            _secret_error(dotted)
+        reject_secrets(value, dotted + ".")
+
+
+def _secret_error(dotted: str) -> None:
+    raise UserError(
+            f"'{dotted}' looks like a secret: recipes are saved with every run, so never put tokens in them; "
+            "set HF_TOKEN / WANDB_API_KEY in the environment or run `huggingface-cli login`"
+        )
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
