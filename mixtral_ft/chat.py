@@ -57,6 +57,7 @@ class Target:
     quantize_experts: bool = True
     compute_dtype: str = "auto"
     revision: str | None = None
+    attn_implementation: str | None = None  # None: the run's recipe, else sdpa
 
 
 def resolve_target(model: str, adapter: str | None = None) -> Target:
@@ -86,18 +87,29 @@ def _adapter_target(adapter: Path) -> Target:
         raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: "
                         f"pass the base as MODEL and the adapter with --adapter")
     return Target(base=str(base), adapter=adapter, quantize_experts=bool(model_cfg.get("quantize_experts", True)),
-                  compute_dtype=model_cfg.get("compute_dtype") or "auto", revision=model_cfg.get("revision"))
+                  compute_dtype=model_cfg.get("compute_dtype") or "auto", revision=model_cfg.get("revision"),
+                  attn_implementation=model_cfg.get("attn_implementation"))
 
 
-def load_for_inference(target: Target, *, quantize: bool = True):
-    """(model in eval mode with the KV cache on, tokenizer in test mode) for `target`."""
-    from mixtral_ft.model import default_device, load_model, resolve_compute_dtype, resolve_model_path
+def load_for_inference(target: Target, *, quantize: bool = True, attn_implementation: str | None = None):
+    """(model in eval mode with the KV cache on, tokenizer in test mode) for `target`.
+
+    `attn_implementation` overrides the target's (the run's recipe); neither given: sdpa.
+    """
+    from mixtral_ft.model import (
+        check_attn_implementation,
+        default_device,
+        load_model,
+        resolve_compute_dtype,
+        resolve_model_path,
+    )
     from mixtral_ft.tokenizer import load_tokenizer
 
+    attn = check_attn_implementation(attn_implementation or target.attn_implementation)
     path = resolve_model_path(target.base, target.revision)
     if quantize:
         model = load_model(str(path), quantize_experts=target.quantize_experts,
-                           compute_dtype=target.compute_dtype, revision=target.revision)
+                           compute_dtype=target.compute_dtype, revision=target.revision, attn_implementation=attn)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -109,7 +121,7 @@ def load_for_inference(target: Target, *, quantize: bool = True):
         device = default_device()
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=resolve_compute_dtype(target.compute_dtype, device),
-            device_map="auto" if device.type == "cuda" else None)
+            device_map="auto" if device.type == "cuda" else None, attn_implementation=attn)
     if target.adapter is not None:
         from peft import PeftModel
 
@@ -211,16 +223,20 @@ def repl(model, tokenizer, system: str | None, settings: GenerationSettings, std
 
 
 def chat(model: str, *, adapter: str | None = None, prompt: str | None = None, system: str | None = None,
-         settings: GenerationSettings | None = None, quantize: bool = True) -> str | None:
+         settings: GenerationSettings | None = None, quantize: bool = True,
+         attn_implementation: str | None = None) -> str | None:
     """Load, then answer `prompt` once (returning the reply) or run the REPL."""
     settings = (settings or GenerationSettings()).check()
     if prompt is not None and not prompt.strip():
         raise UserError("--prompt is empty: pass some text, or leave it out for interactive chat")
     target = resolve_target(model, adapter)
+    from mixtral_ft.model import check_attn_implementation
+
+    check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
     what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
     # Status goes to stderr, so stdout holds only the conversation (one-shot output can be piped).
     print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)
-    loaded, tokenizer = load_for_inference(target, quantize=quantize)
+    loaded, tokenizer = load_for_inference(target, quantize=quantize, attn_implementation=attn_implementation)
     if prompt is not None:
         return one_shot(loaded, tokenizer, prompt, system, settings)
     repl(loaded, tokenizer, system, settings)

@@ -7,7 +7,7 @@
     mixtral-ft quantize MODEL OUT                write a pre-quantized NF4 copy of a model
     mixtral-ft merge ADAPTER --out DIR           fold a LoRA adapter into the (NF4-dequantized) base
     mixtral-ft push DIR --repo-id ORG/NAME       upload an adapter or merged model with a model card
-    mixtral-ft chat MODEL [--prompt TEXT]        talk to a model, adapter or merged model (REPL or one shot)
+    mixtral-ft chat MODEL [--prompt TEXT|--web]  talk to a model, adapter or merged model (REPL, one shot, browser)
     mixtral-ft eval OUTPUT_DIR_OR_RECIPE         held-out loss/perplexity, base vs adapter; eval.json
     mixtral-ft plan RECIPE [--gpu-mem GiB]       predict peak GPU memory without loading the model
 """
@@ -151,8 +151,17 @@ def _generation(args):
 def cmd_chat(args) -> int:
     from mixtral_ft.chat import chat
 
+    if args.web:
+        from mixtral_ft.webchat import serve_web
+
+        if args.prompt is not None:
+            raise UserError("--prompt and --web do not mix: --web serves an interactive chat page")
+        serve_web(args.model, adapter=args.adapter, system=args.system, settings=_generation(args),
+                  quantize=not args.no_quantize, attn_implementation=args.attn_implementation,
+                  host=args.host, port=args.port)
+        return 0
     chat(args.model, adapter=args.adapter, prompt=args.prompt, system=args.system,
-         settings=_generation(args), quantize=not args.no_quantize)
+         settings=_generation(args), quantize=not args.no_quantize, attn_implementation=args.attn_implementation)
     return 0
 
 
@@ -160,8 +169,13 @@ def cmd_eval(args) -> int:
     from mixtral_ft.evaluate import evaluate
 
     evaluate(args.target, adapter=args.adapter, data=args.data, samples=args.samples, out=args.out,
-             max_rows=args.max_rows, settings=_generation(args))
+             max_rows=args.max_rows, settings=_generation(args), attn_implementation=args.attn_implementation)
     return 0
+
+
+def _add_attn_flag(p) -> None:
+    p.add_argument("--attn-implementation", default=None, choices=["sdpa", "flash_attention_2", "eager"],
+                   help="attention kernel (default: the run's model.attn_implementation, else sdpa)")
 
 
 def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
@@ -258,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quantize", action="store_true",
                    help="load a plain transformers model (e.g. a merged folder) instead of the NF4 one")
     _add_generation_flags(p, max_new_tokens=256, temperature=0.7)
+    _add_attn_flag(p)
+    p.add_argument("--web", action="store_true", help="serve a browser chat UI (gradio; pip install 'mixtral-ft[web]')")
+    p.add_argument("--host", default="127.0.0.1", help="--web: address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860, help="--web: port to listen on")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
@@ -268,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=None, help="score at most this many held-out rows")
     p.add_argument("--out", default=None, help="report path (default: OUTPUT_DIR/eval.json)")
     _add_generation_flags(p, max_new_tokens=128, temperature=0.0)
+    _add_attn_flag(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if "
                                     "it does not fit")

@@ -110,7 +110,7 @@ def _user_text(prompt: str) -> str:
 
 def evaluate(target: str, *, adapter: str | None = None, data: str | None = None, samples: int = 3,
              out: str | None = None, max_rows: int | None = None,
-             settings: GenerationSettings | None = None) -> dict:
+             settings: GenerationSettings | None = None, attn_implementation: str | None = None) -> dict:
     """Score base (and adapter) on held-out rows, generate samples, write and return the report."""
     settings = (settings or GenerationSettings(max_new_tokens=128, temperature=0.0)).check()
     if samples < 0:
@@ -121,7 +121,7 @@ def evaluate(target: str, *, adapter: str | None = None, data: str | None = None
     out_path = Path(out) if out else default_out
     rows, what = held_out_rows(recipe, data, max_rows)
     print(f"eval: {len(rows)} held-out rows from {what}", file=sys.stderr, flush=True)
-    model, tokenizer = load_for_inference(loaded_target)
+    model, tokenizer = load_for_inference(loaded_target, attn_implementation=attn_implementation)
     device = next(p for p in model.parameters() if p.device.type != "meta").device
 
     variants = {"base": model.disable_adapter if loaded_target.adapter else nullcontext}

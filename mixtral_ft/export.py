@@ -234,6 +234,7 @@ def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict)
     from transformers import AutoConfig
 
     from mixtral_ft.hub import write_scrubbed
+    from mixtral_ft.serving import write_hf_tokenizer
     from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
 
     config = AutoConfig.from_pretrained(source)
@@ -244,6 +245,7 @@ def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict)
         shutil.copy(source / "generation_config.json", staging / "generation_config.json")
     # The adapter folder holds the tokenizer training used; a Hub base's own is the fallback.
     save_tokenizer(load_tokenizer(adapter if any(adapter.glob("tokenizer*")) else source), staging)
+    write_hf_tokenizer(staging)  # tokenizer.json + chat template, for TGI (see serving.py)
     for name in ("recipe.yaml", "run.json"):
         if (adapter / name).exists():
             write_scrubbed(staging / name, (adapter / name).read_text())

@@ -70,6 +70,26 @@ def resolve_model_path(name: str, revision: str | None = None) -> Path:
                         "your network, and HF_TOKEN / `huggingface-cli login` for gated models") from None
 
 
+def check_attn_implementation(name: str | None, device: str | torch.device | None = None) -> str:
+    """`name` (None: sdpa) if it can run here; UserError naming the fix otherwise."""
+    import importlib.util
+
+    from mixtral_ft.recipe import ATTN_IMPLEMENTATIONS
+
+    name = name or "sdpa"
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"attn_implementation '{name}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        device = torch.device(device) if device is not None else default_device()
+        if device.type != "cuda":
+            raise UserError("attn_implementation flash_attention_2 needs a CUDA GPU: use sdpa (or eager) on "
+                            f"{device.type}")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("attn_implementation flash_attention_2 needs the flash-attn package "
+                            "(pip install flash-attn --no-build-isolation): install it or use sdpa")
+    return name
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -77,14 +97,21 @@ def load_model(
     device: str | torch.device | None = None,
     compute_dtype: str | torch.dtype | None = None,
     revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
-    """Mixtral with NF4 attention and (unless `quantize_experts=False`) NF4 experts, base frozen."""
+    """Mixtral with NF4 attention and (unless `quantize_experts=False`) NF4 experts, base frozen.
+
+    `attn_implementation` (sdpa, flash_attention_2, eager; None: sdpa) picks the attention kernel; the
+    model config's `sliding_window` is kept as it is, and the kernels honour it.
+    """
     from transformers import AutoConfig
 
     path = resolve_model_path(name_or_path, revision)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
+    attn_implementation = check_attn_implementation(attn_implementation, device)
     config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = attn_implementation  # read when the model is built (build_skeleton)
     if config.model_type != "mixtral":
         raise UserError(f"'{name_or_path}' is a {config.model_type} model: mixtral_ft fine-tunes Mixtral only")
     manifest = read_manifest(path)

@@ -21,6 +21,7 @@ from mixtral_ft.errors import UserError
 from mixtral_ft.schema import apply_override, build_dataclass, plain, read_yaml, reject_secrets
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 # TRL 1.16's DPO losses that need no setting beyond beta (exo_pair and robust need label smoothing; sft is
 # not a preference loss).
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -35,6 +36,7 @@ class ModelSection:
     compute_dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bfloat16 | float16 | float32
     revision: str | None = None  # hub revision (branch, tag or commit) for a hub id
     adapter: str | None = None  # existing LoRA adapter folder to keep training (SFT -> DPO chains)
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (CUDA + flash-attn package) | eager
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ def check_recipe(recipe: Recipe) -> None:
     m, d, lo, t = recipe.model, recipe.data, recipe.lora, recipe.train
     _need(m.compute_dtype in ("auto", "bfloat16", "float16", "float32"), "model.compute_dtype",
           "must be auto, bfloat16, float16 or float32")
+    _need(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+          "must be sdpa, flash_attention_2 or eager")
     _need(d.format in ("auto", "chatml", "messages"), "data.format", "must be auto, chatml or messages")
     _check_sources(recipe)
     _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")

@@ -1,4 +1,4 @@
-"""Training: recipe -> data -> NF4 model + LoRA -> audit -> TRL SFTTrainer -> adapter and run.json.
+"""Training: recipe -> data -> NF4 model + LoRA -> audit -> TRL SFT or DPO trainer -> adapter and run.json.
 
 Run it as `mixtral-ft train RECIPE [key=value ...]`, or under a launcher:
 `accelerate launch -m mixtral_ft.train RECIPE ...` (torchrun works too). The story is linear on
@@ -136,6 +136,7 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.launch import is_main_process, prepare_for_distributed
     from mixtral_ft.model import apply_lora, load_model, resolve_model_path
     from mixtral_ft.resume import find_resume_checkpoint
+    from mixtral_ft.serving import set_adapter_base
     from mixtral_ft.telemetry import attach, configure_reporting
     from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
 
@@ -165,7 +166,8 @@ def train(recipe: Recipe) -> dict:
         eval_rows = eval_rows.remove_columns("assistant_masks") if eval_rows is not None else None
 
     model = load_model(str(model_path), quantize_experts=recipe.model.quantize_experts,
-                       compute_dtype=recipe.model.compute_dtype)
+                       compute_dtype=recipe.model.compute_dtype,
+                       attn_implementation=recipe.model.attn_implementation)
     model.config.use_cache = False
     # LoRA's init draws from the global RNG: seed it again here, because loading may have drawn from it (building
     # the tiny model seeds and draws), and the same seed must give the same adapter whether or not it was cached.
@@ -197,6 +199,7 @@ def train(recipe: Recipe) -> dict:
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         save_tokenizer(tokenizer, out)
+        set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
         dump_recipe(recipe, out / "recipe.yaml")
         (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
