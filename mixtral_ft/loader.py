@@ -21,9 +21,9 @@ from torch import nn
 
 from mixtral_ft.errors import UserError
 from mixtral_ft.quant import NF4Experts, nf4_linear, prequantized_nf4, quantize_nf4
+from mixtral_ft.recipe import ATTENTION_TARGETS
 
 MANIFEST = "mixtral_ft_nf4.json"
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LEGACY_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 LEGACY_ROUTER = re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.gate\.weight$")
 STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
@@ -147,7 +147,7 @@ def build_skeleton(config, dtype: torch.dtype, quantize_experts: bool) -> nn.Mod
     with torch.device("meta"):
         model = MixtralForCausalLM(config).to(dtype)
     for layer in model.model.layers:
-        for name in ATTENTION:
+        for name in ATTENTION_TARGETS:
             setattr(layer.self_attn, name, nf4_linear(getattr(layer.self_attn, name), dtype))
         if quantize_experts:
             layer.mlp.experts = NF4Experts.like(layer.mlp.experts)

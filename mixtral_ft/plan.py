@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import ATTENTION_TARGETS
 
 GIB = 2**30
 RESERVE_GIB = 1.0  # CUDA context and kernels: on the GPU but outside the allocator's count
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def nf4_bytes(n: int) -> int:
@@ -64,7 +64,7 @@ class Run:
     checkpointing: bool = True
     quantize_experts: bool = True
     lora_r: int = 16
-    lora_targets: tuple[str, ...] = ATTENTION
+    lora_targets: tuple[str, ...] = ATTENTION_TARGETS
     lora_dropout: float = 0.0
     optim: str = "adamw_torch"
     loop: str = "trainer"  # trainer: TRL (autocast, fused LM head on a GPU); plain: bench.py's loop
@@ -129,7 +129,7 @@ def estimate(d: Dims, run: Run) -> Estimate:
             return n_proj * T * width * (lb + 1)
         return n_proj * T * width * 4 if cast else (0 if kept_anyway else T * width * c)
 
-    n_qkv = sum(t in run.lora_targets for t in ATTENTION[:3])
+    n_qkv = sum(t in run.lora_targets for t in ATTENTION_TARGETS[:3])
     kv_kept = qw if run.padded else kvw  # with a mask, transformers' sdpa passes repeat_kv copies of k and v
     attn = (norm1 + lora_inputs(n_qkv, H, False) + lora_inputs(int("o_proj" in run.lora_targets), qw, True)
             + len(run.lora_targets) * T * run.lora_r * lb  # lora_A's output, kept by lora_B
