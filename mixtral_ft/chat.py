@@ -10,13 +10,11 @@ system prompt is folded into the first user turn, as training data is (see `data
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from mixtral_ft.errors import UserError
 
@@ -77,16 +75,13 @@ def resolve_target(model: str, adapter: str | None = None) -> Target:
 
 
 def _adapter_target(adapter: Path) -> Target:
-    # The raw YAML, not load_recipe: chat needs only the model section, whatever else a run's recipe holds.
-    recipe_file = adapter / "recipe.yaml"
-    model_cfg = ((yaml.safe_load(recipe_file.read_text()) or {}).get("model") or {}) if recipe_file.is_file() else {}
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    # The exact folder training loaded if it is still here (no download); else the recipe's name.
-    base = recorded if recorded and Path(recorded).is_dir() else model_cfg.get("name") or recorded
+    from mixtral_ft.model import adapter_base
+
+    base, model_cfg = adapter_base(adapter)
     if not base:
         raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: "
                         f"pass the base as MODEL and the adapter with --adapter")
-    return Target(base=str(base), adapter=adapter, quantize_experts=bool(model_cfg.get("quantize_experts", True)),
+    return Target(base=base, adapter=adapter, quantize_experts=bool(model_cfg.get("quantize_experts", True)),
                   compute_dtype=model_cfg.get("compute_dtype") or "auto", revision=model_cfg.get("revision"),
                   attn_implementation=model_cfg.get("attn_implementation"))
 

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from mixtral_ft.errors import UserError
 
@@ -46,7 +45,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
     """Write the merged model to `out` (new or empty); returns merge.json's content (+ the verify report)."""
     from mixtral_ft.hub import write_card, write_scrubbed
     from mixtral_ft.loader import read_manifest
-    from mixtral_ft.model import resolve_model_path
+    from mixtral_ft.model import adapter_base, resolve_model_path
 
     adapter, out = Path(adapter_dir), Path(out)
     if not (adapter / "adapter_config.json").is_file():
@@ -56,9 +55,10 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
         raise UserError(f"--out '{out}' already exists and is not empty: choose a new folder")
     if base_weights not in BASE_WEIGHTS:
         raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
-    recipe = yaml.safe_load((adapter / "recipe.yaml").read_text()) if (adapter / "recipe.yaml").exists() else {}
-    model_cfg = (recipe or {}).get("model") or {}
-    base_name = base or _default_base(adapter, model_cfg)
+    recorded_base, model_cfg = adapter_base(adapter)
+    base_name = base or recorded_base
+    if not base_name:
+        raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: pass --base MODEL")
     source = resolve_model_path(base_name, None if base else model_cfg.get("revision"))
     if read_manifest(source) is not None:
         raise UserError(f"base '{source}' is a pre-quantized NF4 folder: merging needs the original checkpoint; "
@@ -89,17 +89,6 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return info
-
-
-def _default_base(adapter: Path, model_cfg: dict) -> str:
-    # The exact folder the adapter was trained on if it is here; else the recipe's name (a hub id downloads).
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if recorded and Path(recorded).is_dir():
-        return recorded
-    name = model_cfg.get("name") or recorded
-    if not name:
-        raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: pass --base MODEL")
-    return name
 
 
 def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -130,6 +130,23 @@ def load_model(
     return model
 
 
+def adapter_base(adapter: Path) -> tuple[str | None, dict]:
+    """The base model an adapter folder was trained on (None if it does not say), and its run's `model` section.
+
+    The exact folder training loaded if it is still here (no download); else the recipe's model.name; else
+    what peft recorded. The raw YAML, not load_recipe: only the model section matters to chat and merge.
+    """
+    import json
+
+    import yaml
+
+    recipe_file = adapter / "recipe.yaml"
+    model_cfg = ((yaml.safe_load(recipe_file.read_text()) or {}).get("model") or {}) if recipe_file.is_file() else {}
+    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = recorded if recorded and Path(recorded).is_dir() else model_cfg.get("name") or recorded
+    return (str(base) if base else None), model_cfg
+
+
 def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
     """Wrap `model` with a trainable LoRA adapter on the recipe's targets (or continue `adapter`)."""
     from peft import LoraConfig, PeftModel, get_peft_model

@@ -193,6 +193,7 @@ def _dtype(c: int) -> str:
 
 def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None, list[str]]:
     """The model's shape from its config.json (no weights), the manifest's quantize_experts, and notes."""
+    from mixtral_ft.loader import read_manifest
     from mixtral_ft.model import HUB_ID
     from mixtral_ft.tiny import TINY_NAME
 
@@ -204,8 +205,8 @@ def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
-        manifest = path / "mixtral_ft_nf4.json"  # a pre-quantized folder is what it is (as load_model)
-        experts = json.loads(manifest.read_text())["quantize_experts"] if manifest.is_file() else None
+        manifest = read_manifest(path)  # a pre-quantized folder is what it is (as load_model)
+        experts = manifest["quantize_experts"] if manifest else None
         return Dims.of(json.loads((path / "config.json").read_text())), experts, []
     if not HUB_ID.match(name):
         raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
