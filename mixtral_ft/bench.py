@@ -1,13 +1,14 @@
-"""Throughput and memory benchmark: full-width Mixtral built straight into NF4 with random weights.
+"""Throughput and memory benchmark: full-width Mixtral built straight into NF4, measured beside the peers.
 
-    mixtral-ft bench [--layers 32] [--batch 2] [--seq 2048] [--steps 3]   # on a GPU
-    mixtral-ft bench --device cpu --tiny                                  # CI smoke run
+    mixtral-ft bench [--layers 32] [--batch 2 8] [--seq 2048] [--peer-v4-site DIR]   # on a GPU
+    mixtral-ft bench --device cpu --tiny                                              # CI smoke run
 
 No 93 GB checkpoint is needed: each weight is drawn on the device and quantized at once, so building
-costs one layer of bf16 experts at a time. Then QLoRA steps (LoRA r16 on q/k/v/o, dropout 0, gradient
-checkpointing) run in a plain loop, the way the peers in ../shared/bench were measured, and the result
-(tok/s, step time, peak memory, HFU against a bf16 matmul peak measured in the same run) is written to
-`benchmarks/results/<date>-<device>.json`.
+costs one layer of bf16 experts at a time. Then QLoRA steps run through `mixtral_ft.steps`, the harness the
+peers (`mixtral_ft.peers`) run through too, and one result file per run is written to
+`benchmarks/results/<date>-<device>[-<tag>].json`: tok/s, step time, peak memory and HFU (against a bf16
+matmul peak measured in the same run) for each batch, the peers' figures and our speed-up over each.
+The speed levers of benchmarks/NOTES.md are options, so each can be measured on its own.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from mixtral_ft import peers, steps
+from mixtral_ft.errors import UserError
 from mixtral_ft.loader import build_skeleton, finish_model
-from mixtral_ft.quant import NF4Experts, quantize_nf4
+from mixtral_ft.quant import NF4Experts, configure_experts, quantize_nf4
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+DEFAULT_LEVERS = {"checkpointing": True, "skip_layers": 0, "experts": "grouped", "reuse_dequantized": False,
+                  "lora_dropout": 0.0, "liger": False}
 
 
 def mixtral_config(layers: int):
@@ -67,91 +71,105 @@ def build_random_nf4(config, device: torch.device, dtype: torch.dtype, seed: int
     return model
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul throughput: the denominator of HFU."""
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps = 20 if device.type == "cuda" else 3
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def step_flops(config, tokens: int, seq: int, checkpointing: bool) -> float:
-    """Executed FLOPs per step: forward, recompute (with checkpointing) and input-gradient backward.
+def step_flops(config, tokens: int, seq: int, recomputed_layers: int) -> float:
+    """Executed FLOPs per step: forward, the recompute of checkpointed layers, and input-gradient backward.
 
     The base is frozen, so backward computes activation gradients only (one matmul per forward matmul).
     """
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    per_layer = 2 * (h * h * 2 + h * kv * 2) + 2 * config.num_experts_per_tok * 3 * h * i + 2 * 2 * seq * h
-    forward = tokens * (layers * per_layer + 2 * h * config.vocab_size)
-    return forward * (3 if checkpointing else 2)
+    per_layer = tokens * (2 * (h * h * 2 + h * kv * 2) + 2 * config.num_experts_per_tok * 3 * h * i + 2 * 2 * seq * h)
+    forward = layers * per_layer + tokens * 2 * h * config.vocab_size
+    return 2 * forward + recomputed_layers * per_layer
 
 
-def run_benchmark(*, layers: int, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
-                  tiny: bool, checkpointing: bool = True) -> dict:
-    from mixtral_ft.model import apply_lora, peak_memory_gib, resolve_compute_dtype
-    from mixtral_ft.recipe import LoraSection
+def apply_levers(model, levers: dict, device: torch.device):
+    """Checkpointing, expert compute, fused kernels and LoRA, as `levers` says (DEFAULT_LEVERS: our defaults)."""
+    if levers["checkpointing"]:
+        steps.enable_checkpointing(model, levers["skip_layers"])
+    configure_experts(model, grouped_mm=levers["experts"] == "grouped", reuse_dequantized=levers["reuse_dequantized"])
+    if levers["liger"]:
+        if device.type != "cuda":
+            raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_mixtral
+        except ImportError:
+            raise UserError("--liger needs liger-kernel: pip install liger-kernel") from None
+        # Its SwiGLU patch would replace our NF4 experts' forward with a dense one, so it stays off.
+        apply_liger_kernel_to_mixtral(model=model, swiglu=False)
+    return steps.add_lora(model, dropout=levers["lora_dropout"])
+
+
+def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
+                  tiny: bool, levers: dict | None = None, profile_to: Path | None = None) -> dict:
+    from mixtral_ft.model import resolve_compute_dtype
     from mixtral_ft.tiny import tiny_config
 
+    levers = DEFAULT_LEVERS | (levers or {})
     dtype = resolve_compute_dtype("auto", device)
     config = tiny_config() if tiny else mixtral_config(layers)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    steps.reset_peak(device)
     started = time.perf_counter()
     model = build_random_nf4(config, device, dtype)
     build_s = time.perf_counter() - started
-    weights_gib = _allocated_gib(device)
-    model.config.use_cache = False
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(model, LoraSection(r=16, alpha=32, dropout=0.0))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    ids = torch.randint(3, config.vocab_size, (batch, seq), device=device)
-    times, loss = [], None
-    for step in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    peak_tflops = matmul_peak_tflops(device, dtype)
-    achieved = step_flops(config, batch * seq, seq, checkpointing) / step_s / 1e12
-    return {
-        "date": dt.date.today().isoformat(), "device": _device_name(device), "versions": _versions(),
-        "model": "tiny" if tiny else "mixtral-8x7b-shape", "layers": config.num_hidden_layers,
-        "batch": batch, "seq": seq, "checkpointing": checkpointing, "dtype": str(dtype).removeprefix("torch."),
-        "build_s": round(build_s, 2), "weights_gib": round(weights_gib, 3) if device.type == "cuda" else None, "step_s": round(step_s, 4),
-        "tok_per_s": round(batch * seq / step_s, 1), "peak_gib": round(peak_memory_gib(device), 3),
-        "matmul_peak_tflops": round(peak_tflops, 1), "hfu": round(achieved / peak_tflops, 4),
-        "loss": round(float(loss.detach()), 4),
-    }
+    weights_gib, build_peak = steps.allocated_gib(device), steps.peak_gib(device)
+    groups = peers.weight_gib_by_group(model)
+    model = apply_levers(model, levers, device)
+    result = steps.time_qlora_steps(model, batch=batch, seq=seq, vocab_size=config.vocab_size, steps=steps_,
+                                    warmup=warmup, device=device, profile_to=profile_to)
+    del model
+    peak_tflops = steps.matmul_peak_tflops(device, dtype)
+    recomputed = config.num_hidden_layers - levers["skip_layers"] if levers["checkpointing"] else 0
+    achieved = step_flops(config, batch * seq, seq, recomputed) / result["step_s"] / 1e12
+    return {"model": "tiny" if tiny else "mixtral-8x7b-shape", "layers": config.num_hidden_layers, "batch": batch,
+            "seq": seq, "dtype": str(dtype).removeprefix("torch."), "levers": levers, "build_s": round(build_s, 2),
+            "build_peak_gib": round(build_peak, 3), "weights_gib": weights_gib and round(weights_gib, 3),
+            "weights_gib_by_group": groups,
+            **result, "matmul_peak_tflops": round(peak_tflops, 1), "hfu": round(achieved / peak_tflops, 4)}
 
 
-def _sync(device: torch.device) -> None:
+def run_peers(args, config, batch: int, device: torch.device, dtype: torch.dtype, ours: dict) -> dict:
+    """Each peer's figures at this batch, with our speed-up over it (at the v5 peer's reduced depth, ours again)."""
+    found = {}
+    common = {"batch": batch, "seq": args.seq, "steps_": args.steps, "warmup": args.warmup, "device": device,
+              "dtype": dtype}
+    if args.peer_v4_site:
+        v4 = peers.run_v4(args.peer_v4_site, config, **common)
+        if "tok_per_s" in v4:
+            v4["our_speedup"] = round(ours["tok_per_s"] / v4["tok_per_s"], 3)
+        found["v4"] = v4
+    else:
+        found["v4"] = {"name": peers.V4_NAME, "skipped": "no --peer-v4-site (a pip --target folder of transformers 4.57)"}
+    if args.peer_v5_layers:
+        small = _config(args, min(args.peer_v5_layers, config.num_hidden_layers))
+        v5 = peers.run_stock_v5(small, full_depth=config.num_hidden_layers, **common)
+        _free(device)
+        ours_small = run_benchmark(layers=small.num_hidden_layers, batch=batch, seq=args.seq, steps_=args.steps,
+                                   warmup=args.warmup, device=device, tiny=args.tiny, levers=args.levers)
+        v5 |= {"ours_at_same_depth": {k: ours_small[k] for k in ("tok_per_s", "peak_gib", "weights_gib")},
+               "our_speedup": round(ours_small["tok_per_s"] / v5["tok_per_s"], 3)}
+        found["v5"] = v5
+    return found
+
+
+def result_path(result: dict, out_dir: Path = RESULTS, tag: str | None = None) -> Path:
+    device = result["device"].lower().replace(" ", "-")
+    return out_dir / f"{result['date']}-{device}{'-' + tag if tag else ''}.json"
+
+
+def _config(args, layers: int):
+    from mixtral_ft.tiny import tiny_config
+
+    if args.tiny:
+        config = tiny_config()
+        config.num_hidden_layers = layers
+        return config
+    return mixtral_config(layers)
+
+
+def _free(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _allocated_gib(device: torch.device) -> float:
-    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        torch.cuda.empty_cache()
 
 
 def _versions() -> dict:
@@ -163,12 +181,7 @@ def _versions() -> dict:
             "bitsandbytes": bitsandbytes.__version__}
 
 
-def result_path(result: dict, out_dir: Path = RESULTS) -> Path:
-    device = result["device"].lower().replace(" ", "-")
-    return out_dir / f"{result['date']}-{device}-L{result['layers']}-b{result['batch']}.json"
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="mixtral-ft bench", description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[2])
@@ -177,23 +190,85 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU smoke mode)")
-    parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--tag", help="suffix of the result file's name, e.g. the lever measured")
+    parser.add_argument("--profile", action="store_true", help="also write each batch's torch.profiler op table")
+    peer = parser.add_argument_group("peers (measured in the same run)")
+    peer.add_argument("--peer-v4-site", type=Path, metavar="DIR",
+                      help="folder holding transformers 4.57 (pip install --no-deps --target DIR transformers==4.57.6 "
+                           "huggingface_hub==0.36.2 tokenizers==0.22.1)")
+    peer.add_argument("--peer-v5-layers", type=int, default=2, metavar="N",
+                      help="depth for stock transformers 5 load_in_4bit, whose experts stay bf16 (0: skip)")
+    lever = parser.add_argument_group("speed levers (benchmarks/NOTES.md)")
+    lever.add_argument("--no-checkpointing", action="store_true")
+    lever.add_argument("--skip-checkpoint-layers", type=int, default=0, metavar="N",
+                       help="keep the last N layers' activations instead of recomputing them")
+    lever.add_argument("--experts", choices=["grouped", "loop"], default="grouped",
+                       help="grouped GEMM (one call per layer) or one matmul per expert")
+    lever.add_argument("--reuse-dequantized", action="store_true",
+                       help="backward reuses the recompute's dequantized experts (2 dequantizations a step, not 3)")
+    lever.add_argument("--lora-dropout", type=float, default=0.0)
+    lever.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm, RoPE and fused linear cross-entropy")
     args = parser.parse_args(argv)
+    for name in ("layers", "batch", "seq", "steps"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name} must be at least 1")
     if args.tiny:
-        args.seq = min(args.seq, 256)
+        args.seq, args.layers = min(args.seq, 256), 2
+    if not 0 <= args.skip_checkpoint_layers <= args.layers:
+        raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
+    if args.peer_v4_site and not (args.peer_v4_site / "transformers").is_dir():
+        raise UserError(f"--peer-v4-site {args.peer_v4_site} holds no transformers package: create it with "
+                        "pip install --no-deps --target DIR transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1")
+    args.levers = {"checkpointing": not args.no_checkpointing, "skip_layers": args.skip_checkpoint_layers,
+                   "experts": args.experts, "reuse_dequantized": args.reuse_dequantized,
+                   "lora_dropout": args.lora_dropout, "liger": args.liger}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    from mixtral_ft.model import resolve_compute_dtype
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # upstream deprecations, not the user's to fix
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = resolve_compute_dtype("auto", device)
+    config = _config(args, args.layers)
+    report = {"date": dt.date.today().isoformat(), "device": steps.device_name(device), "versions": _versions(),
+              "layers": args.layers, "seq": args.seq, "batch": args.batch, "levers": args.levers,
+              "tok_per_s": [], "step_s": [], "peak_gib": [], "hfu": [], "runs": [], "peers": {}}
+    path = result_path(report, args.out_dir, args.tag)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for batch in args.batch:
-        result = run_benchmark(layers=args.layers, batch=batch, seq=args.seq, steps=args.steps,
-                               warmup=args.warmup, device=torch.device(args.device), tiny=args.tiny,
-                               checkpointing=not args.no_checkpointing)
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        path = result_path(result, args.out_dir)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result), flush=True)
-        print(f"wrote {path}", flush=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile else None
+        ours = run_benchmark(layers=args.layers, batch=batch, seq=args.seq, steps_=args.steps, warmup=args.warmup,
+                             device=device, tiny=args.tiny, levers=args.levers, profile_to=profile)
+        _free(device)
+        for key in ("tok_per_s", "step_s", "peak_gib", "hfu"):
+            report[key].append(ours[key])
+        report["runs"].append(ours)
+        for name, figures in run_peers(args, config, batch, device, dtype, ours).items():
+            report["peers"].setdefault(name, []).append(figures)
+        _free(device)
+        print(summary(ours, report["peers"]), flush=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")  # after every batch: a later OOM keeps the earlier ones
+    print(f"wrote {path}", flush=True)
     return 0
+
+
+def summary(ours: dict, found: dict) -> str:
+    line = (f"B{ours['batch']} x S{ours['seq']}, {ours['layers']} layers: {ours['tok_per_s']:,.0f} tok/s, "
+            f"peak {ours['peak_gib']:.2f} GiB, HFU {ours['hfu']:.1%}")
+    for figures in (history[-1] for history in found.values()):
+        if "our_speedup" in figures:
+            line += (f" | {figures['name']} at {figures['layers']} layers: {figures['tok_per_s']:,.0f} tok/s, "
+                     f"peak {figures['peak_gib']:.2f} GiB, ours {figures['our_speedup']:.2f}x")
+        else:
+            line += f" | {figures['name']}: {figures.get('error') or figures.get('skipped')}"
+    return line
 
 
 if __name__ == "__main__":

@@ -306,15 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser owns every option after the command
-        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
-    parser = build_parser()
-    # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would
-    # leave `k=v` unrecognized: key=value leftovers are overrides too, in the order given.
-    args, extra = parser.parse_known_args(argv)
-    if extra and (getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+        args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+    else:
+        parser = build_parser()
+        # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would
+        # leave `k=v` unrecognized: key=value leftovers are overrides too, in the order given.
+        args, extra = parser.parse_known_args(argv)
+        if extra and (getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Upstream deprecation chatter (e.g. peft calling is_gradient_checkpointing) is not the user's to fix.
     warnings.filterwarnings("ignore", category=FutureWarning)

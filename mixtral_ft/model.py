@@ -28,16 +28,6 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak accelerator memory, or on CPU the process's peak resident memory (model, data and libraries)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # VmHWM rather than ru_maxrss, which survives exec and so counts a forking parent's pages too.
-    with open("/proc/self/status") as status:
-        kib = next((int(line.split()[1]) for line in status if line.startswith("VmHWM")), 0)
-    return kib / 2**20
-
-
 def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """bf16 where the hardware runs it natively, fp32 otherwise (most CPUs lack bf16 matmuls)."""
     if isinstance(name, torch.dtype):

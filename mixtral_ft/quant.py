@@ -77,9 +77,9 @@ def logical_numel(param: torch.Tensor) -> int:
     return param.quant_state.shape.numel() if is_4bit(param) else param.numel()
 
 
-def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
     """Row block e of `x` (rows sorted by expert, `counts[e]` rows each) times `weight_t[e]` [K, N]."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm"):
+    if grouped and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm"):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch.nn.functional.grouped_mm(x, weight_t, offs=offsets)
     out = x.new_empty(x.shape[0], weight_t.shape[-1])
@@ -92,20 +92,34 @@ def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor) -
 
 
 class _NF4GroupedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ W[e].T for NF4 `W` [E, out, in]; frozen, so only dx is returned."""
+    """y[rows of e] = x[rows of e] @ W[e].T for NF4 `W` [E, out, in]; frozen, so only dx is returned.
+
+    By default only a reference to the packed weight is kept and backward dequantizes again. With
+    `reuse=True` the dequantized weight is saved for backward instead: under non-reentrant checkpointing
+    the first forward's saved tensors are dropped, so it is kept only from the recompute to the layer's
+    backward, one layer at a time (2 dequantizations per weight per step instead of 3). Without
+    checkpointing it would keep every layer's bf16 experts alive: `configure_experts` allows it only there.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, counts):
-        ctx.weight = weight  # the packed parameter, alive anyway; no dequantized copy is saved
-        ctx.save_for_backward(counts)
+    def forward(ctx, x, weight, counts, grouped=True, reuse=False):
         dense = dequantize_nf4(weight).to(x.dtype)
-        return _grouped_mm(x, dense.transpose(1, 2), counts)
+        ctx.grouped, ctx.reuse = grouped, reuse
+        if reuse:
+            ctx.save_for_backward(counts, dense)
+        else:
+            ctx.weight = weight  # the packed parameter, alive anyway; no dequantized copy is saved
+            ctx.save_for_backward(counts)
+        return _grouped_mm(x, dense.transpose(1, 2), counts, grouped)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (counts,) = ctx.saved_tensors
-        dense = dequantize_nf4(ctx.weight).to(grad_out.dtype)
-        return _grouped_mm(grad_out.contiguous(), dense, counts), None, None
+        if ctx.reuse:
+            counts, dense = ctx.saved_tensors
+        else:
+            (counts,) = ctx.saved_tensors
+            dense = dequantize_nf4(ctx.weight).to(grad_out.dtype)
+        return _grouped_mm(grad_out.contiguous(), dense, counts, ctx.grouped), None, None, None, None
 
 
 class NF4Experts(nn.Module):
@@ -119,6 +133,10 @@ class NF4Experts(nn.Module):
         self.act_fn = act_fn
         self.register_parameter("gate_up_proj", None)  # set by the loader, one layer at a time
         self.register_parameter("down_proj", None)
+        # Speed levers (benchmarks/NOTES.md): grouped GEMM or a loop of per-expert matmuls; reuse of the
+        # recompute's dequantized weights in backward (only while the layer is checkpointed).
+        self.grouped_mm = True
+        self.reuse_dequantized = False
 
     @classmethod
     def like(cls, experts: nn.Module) -> NF4Experts:
@@ -138,8 +156,9 @@ class NF4Experts(nn.Module):
         counts = torch.bincount(expert_ids, minlength=self.num_experts)[: self.num_experts]
         rows = hidden_states[order // top_k]
 
-        gate, up = _NF4GroupedLinear.apply(rows, self.gate_up_proj, counts).chunk(2, dim=-1)
-        out = _NF4GroupedLinear.apply(self.act_fn(gate) * up, self.down_proj, counts)
+        reuse = self.reuse_dequantized and torch.is_grad_enabled()
+        gate, up = _NF4GroupedLinear.apply(rows, self.gate_up_proj, counts, self.grouped_mm, reuse).chunk(2, dim=-1)
+        out = _NF4GroupedLinear.apply(self.act_fn(gate) * up, self.down_proj, counts, self.grouped_mm, reuse)
 
         # Weight and sum in fp32, then restore token order: deterministic (no atomics), like transformers.
         out = out.float() * top_k_weights.reshape(-1)[order].unsqueeze(-1).float()
@@ -160,6 +179,15 @@ class NF4Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, nf4"
+
+
+def configure_experts(model, *, grouped_mm: bool = True, reuse_dequantized: bool = False) -> None:
+    """Set the expert speed levers on every layer; reuse only where the decoder layer is checkpointed."""
+    for layer in model.model.layers if hasattr(model, "model") else []:
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if isinstance(experts, NF4Experts):
+            experts.grouped_mm = grouped_mm
+            experts.reuse_dequantized = reuse_dequantized and bool(getattr(layer, "gradient_checkpointing", False))
 
 
 def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Linear4bit:

@@ -211,7 +211,7 @@ def train(recipe: Recipe) -> dict:
 
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
-    from mixtral_ft.model import peak_memory_gib
+    from mixtral_ft.steps import peak_gib
 
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
@@ -233,7 +233,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
         "train_runtime_s": round(runtime, 2),
         "wall_s": round(time.time() - started, 2),
-        "peak_memory_gib": round(peak_memory_gib(device), 3),
+        "peak_memory_gib": round(peak_gib(device), 3),
         "versions": library_versions(),
     }
 

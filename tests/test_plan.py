@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mixtral_ft.bench import DEFAULT_LEVERS
 from mixtral_ft.cli import main
 from mixtral_ft.plan import Dims, Run, compare_bench, estimate
 
@@ -176,7 +177,7 @@ def test_oasst_fits_80_and_matches_the_issue_measurement(capsys):
     # benchmarks/NOTES.md budgets 28.7 GiB by adding the logits (1.3) to the layer workspace, but the logits are
     # freed before the last layer's recompute; the issue measured 28.9 GiB for this design in bench's loop.
     assert 25 < report["peak_gib"] < 30
-    issue = {"model": "mixtral-8x7b-shape", "layers": 32, "batch": 2, "seq": 2048, "checkpointing": True,
+    issue = {"model": "mixtral-8x7b-shape", "layers": 32, "batch": 2, "seq": 2048, "levers": DEFAULT_LEVERS,
              "dtype": "bfloat16", "peak_gib": 28.9}
     assert abs(compare_bench(issue)["error"]) < TOLERANCE
     assert sum(c["bytes"] for c in report["components"]) == report["peak_bytes"]
@@ -233,11 +234,12 @@ def test_bad_input_exits_2(capsys, argv):
 
 
 def test_gpu_benchmark_results():
-    """Plan against every GPU `mixtral-ft bench` result file; skipped until one exists (CPU files hold RSS)."""
-    results = [json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))]
-    results = [r for r in results if r.get("device", "cpu") != "cpu"]
-    if not results:
+    """Plan against every GPU `mixtral-ft bench` run at default levers; skipped until one exists (CPU holds RSS)."""
+    reports = [json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))]
+    runs = [run for report in reports if report.get("device", "cpu") != "cpu" for run in report.get("runs", [])
+            if run["levers"] == DEFAULT_LEVERS]
+    if not runs:
         pytest.skip("no GPU result in benchmarks/results: run `mixtral-ft bench --batch 2 8` on a GPU")
-    for result in results:
-        check = compare_bench(result)
-        assert abs(check["error"]) < TOLERANCE, f"{result['device']} B{result['batch']}: {check}"
+    for run in runs:
+        check = compare_bench(run)
+        assert abs(check["error"]) < TOLERANCE, f"{run['layers']} layers B{run['batch']}: {check}"
