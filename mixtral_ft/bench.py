@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -83,18 +84,14 @@ def step_flops(config, tokens: int, seq: int, recomputed_layers: int) -> float:
     return 2 * forward + recomputed_layers * per_layer
 
 
-def apply_levers(model, levers: dict, device: torch.device):
+def apply_levers(model, levers: dict):
     """Checkpointing, expert compute, fused kernels and LoRA, as `levers` says (DEFAULT_LEVERS: our defaults)."""
     if levers["checkpointing"]:
         steps.enable_checkpointing(model, levers["skip_layers"])
     configure_experts(model, grouped_mm=levers["experts"] == "grouped", reuse_dequantized=levers["reuse_dequantized"])
     if levers["liger"]:
-        if device.type != "cuda":
-            raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
-        try:
-            from liger_kernel.transformers import apply_liger_kernel_to_mixtral
-        except ImportError:
-            raise UserError("--liger needs liger-kernel: pip install liger-kernel") from None
+        from liger_kernel.transformers import apply_liger_kernel_to_mixtral
+
         # Its SwiGLU patch would replace our NF4 experts' forward with a dense one, so it stays off.
         apply_liger_kernel_to_mixtral(model=model, swiglu=False)
     return steps.add_lora(model, dropout=levers["lora_dropout"])
@@ -114,7 +111,7 @@ def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int
     build_s = time.perf_counter() - started
     weights_gib, build_peak = steps.allocated_gib(device), steps.peak_gib(device)
     groups = peers.weight_gib_by_group(model)
-    model = apply_levers(model, levers, device)
+    model = apply_levers(model, levers)
     result = steps.time_qlora_steps(model, batch=batch, seq=seq, vocab_size=config.vocab_size, steps=steps_,
                                     warmup=warmup, device=device, profile_to=profile_to)
     del model
@@ -218,6 +215,10 @@ def parse_args(argv: list[str] | None):
         args.seq, args.layers = min(args.seq, 256), 2
     if not 0 <= args.skip_checkpoint_layers <= args.layers:
         raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
+    if args.liger and not args.device.startswith("cuda"):
+        raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
+    if args.liger and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("--liger needs liger-kernel: pip install liger-kernel")
     if args.peer_v4_site and not (args.peer_v4_site / "transformers").is_dir():
         raise UserError(f"--peer-v4-site {args.peer_v4_site} holds no transformers package: create it with "
                         "pip install --no-deps --target DIR transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1")
@@ -271,5 +272,9 @@ def summary(ours: dict, found: dict) -> str:
     return line
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # through the CLI, so that bad flags get its one-line error and exit 2
+    import sys
+
+    from mixtral_ft.cli import main as cli_main
+
+    raise SystemExit(cli_main(["bench", *sys.argv[1:]]))

@@ -1,4 +1,6 @@
-"""`mixtral-ft COMMAND ...`: each command is one plain function; bad input is one line and exit 2.
+"""`mixtral-ft COMMAND ...`: the flags and the dispatch; bad input is one line and exit 2.
+
+Each command is one plain function in commands.py.
 
     mixtral-ft train RECIPE [key=value ...]      fine-tune (SFT) as the recipe says
     mixtral-ft validate RECIPE [RECIPE ...]      check recipes without loading a model
@@ -16,161 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import warnings
-from pathlib import Path
 
+from mixtral_ft import commands
 from mixtral_ft.errors import UserError
-
-
-def cmd_train(args) -> int:
-    from mixtral_ft.launch import launch, needs_launcher
-    from mixtral_ft.recipe import load_recipe
-    from mixtral_ft.train import train
-
-    if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-
-        try:
-            return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
-        except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
-            return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
-    from mixtral_ft.guards import Preempted, TrainingError
-
-    try:
-        train(load_recipe(args.recipe, args.overrides))
-    except TrainingError as exc:  # the run diverged: not bad input, so exit 1 rather than 2
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Preempted as exc:  # a checkpoint is saved; 143 / 130 tell the scheduler it was a signal
-        print(f"stopped: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-def cmd_validate(args) -> int:
-    from mixtral_ft.recipe import load_recipe
-
-    failed = 0
-    for path in args.recipes:
-        try:
-            load_recipe(path, args.overrides)
-            print(f"ok: {path}")
-        except UserError as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            failed += 1
-    return 2 if failed else 0
-
-
-def cmd_audit(args) -> int:
-    from mixtral_ft.audit import audit_model
-    from mixtral_ft.model import apply_lora, load_model
-
-    target = args.model_or_recipe
-    if target.endswith((".yaml", ".yml")):
-        from mixtral_ft.recipe import load_recipe
-
-        recipe = load_recipe(target, args.overrides)
-        model = load_model(recipe.model.name, quantize_experts=recipe.model.quantize_experts,
-                           compute_dtype=recipe.model.compute_dtype, revision=recipe.model.revision)
-        model = apply_lora(model, recipe.lora, adapter=recipe.model.adapter)
-    else:
-        if args.overrides:
-            raise UserError("key=value overrides apply to recipes only: pass a recipe, or drop them")
-        model = load_model(target, quantize_experts=not args.bf16_experts)
-    report = audit_model(model)
-    print(report.to_json() if args.json else report.table())
-    return 0 if report.ok else 1
-
-
-def cmd_tiny(args) -> int:
-    from mixtral_ft.tiny import write_tiny
-
-    out = Path(args.dir)
-    _refuse_nonempty(out, "DIR")
-    write_tiny(out, layout=args.layout, seed=args.seed)
-    print(f"wrote tiny Mixtral ({args.layout} layout) and the Mixtral tokenizer to {out}")
-    return 0
-
-
-def cmd_quantize(args) -> int:
-    from transformers import AutoConfig, GenerationConfig
-
-    from mixtral_ft.loader import save_prequantized
-    from mixtral_ft.model import load_model, resolve_model_path
-    from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
-
-    out = Path(args.out)
-    _refuse_nonempty(out, "OUT")
-    source = resolve_model_path(args.model)
-    model = load_model(str(source), quantize_experts=not args.bf16_experts, device=args.device)
-    # Write into a sibling staging folder and rename at the end: an interrupted run leaves no half model.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_prequantized(model, staging, source=args.model)
-        AutoConfig.from_pretrained(source).save_pretrained(staging)
-        if (source / "generation_config.json").exists():
-            GenerationConfig.from_pretrained(source).save_pretrained(staging)
-        save_tokenizer(load_tokenizer(source), staging)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 2**30
-    print(f"wrote pre-quantized NF4 model to {out} ({size:.2f} GiB); use it as model.name")
-    return 0
-
-
-def cmd_merge(args) -> int:
-    from mixtral_ft.export import merge_adapter
-
-    info = merge_adapter(args.adapter, args.out, base_weights=args.base_weights, base=args.base,
-                         dtype=args.dtype, verify=args.verify, device=args.device)
-    print(f"wrote merged model ({info['base_weights']} base weights, {info['dtype']}) to {args.out}")
-    return 0
-
-
-def cmd_push(args) -> int:
-    from mixtral_ft.hub import push_folder
-
-    push_folder(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run)
-    return 0
-
-
-def _generation(args):
-    from mixtral_ft.chat import GenerationSettings
-
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
-
-
-def cmd_chat(args) -> int:
-    from mixtral_ft.chat import chat
-
-    if args.web:
-        from mixtral_ft.webchat import serve_web
-
-        if args.prompt is not None:
-            raise UserError("--prompt and --web do not mix: --web serves an interactive chat page")
-        serve_web(args.model, adapter=args.adapter, system=args.system, settings=_generation(args),
-                  quantize=not args.no_quantize, attn_implementation=args.attn_implementation,
-                  host=args.host, port=args.port)
-        return 0
-    chat(args.model, adapter=args.adapter, prompt=args.prompt, system=args.system,
-         settings=_generation(args), quantize=not args.no_quantize, attn_implementation=args.attn_implementation)
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from mixtral_ft.evaluate import evaluate
-
-    evaluate(args.target, adapter=args.adapter, data=args.data, samples=args.samples, out=args.out,
-             max_rows=args.max_rows, settings=_generation(args), attn_implementation=args.attn_implementation)
-    return 0
 
 
 def _add_attn_flag(p) -> None:
@@ -185,23 +37,6 @@ def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
-def cmd_plan(args) -> int:
-    from mixtral_ft.plan import run_plan
-
-    return run_plan(args.recipe, args.overrides, gpu_mem=args.gpu_mem, num_gpus=args.num_gpus, as_json=args.json)
-
-
-def cmd_bench(args) -> int:
-    from mixtral_ft.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
-def _refuse_nonempty(path: Path, what: str) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{what} '{path}' already exists and is not empty: choose a new folder")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -213,34 +48,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes (GPUs) to train on through accelerate (default: 1, or the config's)")
     p.add_argument("--accelerate-config", default=None, metavar="PATH",
                    help="accelerate config, e.g. accelerate_configs/fsdp_qlora.yaml")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("validate", help="check recipes without loading a model")
     p.add_argument("recipes", nargs="+", help="YAML recipes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every recipe (repeatable)")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(func=commands.cmd_validate)
 
     p = sub.add_parser("audit", help="show what is 4-bit, what trains, what it weighs; exit 1 on failure")
     p.add_argument("model_or_recipe", help="model (tiny, folder, hub id) or a recipe (with its LoRA)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--bf16-experts", action="store_true", help="load experts in bf16 (quantize_experts: false)")
-    p.set_defaults(func=cmd_audit)
+    p.set_defaults(func=commands.cmd_audit)
 
     p = sub.add_parser("tiny", help="write the built-in tiny random Mixtral and tokenizer")
     p.add_argument("dir", help="output folder (new or empty)")
     p.add_argument("--layout", choices=["legacy", "fused"], default="legacy",
                    help="legacy: the Hub's per-expert tensors; fused: transformers 5 3-D experts")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_tiny)
+    p.set_defaults(func=commands.cmd_tiny)
 
     p = sub.add_parser("quantize", help="write a pre-quantized NF4 copy (~24 GB for Mixtral instead of 93)")
     p.add_argument("model", help="model to quantize: tiny, a folder, or a hub id")
     p.add_argument("out", help="output folder (new or empty)")
     p.add_argument("--device", default=None, help="where to quantize (default: cuda if available, else cpu)")
     p.add_argument("--bf16-experts", action="store_true", help="keep experts in bf16")
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=commands.cmd_quantize)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights (streamed, shard by shard)")
     p.add_argument("adapter", help="adapter folder (a training output_dir)")
@@ -254,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="compare with adapter-on-NF4-base on held-out rows; writes verify.json")
     p.add_argument("--device", default=None, help="device for --verify (default: cuda if available, else cpu)")
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=commands.cmd_merge)
 
     p = sub.add_parser("push", help="upload an adapter or merged model folder to the Hub, with a model card")
     p.add_argument("dir", help="adapter folder or merged model folder")
@@ -262,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action=argparse.BooleanOptionalAction, default=True,
                    help="create the repo private (default) or public (--no-private)")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no token")
-    p.set_defaults(func=cmd_push)
+    p.set_defaults(func=commands.cmd_push)
 
     p = sub.add_parser("chat", help="chat with a model, an adapter on its NF4 base, or a merged model")
     p.add_argument("model", help="tiny, a model folder, a hub id, or a training output_dir (adapter + its base)")
@@ -276,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web", action="store_true", help="serve a browser chat UI (gradio; pip install 'mixtral-ft[web]')")
     p.add_argument("--host", default="127.0.0.1", help="--web: address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=7860, help="--web: port to listen on")
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=commands.cmd_chat)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
     p.add_argument("target", metavar="OUTPUT_DIR_OR_RECIPE", help="training output_dir or a recipe")
@@ -287,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report path (default: OUTPUT_DIR/eval.json)")
     _add_generation_flags(p, max_new_tokens=128, temperature=0.0)
     _add_attn_flag(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=commands.cmd_eval)
     p = sub.add_parser("plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if "
                                     "it does not fit")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/oasst.yaml")
@@ -295,18 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default: 80)")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs the run is spread over (DDP)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=commands.cmd_plan)
     p = sub.add_parser("bench", help="throughput and memory of full-width Mixtral in NF4 (see --help)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of mixtral_ft.bench")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=commands.cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser owns every option after the command
-        args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+        args = argparse.Namespace(func=commands.cmd_bench, bench_args=argv[1:])
     else:
         parser = build_parser()
         # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -46,13 +45,14 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
     from mixtral_ft.hub import write_card, write_scrubbed
     from mixtral_ft.loader import read_manifest
     from mixtral_ft.model import adapter_base, resolve_model_path
+    from mixtral_ft.staging import refuse_nonempty, staged_folder
+    from mixtral_ft.verify import verify_merge
 
     adapter, out = Path(adapter_dir), Path(out)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"adapter folder '{adapter}' not found or has no adapter_config.json: pass a training "
                         "output_dir")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out '{out}' already exists and is not empty: choose a new folder")
+    refuse_nonempty(out, "--out")  # now, before any work; staged_folder checks again as it starts
     if base_weights not in BASE_WEIGHTS:
         raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
     recorded_base, model_cfg = adapter_base(adapter)
@@ -66,9 +66,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
     quantize_experts = bool(model_cfg.get("quantize_experts", True))
     lora = _read_lora(adapter)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out, "--out") as staging:  # an interrupted merge leaves no half-written model
         written = _merge_shards(source, staging, lora, base_weights == "dequantized", quantize_experts,
                                 DTYPES.get(dtype))
         _write_side_files(source, adapter, staging, written)
@@ -83,11 +81,6 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
             write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
             info["verify"] = report
         write_card(staging, "model", title=out.name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return info
 
 
@@ -238,89 +231,3 @@ def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict)
     for name in ("recipe.yaml", "run.json"):
         if (adapter / name).exists():
             write_scrubbed(staging / name, (adapter / name).read_text())
-
-
-# --- verify -------------------------------------------------------------------------------------------
-
-BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has no recipe to take data from
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Write a haiku about autumn.", "Red leaves drift and fall,\ncold wind hums through empty trees,\nthe year exhales."),
-    ("Explain recursion in one sentence.", "A function solves a problem by calling itself on smaller parts of it."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-]
-
-
-def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: bool = True,
-                 device: str | None = None, samples: int = 8, max_length: int = 256) -> dict:
-    """Merged model (plain transformers) vs adapter-on-NF4-base (`load_model` + peft) on held-out rows."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from mixtral_ft.model import default_device, load_model, resolve_compute_dtype
-    from mixtral_ft.tokenizer import load_tokenizer
-
-    device = torch.device(device) if device else default_device()
-    # fp32 on CPU even where bf16 runs: this is an accuracy check, and bf16 noise would hide merge errors.
-    dtype = torch.float32 if device.type == "cpu" else resolve_compute_dtype("auto", device)
-    rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
-    base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
-    reference = _logits(PeftModel.from_pretrained(base_model, str(adapter)), rows, device)
-    del base_model
-    merged_model = AutoModelForCausalLM.from_pretrained(
-        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None)
-    got = _logits(merged_model, rows, device)
-    del merged_model
-    diffs = [(a - b).abs() for a, b in zip(reference, got)]
-    report = {
-        "samples": len(rows), "source": source, "tokens": sum(len(ids) for ids, _ in rows),
-        "device": str(device), "compute_dtype": str(dtype).removeprefix("torch."),
-        "max_abs_logit_diff": max(d.max().item() for d in diffs),
-        "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
-        "mean_abs_logit": sum(r.abs().sum().item() for r in reference) / sum(r.numel() for r in reference),
-        "perplexity_adapter_on_base": _perplexity(reference, rows),
-        "perplexity_merged": _perplexity(got, rows),
-    }
-    print(f"verify: {report['samples']} samples ({source}), {report['tokens']} tokens, {report['compute_dtype']}")
-    print(f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
-          f"mean {report['mean_abs_logit_diff']:.3g} (mean |logit| {report['mean_abs_logit']:.3g})")
-    print(f"verify: perplexity (assistant tokens): adapter-on-base {report['perplexity_adapter_on_base']:.4f}, "
-          f"merged {report['perplexity_merged']:.4f}")
-    return report
-
-
-def _held_out(adapter: Path, tokenizer, samples: int, max_length: int) -> tuple[list, str]:
-    """The recipe's eval rows (same split and seed as training), else its first rows, else built-ins."""
-    from mixtral_ft.data import encode_conversation
-
-    if (adapter / "recipe.yaml").exists():
-        from mixtral_ft.data import load_sft_data
-        from mixtral_ft.recipe import load_recipe
-
-        try:
-            recipe = load_recipe(adapter / "recipe.yaml")
-            data = load_sft_data(recipe.data, tokenizer, max_length=max_length, seed=recipe.train.seed)
-        except UserError as exc:  # e.g. a relative data path from another working directory
-            print(f"verify: recipe data unavailable ({exc}); using built-in conversations")
-        else:
-            split, what = (data.eval, "eval split") if data.eval is not None else (data.train, "train rows, no eval split")
-            rows = split.select(range(min(samples, len(split))))
-            return [(r["input_ids"], r["assistant_masks"]) for r in rows], f"{recipe.data.path} {what}"
-    rows = [encode_conversation([{"role": "user", "content": u}, {"role": "assistant", "content": a}], tokenizer)
-            for u, a in BUILTIN_CONVERSATIONS[:samples]]
-    return [(r["input_ids"], r["assistant_masks"]) for r in rows], "built-in conversations"
-
-
-@torch.no_grad()
-def _logits(model, rows: list, device: torch.device) -> list[torch.Tensor]:
-    model.eval()
-    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids, _ in rows]
-
-
-def _perplexity(logits: list[torch.Tensor], rows: list) -> float:
-    """exp(mean NLL) over the assistant tokens, the tokens training put its loss on."""
-    nll, count = 0.0, 0
-    for out, (ids, mask) in zip(logits, rows):
-        target, keep = torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.bool)
-        nll += torch.nn.functional.cross_entropy(out[:-1][keep], target[keep], reduction="sum").item()
-        count += int(keep.sum())
-    return float(torch.exp(torch.tensor(nll / max(count, 1))))

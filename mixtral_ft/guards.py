@@ -4,6 +4,7 @@
   (an all-reduce of the flag), the Trainer saves a full checkpoint (adapter, optimizer, scheduler, RNG states and
   the step, from which it finds its place in the data) and stops; `run_trainer` then raises `Preempted`, which
   the CLI turns into exit 143 (SIGTERM) or 130 (SIGINT). A second Ctrl-C aborts at once, without a checkpoint.
+  The handlers stay installed through the final save, so a signal as the run ends cannot leave it half-written.
 - `NanGuard`: a non-finite gradient norm (checked before the optimizer step, so the weights are never poisoned)
   or a non-finite logged loss stops the run with `TrainingError` naming the step (exit 1). Nothing is saved after
   it, so the newest checkpoint is the last good one. sft_config turns off the Trainer's `logging_nan_inf_filter`,
@@ -142,12 +143,20 @@ def guard_callbacks(recipe: Recipe) -> list:
     return [PreemptionGuard(), NanGuard(), CheckpointRecipe(recipe)]
 
 
-def run_trainer(trainer, resume_from: Path | None):
-    """trainer.train() with the signal handlers installed; raises `Preempted` once a signal's checkpoint is saved."""
+def run_trainer(trainer, resume_from: Path | None, finish) -> tuple:
+    """trainer.train(), then `finish(result)` (the final save), with the signal handlers installed throughout.
+
+    Raises `Preempted` once a mid-run signal's checkpoint is saved. A signal after the last step does not cut
+    the final save short: it completes, and `(finish's value, signum)` tells the caller (0: no signal).
+    """
     guard = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionGuard)), None)
     try:
         with guard.installed() if guard else _nothing():
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            if not (guard and guard.stopped):
+                value = finish(result)
+                # ranks may see a late signal or not: agree, so that all exit alike
+                late = int(_all_reduce(guard.received if guard else 0, trainer.args.device, "max"))
     except TrainingError:
         for callback in trainer.callback_handler.callbacks:  # end the progress bar's line, so that the
             bar = getattr(callback, "training_bar", None)  # error line the CLI prints starts a line of its own
@@ -162,7 +171,7 @@ def run_trainer(trainer, resume_from: Path | None):
         folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
         raise Preempted(f"{signal.Signals(signum).name} received: saved {folder} at step {step}; run the same "
                         "command again to resume (train.resume: auto)", signum)
-    return result
+    return value, late
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,7 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.audit import audit_model
     from mixtral_ft.callbacks import make_callbacks
     from mixtral_ft.data import load_sft_data
-    from mixtral_ft.guards import run_trainer
+    from mixtral_ft.guards import Preempted, run_trainer
     from mixtral_ft.launch import is_main_process, prepare_for_distributed
     from mixtral_ft.model import apply_lora, load_model, resolve_model_path
     from mixtral_ft.resume import find_resume_checkpoint
@@ -180,6 +181,10 @@ def train(recipe: Recipe) -> dict:
         raise UserError(f"audit failed: {audit.failures[0]} (run `mixtral-ft audit` for the full table)")
 
     dtype = model.get_base_model().dtype
+    if recipe.train.packing and torch.cuda.is_available() and recipe.model.attn_implementation != "flash_attention_2" \
+            and is_main_process():  # correct either way (position_ids); only the speed differs
+        print("note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
+              "flash_attention_2 keeps the flash kernel", flush=True)
     callbacks = make_callbacks(recipe, out)
     configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
     if recipe.train.method == "dpo":  # TRL's DPOTrainer on the same LoRA model; reference = starting adapter
@@ -188,25 +193,33 @@ def train(recipe: Recipe) -> dict:
         build_trainer = build_sft_trainer
     trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks)
     attach(trainer)  # telemetry callbacks ahead of the reporters, so wandb/tensorboard get their scalars
-    result = run_trainer(trainer, resume_from)  # raises Preempted after a SIGTERM/SIGINT checkpoint
 
-    summary = summarize(recipe, trainer, result, started, dtype)
-    if recipe.train.method == "dpo":  # reward accuracy and margins from TRL's log history
-        from mixtral_ft.dpo import dpo_summary
+    def finish(result) -> dict:
+        summary = summarize(recipe, trainer, result, started, dtype)
+        if recipe.train.method == "dpo":  # reward accuracy and margins from TRL's log history
+            from mixtral_ft.dpo import dpo_summary
 
-        summary.update(dpo_summary(trainer.state.log_history))
-    # Every rank calls save_model: under FSDP and ZeRO-3 gathering the adapter is collective; only rank 0 writes.
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        save_tokenizer(tokenizer, out)
-        set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
-        dump_recipe(recipe, out / "recipe.yaml")
-        (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
-        if recipe.hub.push:
-            from mixtral_ft.hub import push_after_training
+            summary.update(dpo_summary(trainer.state.log_history))
+        # Every rank calls save_model: under FSDP and ZeRO-3 gathering the adapter is collective; only rank 0 writes.
+        trainer.save_model(str(out))
+        if trainer.is_world_process_zero():
+            save_tokenizer(tokenizer, out)
+            set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
+            dump_recipe(recipe, out / "recipe.yaml")
+            (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
+        return summary
 
-            push_after_training(out, recipe)
+    # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
+    summary, late_signal = run_trainer(trainer, resume_from, finish)
+    if late_signal:  # the run is complete; only the push (minutes, maybe) is skipped
+        push = f"; hub push skipped: mixtral-ft push {out}" if recipe.hub.push else ""
+        raise Preempted(f"{signal.Signals(late_signal).name} received as the run ended: it finished and is saved "
+                        f"in {out}{push}", late_signal)
+    if recipe.hub.push and trainer.is_world_process_zero():
+        from mixtral_ft.hub import push_after_training
+
+        push_after_training(out, recipe)
     return summary
 
 

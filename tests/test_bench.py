@@ -1,5 +1,6 @@
 """`mixtral-ft bench`: the CPU smoke mode CI runs (ours and both peers, one result file), and the speed levers."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -146,6 +147,19 @@ def test_grouped_and_looped_experts_agree_in_bf16():
         with torch.no_grad():
             outputs.append(model(input_ids=ids).logits.float())
     torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("lever", [{"liger": True}, {"reuse_dequantized": True}, {"skip_layers": 1},
+                                   {"experts": "loop"}])
+def test_each_lever_trains_the_same_model(lever):
+    """On a GPU, every lever gives the loss of the default run (same seed, 2 full-width layers)."""
+    if lever.get("liger") and importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed")
+    losses = [bench.run_benchmark(layers=2, batch=1, seq=256, steps_=2, warmup=0, device=torch.device("cuda"),
+                                  tiny=False, levers=levers)["loss"] for levers in ({}, lever)]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
 
 
 @pytest.mark.gpu

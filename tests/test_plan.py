@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_flatten
 
 from mixtral_ft.bench import DEFAULT_LEVERS
 from mixtral_ft.cli import main
-from mixtral_ft.plan import Dims, Run, compare_bench, estimate
+from mixtral_ft.peak import Dims, Run, estimate
+from mixtral_ft.plan import compare_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 OASST = str(ROOT / "recipes" / "oasst.yaml")

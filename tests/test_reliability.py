@@ -53,13 +53,17 @@ def adapter_bytes(out: Path) -> bytes:
 
 
 @contextlib.contextmanager
-def signal_at(step: int, signum: int):
-    """A real signal to this process at the end of `step`, sent from a callback ahead of the guards."""
+def signal_at(step: int | str, signum: int):
+    """A real signal to this process at the end of `step` (or "end": of training), from a callback ahead of the guards."""
     from transformers import TrainerCallback
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == step:
+                os.kill(os.getpid(), signum)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if step == "end":  # after the last step, just before the final save
                 os.kill(os.getpid(), signum)
 
     make = mixtral_ft.callbacks.make_callbacks
@@ -107,6 +111,16 @@ def test_resumed_run_equals_the_uninterrupted_run(reference, interrupted):
     assert losses(out) == losses(reference)  # bitwise: float equality of every step's loss
     assert adapter_bytes(out) == adapter_bytes(reference)
     assert json.loads((out / "run.json").read_text())["seed"] == 42
+
+
+@pytest.mark.slow
+def test_a_signal_as_the_run_ends_waits_for_the_final_save(reference, tmp_path):
+    out = tmp_path / "late"
+    with signal_at("end", signal.SIGTERM):
+        code, err = train(out)
+    assert code == 143 and f"stopped: SIGTERM received as the run ended: it finished and is saved in {out}" in err
+    assert losses(out) == losses(reference) and adapter_bytes(out) == adapter_bytes(reference)
+    assert (out / "recipe.yaml").is_file() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.mark.slow

@@ -70,3 +70,35 @@ def test_existing_run_is_not_overwritten(repeated_run, capsys):
     assert main(["train", TINY, f"train.output_dir={repeated_run}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (repeated_run / "adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_packing_is_padding_free_and_keeps_conversations_apart(tmp_path):
+    """train.packing: TRL packs rows best-fit and flattens each batch (no padding, no attention mask). Every
+    assistant token is still supervised once, and attention stays inside each conversation (position_ids)."""
+    import torch
+
+    from mixtral_ft.data import load_sft_data
+    from mixtral_ft.model import apply_lora, load_model, resolve_model_path
+    from mixtral_ft.tokenizer import load_tokenizer
+    from mixtral_ft.train import build_sft_trainer
+
+    recipe = load_recipe(TINY, ["train.packing=true", f"train.output_dir={tmp_path}", "lora.dropout=0"])
+    tokenizer = load_tokenizer(resolve_model_path("tiny"), mode="finetuning")
+    data = load_sft_data(recipe.data, tokenizer, max_length=recipe.train.max_length, seed=0)
+    model = apply_lora(load_model("tiny", device="cpu"), recipe.lora)
+    model.config.use_cache = False  # as in training: transformers finds packed sequences only without a cache
+    trainer = build_sft_trainer(recipe, model, tokenizer, data.train, None, [])
+    batches = list(trainer.get_train_dataloader())
+    assert all("attention_mask" not in b and b["input_ids"].shape[0] == 1 for b in batches)
+    assert sum(int((b["labels"] != -100).sum()) for b in batches) == sum(map(sum, data.train["assistant_masks"]))
+
+    batch = batches[0]
+    positions = batch["position_ids"][0]
+    starts = [*(positions == 0).nonzero().flatten().tolist(), len(positions)]
+    assert len(starts) > 2  # at least two conversations share the row
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        for start, end in zip(starts, starts[1:]):
+            alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
+            torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,166 @@
+"""What each `mixtral-ft` command does: one plain function per command, given argparse's namespace.
+
+The flags and the dispatch are cli.py's. Each command imports what it needs when it runs, not here, so
+`mixtral-ft --help` and `validate` answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mixtral_ft.errors import UserError
+
+
+def cmd_train(args) -> int:
+    from mixtral_ft.launch import launch, needs_launcher
+    from mixtral_ft.recipe import load_recipe
+    from mixtral_ft.train import train
+
+    if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        try:
+            return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
+        except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
+            return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
+    from mixtral_ft.guards import Preempted, TrainingError
+
+    try:
+        train(load_recipe(args.recipe, args.overrides))
+    except TrainingError as exc:  # the run diverged: not bad input, so exit 1 rather than 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Preempted as exc:  # a checkpoint is saved; 143 / 130 tell the scheduler it was a signal
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from mixtral_ft.recipe import load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            load_recipe(path, args.overrides)
+            print(f"ok: {path}")
+        except UserError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def cmd_audit(args) -> int:
+    from mixtral_ft.audit import audit_model
+    from mixtral_ft.model import apply_lora, load_model
+
+    target = args.model_or_recipe
+    if target.endswith((".yaml", ".yml")):
+        from mixtral_ft.recipe import load_recipe
+
+        recipe = load_recipe(target, args.overrides)
+        model = load_model(recipe.model.name, quantize_experts=recipe.model.quantize_experts,
+                           compute_dtype=recipe.model.compute_dtype, revision=recipe.model.revision)
+        model = apply_lora(model, recipe.lora, adapter=recipe.model.adapter)
+    else:
+        if args.overrides:
+            raise UserError("key=value overrides apply to recipes only: pass a recipe, or drop them")
+        model = load_model(target, quantize_experts=not args.bf16_experts)
+    report = audit_model(model)
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_tiny(args) -> int:
+    from mixtral_ft.staging import refuse_nonempty
+    from mixtral_ft.tiny import write_tiny
+
+    out = Path(args.dir)
+    refuse_nonempty(out, "DIR")
+    write_tiny(out, layout=args.layout, seed=args.seed)
+    print(f"wrote tiny Mixtral ({args.layout} layout) and the Mixtral tokenizer to {out}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from transformers import AutoConfig, GenerationConfig
+
+    from mixtral_ft.loader import save_prequantized
+    from mixtral_ft.model import load_model, resolve_model_path
+    from mixtral_ft.staging import refuse_nonempty, staged_folder
+    from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
+
+    out = Path(args.out)
+    refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral
+    source = resolve_model_path(args.model)
+    model = load_model(str(source), quantize_experts=not args.bf16_experts, device=args.device)
+    with staged_folder(out, "OUT") as staging:  # an interrupted run leaves no half model
+        save_prequantized(model, staging, source=args.model)
+        AutoConfig.from_pretrained(source).save_pretrained(staging)
+        if (source / "generation_config.json").exists():
+            GenerationConfig.from_pretrained(source).save_pretrained(staging)
+        save_tokenizer(load_tokenizer(source), staging)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**30
+    print(f"wrote pre-quantized NF4 model to {out} ({size:.2f} GiB); use it as model.name")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from mixtral_ft.export import merge_adapter
+
+    info = merge_adapter(args.adapter, args.out, base_weights=args.base_weights, base=args.base,
+                         dtype=args.dtype, verify=args.verify, device=args.device)
+    print(f"wrote merged model ({info['base_weights']} base weights, {info['dtype']}) to {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from mixtral_ft.hub import push_folder
+
+    push_folder(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run)
+    return 0
+
+
+def _generation(args):
+    from mixtral_ft.chat import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+
+
+def cmd_chat(args) -> int:
+    from mixtral_ft.chat import chat
+
+    if args.web:
+        from mixtral_ft.webchat import serve_web
+
+        if args.prompt is not None:
+            raise UserError("--prompt and --web do not mix: --web serves an interactive chat page")
+        serve_web(args.model, adapter=args.adapter, system=args.system, settings=_generation(args),
+                  quantize=not args.no_quantize, attn_implementation=args.attn_implementation,
+                  host=args.host, port=args.port)
+        return 0
+    chat(args.model, adapter=args.adapter, prompt=args.prompt, system=args.system,
+         settings=_generation(args), quantize=not args.no_quantize, attn_implementation=args.attn_implementation)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mixtral_ft.evaluate import evaluate
+
+    evaluate(args.target, adapter=args.adapter, data=args.data, samples=args.samples, out=args.out,
+             max_rows=args.max_rows, settings=_generation(args), attn_implementation=args.attn_implementation)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from mixtral_ft.plan import run_plan
+
+    return run_plan(args.recipe, args.overrides, gpu_mem=args.gpu_mem, num_gpus=args.num_gpus, as_json=args.json)
+
+
+def cmd_bench(args) -> int:
+    from mixtral_ft.bench import main as bench_main
+
+    return bench_main(args.bench_args)
