@@ -29,7 +29,7 @@ from mixtral_ft.quant import NF4Experts, configure_experts, quantize_nf4
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DEFAULT_LEVERS = {"checkpointing": True, "skip_layers": 0, "experts": "grouped", "reuse_dequantized": False,
-                  "lora_dropout": 0.0, "liger": False}
+                  "lora_dropout": 0.0, "liger": False, "compile": False}
 
 
 def mixtral_config(layers: int):
@@ -94,7 +94,20 @@ def apply_levers(model, levers: dict):
 
         # Its SwiGLU patch would replace our NF4 experts' forward with a dense one, so it stays off.
         apply_liger_kernel_to_mixtral(model=model, swiglu=False)
-    return steps.add_lora(model, dropout=levers["lora_dropout"])
+    model = steps.add_lora(model, dropout=levers["lora_dropout"])
+    if levers["compile"]:
+        compile_layers(model)
+    return model
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer (LoRA and checkpointing inside): one graph, reused by every layer.
+
+    It fuses the memory-bound work between the matmuls (norms, RoPE, routing, SwiGLU, residuals). In bf16
+    a layer compiles whole; in fp32 on CPU the per-expert loop's host sync splits it.
+    """
+    for layer in model.get_base_model().model.layers:
+        layer.compile()
 
 
 def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
@@ -206,6 +219,7 @@ def parse_args(argv: list[str] | None):
                        help="backward reuses the recompute's dequantized experts (2 dequantizations a step, not 3)")
     lever.add_argument("--lora-dropout", type=float, default=0.0)
     lever.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm, RoPE and fused linear cross-entropy")
+    lever.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     args = parser.parse_args(argv)
     for name in ("layers", "batch", "seq", "steps"):
         values = getattr(args, name)
@@ -224,7 +238,7 @@ def parse_args(argv: list[str] | None):
                         "pip install --no-deps --target DIR transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1")
     args.levers = {"checkpointing": not args.no_checkpointing, "skip_layers": args.skip_checkpoint_layers,
                    "experts": args.experts, "reuse_dequantized": args.reuse_dequantized,
-                   "lora_dropout": args.lora_dropout, "liger": args.liger}
+                   "lora_dropout": args.lora_dropout, "liger": args.liger, "compile": args.compile}
     return args
 
 

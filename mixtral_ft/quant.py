@@ -7,12 +7,15 @@ module: the same forward signature and math, with both weights held as bitsandby
 (NF4, blocksize 64, double-quantized statistics: ~0.52 bytes per parameter).
 
 Compute goes through `_NF4GroupedLinear`, a custom autograd function that dequantizes the layer's
-weights, runs one matmul per expert (grouped GEMM on CUDA), and keeps nothing but a reference to the
-packed weights for backward, where it dequantizes again. No bf16 copy of the experts outlives a call.
+weights, runs one grouped GEMM over all experts (`F.grouped_mm`: CUDA bf16, and CPU on recent torch; else
+one matmul per expert), and keeps nothing but a reference to the packed weights for backward, where it
+dequantizes again. No bf16 copy of the experts outlives a call (`configure_experts` can let a checkpointed
+layer's backward reuse its recompute's copy instead).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import bitsandbytes as bnb
@@ -77,9 +80,29 @@ def logical_numel(param: torch.Tensor) -> int:
     return param.quant_state.shape.numel() if is_4bit(param) else param.numel()
 
 
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch runs `F.grouped_mm` on this device and dtype (CUDA: bf16 on sm90+; CPU: torch >= 2.10)."""
+    if not hasattr(torch.nn.functional, "grouped_mm") or (device_type == "cuda" and dtype != torch.bfloat16):
+        return False
+    try:
+        x = torch.ones(8, 16, device=device_type, dtype=dtype)
+        torch.nn.functional.grouped_mm(x, torch.ones(2, 16, 8, device=device_type, dtype=dtype),
+                                       offs=torch.tensor([4, 8], device=device_type, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
-    """Row block e of `x` (rows sorted by expert, `counts[e]` rows each) times `weight_t[e]` [K, N]."""
-    if grouped and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm"):
+    """Row block e of `x` (rows sorted by expert, `counts[e]` rows each) times `weight_t[e]` [K, N].
+
+    One grouped GEMM where torch has it: no host sync, so torch.compile traces it whole. Else one matmul per
+    expert, which reads the counts on the host once per call.
+    """
+    # Under torch.compile the probe cannot run; grouped_mm's compiled (meta) form takes bf16 only.
+    works = x.dtype == torch.bfloat16 if torch.compiler.is_compiling() else grouped_mm_works(x.device.type, x.dtype)
+    if grouped and works:
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch.nn.functional.grouped_mm(x, weight_t, offs=offsets)
     out = x.new_empty(x.shape[0], weight_t.shape[-1])
@@ -153,7 +176,9 @@ class NF4Experts(nn.Module):
         num_tokens, top_k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)
         order = torch.argsort(expert_ids, stable=True)
-        counts = torch.bincount(expert_ids, minlength=self.num_experts)[: self.num_experts]
+        # A fixed-size count (bincount's size depends on the data): torch.compile traces it without a graph break.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=expert_ids.device)
+        counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
         rows = hidden_states[order // top_k]
 
         reuse = self.reuse_dequantized and torch.is_grad_enabled()

@@ -118,6 +118,32 @@ def test_skipping_checkpoint_layers_changes_no_gradient(monkeypatch):
         torch.testing.assert_close(partial[name], grad)
 
 
+@pytest.mark.slow
+def test_compiled_layers_trace_whole_and_train_the_same_in_bf16():
+    """--compile: each decoder layer (NF4 experts, LoRA, checkpointing) is one graph, reused, with no graph break."""
+    from torch._dynamo.utils import counters
+
+    def loss_and_grads(compiled: bool):
+        model = bench.build_random_nf4(tiny_config(), CPU, torch.bfloat16)
+        model = bench.apply_levers(model, bench.DEFAULT_LEVERS | {"compile": compiled})
+        model.train()
+        ids = torch.randint(3, 32000, (2, 32), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager, compiled = loss_and_grads(False), loss_and_grads(True)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1 and counters["stats"]["calls_captured"] == 2  # 2 layers
+    finally:
+        torch._dynamo.reset()
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(compiled[1], eager[1], dim=0) > 0.999
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -132,12 +158,22 @@ def test_full_depth_qlora_step_fits_30_gib(tmp_path):
     assert result["peak_gib"] <= 30, result
 
 
+def test_grouped_and_looped_experts_agree_on_cpu():
+    assert quant.grouped_mm_works("cpu", torch.float32) == hasattr(torch.nn.functional, "grouped_mm")
+    model = bench.build_random_nf4(tiny_config(), CPU, torch.float32)
+    ids = torch.randint(3, 32000, (2, 48), generator=torch.Generator().manual_seed(2))
+    outputs = []
+    for grouped in (True, False):
+        quant.configure_experts(model, grouped_mm=grouped)
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids, use_cache=False).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @gpu
 def test_grouped_and_looped_experts_agree_in_bf16():
-    from mixtral_ft.bench import mixtral_config
-
-    config = mixtral_config(1)
+    config = bench.mixtral_config(1)
     config.hidden_size, config.intermediate_size = 1024, 3584
     model = bench.build_random_nf4(config, torch.device("cuda"), torch.bfloat16)
     ids = torch.randint(3, 32000, (2, 256), device="cuda")
@@ -145,14 +181,14 @@ def test_grouped_and_looped_experts_agree_in_bf16():
     for grouped in (True, False):
         quant.configure_experts(model, grouped_mm=grouped)
         with torch.no_grad():
-            outputs.append(model(input_ids=ids).logits.float())
+            outputs.append(model(input_ids=ids, use_cache=False).logits.float())
     torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("lever", [{"liger": True}, {"reuse_dequantized": True}, {"skip_layers": 1},
-                                   {"experts": "loop"}])
+                                   {"experts": "loop"}, {"compile": True}])
 def test_each_lever_trains_the_same_model(lever):
     """On a GPU, every lever gives the loss of the default run (same seed, 2 full-width layers)."""
     if lever.get("liger") and importlib.util.find_spec("liger_kernel") is None:
