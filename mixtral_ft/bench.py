@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def run_peers(args, config, batch: int, device: torch.device, dtype: torch.dtype
         found["v4"] = {"name": peers.V4_NAME, "skipped": "no --peer-v4-site (a pip --target folder of transformers 4.57)"}
     if args.peer_v5_layers:
         small = _config(args, min(args.peer_v5_layers, config.num_hidden_layers))
-        v5 = peers.run_stock_v5(small, full_depth=config.num_hidden_layers, **common)
+        v5 = peers.run_stock_v5(small, full_depth=config.num_hidden_layers, folder=args.v5_checkpoint, **common)
         _free(device)
         ours_small = run_benchmark(layers=small.num_hidden_layers, batch=batch, seq=args.seq, steps_=args.steps,
                                    warmup=args.warmup, device=device, tiny=args.tiny, levers=args.levers)
@@ -257,21 +258,28 @@ def main(argv: list[str] | None = None) -> int:
               "tok_per_s": [], "step_s": [], "peak_gib": [], "hfu": [], "runs": [], "peers": {}}
     path = result_path(report, args.out_dir, args.tag)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for batch in args.batch:
-        profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile else None
-        ours = run_benchmark(layers=args.layers, batch=batch, seq=args.seq, steps_=args.steps, warmup=args.warmup,
-                             device=device, tiny=args.tiny, levers=args.levers, profile_to=profile)
-        _free(device)
-        for key in ("tok_per_s", "step_s", "peak_gib", "hfu"):
-            report[key].append(ours[key])
-        report["runs"].append(ours)
-        for name, figures in run_peers(args, config, batch, device, dtype, ours).items():
-            report["peers"].setdefault(name, []).append(figures)
-        _free(device)
-        print(summary(ours, report["peers"]), flush=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")  # after every batch: a later OOM keeps the earlier ones
+    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder:
+        args.v5_checkpoint = Path(folder)  # the stock peer's random checkpoint, written once for all batches
+        for batch in args.batch:
+            run_batch(args, report, batch, device, dtype, config, path)
     print(f"wrote {path}", flush=True)
     return 0
+
+
+def run_batch(args, report: dict, batch: int, device: torch.device, dtype: torch.dtype, config, path: Path) -> None:
+    """Ours at `batch`, then the peers; the result file is rewritten after each batch."""
+    profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile else None
+    ours = run_benchmark(layers=args.layers, batch=batch, seq=args.seq, steps_=args.steps, warmup=args.warmup,
+                         device=device, tiny=args.tiny, levers=args.levers, profile_to=profile)
+    _free(device)
+    for key in ("tok_per_s", "step_s", "peak_gib", "hfu"):
+        report[key].append(ours[key])
+    report["runs"].append(ours)
+    for name, figures in run_peers(args, config, batch, device, dtype, ours).items():
+        report["peers"].setdefault(name, []).append(figures)
+    _free(device)
+    print(summary(ours, report["peers"]), flush=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")  # after every batch: a later OOM keeps the earlier ones
 
 
 def summary(ours: dict, found: dict) -> str:

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,8 +58,9 @@ def run_v4(site: Path, config, *, batch: int, seq: int, steps_: int, warmup: int
 
 
 def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
-                 dtype: torch.dtype, full_depth: int, checkpoint_skip: int = 0) -> dict:
-    """Stock transformers 5: save a random bf16 checkpoint of `config`, load it with `load_in_4bit`, time it."""
+                 dtype: torch.dtype, full_depth: int, folder: Path, checkpoint_skip: int = 0) -> dict:
+    """Stock transformers 5: a random bf16 checkpoint of `config` in `folder` (written once, then reused for each
+    batch), loaded with `load_in_4bit` and timed."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralForCausalLM
     from transformers.utils import logging
 
@@ -70,17 +70,17 @@ def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, devi
                                       bnb_4bit_compute_dtype=dtype)
     # grouped_mm is the fastest stock expert kernel on a GPU (../shared/bench: 29 vs 37 ms a layer).
     experts = "grouped_mm" if device.type == "cuda" else "eager"
-    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder:
+    if not (folder / "config.json").is_file():
         torch.manual_seed(0)
         with torch.device(device):
-            MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+            MixtralForCausalLM._from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        steps.reset_peak(device)
-        started = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype,
-                                                     device_map=str(device), experts_implementation=experts)
-        build_s = time.perf_counter() - started
+    steps.reset_peak(device)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype,
+                                                 device_map=str(device), experts_implementation=experts)
+    build_s = time.perf_counter() - started
     groups = weight_gib_by_group(model)
     layers = config.num_hidden_layers
     steps.enable_checkpointing(model, checkpoint_skip)
