@@ -26,6 +26,7 @@ import torch
 from mixtral_ft import peers, steps
 from mixtral_ft.errors import UserError
 from mixtral_ft.loader import build_skeleton, finish_model
+from mixtral_ft.model import compile_layers
 from mixtral_ft.quant import NF4Experts, configure_experts, quantize_nf4
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -101,16 +102,6 @@ def apply_levers(model, levers: dict):
     return model
 
 
-def compile_layers(model) -> None:
-    """torch.compile each decoder layer (LoRA and checkpointing inside): one graph, reused by every layer.
-
-    It fuses the memory-bound work between the matmuls (norms, RoPE, routing, SwiGLU, residuals). In bf16
-    a layer compiles whole; in fp32 on CPU the per-expert loop's host sync splits it.
-    """
-    for layer in model.get_base_model().model.layers:
-        layer.compile()
-
-
 def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
                   tiny: bool, levers: dict | None = None, profile_to: Path | None = None) -> dict:
     from mixtral_ft.model import resolve_compute_dtype
@@ -130,7 +121,7 @@ def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int
                                     warmup=warmup, device=device, profile_to=profile_to)
     del model
     peak_tflops = steps.matmul_peak_tflops(device, dtype)
-    recomputed = config.num_hidden_layers - levers["skip_layers"] if levers["checkpointing"] else 0
+    recomputed = max(config.num_hidden_layers - levers["skip_layers"], 0) if levers["checkpointing"] else 0
     achieved = step_flops(config, batch * seq, seq, recomputed) / result["step_s"] / 1e12
     return {"model": "tiny" if tiny else "mixtral-8x7b-shape", "layers": config.num_hidden_layers, "batch": batch,
             "seq": seq, "dtype": str(dtype).removeprefix("torch."), "levers": levers, "build_s": round(build_s, 2),

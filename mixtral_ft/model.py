@@ -150,3 +150,13 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer (LoRA and checkpointing inside): one graph, reused by every layer.
+
+    It fuses the memory-bound work between the matmuls (norms, RoPE, routing, SwiGLU, residuals). In bf16
+    a layer compiles whole; in fp32 on CPU the per-expert loop's host sync splits it.
+    """
+    for layer in model.get_base_model().model.layers:
+        layer.compile()

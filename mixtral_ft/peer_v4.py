@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--checkpoint-skip", type=int, default=0)
     args = parser.parse_args(argv)
     device, dtype, shape = torch.device(args.device), getattr(torch, args.dtype), json.loads(args.shape)
 
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
               "layers": shape["num_hidden_layers"], "batch": args.batch, "seq": args.seq,
               "build_s": round(time.perf_counter() - started, 2), "weights_gib": steps.allocated_gib(device)}
-    steps.enable_checkpointing(model, args.checkpoint_skip)
+    steps.enable_checkpointing(model)
     model = steps.add_lora(model)
     result |= steps.time_qlora_steps(model, batch=args.batch, seq=args.seq, vocab_size=shape["vocab_size"],
                                      steps=args.steps, warmup=args.warmup, device=device)

@@ -38,12 +38,11 @@ def shape_of(config) -> dict:
 
 
 def run_v4(site: Path, config, *, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
-           dtype: torch.dtype, checkpoint_skip: int = 0) -> dict:
+           dtype: torch.dtype) -> dict:
     """The v4 peer in a subprocess with `site` (holding transformers 4.57) ahead of our environment."""
     command = [sys.executable, "-m", "mixtral_ft.peer_v4", "--shape", json.dumps(shape_of(config)),
                "--batch", str(batch), "--seq", str(seq), "--steps", str(steps_), "--warmup", str(warmup),
-               "--device", str(device), "--dtype", str(dtype).removeprefix("torch."),
-               "--checkpoint-skip", str(checkpoint_skip)]
+               "--device", str(device), "--dtype", str(dtype).removeprefix("torch.")]
     path = [str(site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -58,7 +57,7 @@ def run_v4(site: Path, config, *, batch: int, seq: int, steps_: int, warmup: int
 
 
 def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
-                 dtype: torch.dtype, full_depth: int, folder: Path, checkpoint_skip: int = 0) -> dict:
+                 dtype: torch.dtype, full_depth: int, folder: Path) -> dict:
     """Stock transformers 5: a random bf16 checkpoint of `config` in `folder` (written once, then reused for each
     batch), loaded with `load_in_4bit` and timed."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralForCausalLM
@@ -83,7 +82,7 @@ def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, devi
     build_s = time.perf_counter() - started
     groups = weight_gib_by_group(model)
     layers = config.num_hidden_layers
-    steps.enable_checkpointing(model, checkpoint_skip)
+    steps.enable_checkpointing(model)
     model = steps.add_lora(model)
     result = steps.time_qlora_steps(model, batch=batch, seq=seq, vocab_size=config.vocab_size, steps=steps_,
                                     warmup=warmup, device=device)

@@ -102,7 +102,8 @@ def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor, g
     """
     # Under torch.compile the probe cannot run; grouped_mm's compiled (meta) form takes bf16 only.
     works = x.dtype == torch.bfloat16 if torch.compiler.is_compiling() else grouped_mm_works(x.device.type, x.dtype)
-    if grouped and works:
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], *weight_t.shape[-2:]))  # its stride rule
+    if grouped and works and aligned:
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch.nn.functional.grouped_mm(x, weight_t, offs=offsets)
     out = x.new_empty(x.shape[0], weight_t.shape[-1])

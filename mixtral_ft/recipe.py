@@ -91,6 +91,7 @@ class TrainSection:
     max_length: int = 2048  # tokens per row; longer conversations are truncated (DPO: prompt + answer)
     packing: bool = False  # pack rows into full max_length sequences
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    compile: bool = False  # torch.compile each decoder layer (one graph for all; speed: benchmarks/NOTES.md)
     assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
     logging_steps: int = 1  # log every N steps
     eval_steps: int | None = None  # evaluate every N steps when an eval split exists

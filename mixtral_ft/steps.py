@@ -82,7 +82,7 @@ def enable_checkpointing(model, skip_layers: int = 0) -> None:
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     layers = model.model.layers
-    for layer in layers[len(layers) - skip_layers:] if skip_layers else []:
+    for layer in layers[len(layers) - min(skip_layers, len(layers)):] if skip_layers else []:
         layer.gradient_checkpointing = False
 
 

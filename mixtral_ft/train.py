@@ -135,7 +135,7 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.data import load_sft_data
     from mixtral_ft.guards import Preempted, run_trainer
     from mixtral_ft.launch import is_main_process, prepare_for_distributed
-    from mixtral_ft.model import apply_lora, load_model, resolve_model_path
+    from mixtral_ft.model import apply_lora, compile_layers, load_model, resolve_model_path
     from mixtral_ft.resume import find_resume_checkpoint
     from mixtral_ft.serving import set_adapter_base
     from mixtral_ft.telemetry import attach, configure_reporting
@@ -174,6 +174,8 @@ def train(recipe: Recipe) -> dict:
     # the tiny model seeds and draws), and the same seed must give the same adapter whether or not it was cached.
     set_seed(recipe.train.seed)
     model = prepare_for_distributed(apply_lora(model, recipe.lora, adapter=recipe.model.adapter))
+    if recipe.train.compile:
+        compile_layers(model)
     audit = audit_model(model, quantize_experts=recipe.model.quantize_experts)
     if is_main_process():
         print(audit.table(), flush=True)

@@ -102,3 +102,21 @@ def test_packing_is_padding_free_and_keeps_conversations_apart(tmp_path):
         for start, end in zip(starts, starts[1:]):
             alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
             torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager(tmp_path):
+    """train.compile: each decoder layer through torch.compile (bf16, as on a GPU) trains the same model, and
+    router telemetry still sees every layer."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        assert main(["train", TINY, f"train.compile={str(compiled).lower()}", "model.compute_dtype=bfloat16",
+                     "train.max_steps=2", "train.logging_steps=1", f"train.output_dir={out}"]) == 0
+        runs[compiled] = (json.loads((out / "run.json").read_text())["losses"],
+                          [json.loads(line) for line in (out / "router_stats.jsonl").read_text().splitlines()])
+    (eager_losses, eager_router), (compiled_losses, compiled_router) = runs[False], runs[True]
+    assert compiled_losses[0]["loss"] == pytest.approx(eager_losses[0]["loss"], rel=1e-3)
+    assert compiled_losses[1]["loss"] == pytest.approx(eager_losses[1]["loss"], rel=2e-3)
+    fractions = [[f for layer in run[0]["expert_fraction"] for f in layer] for run in (compiled_router, eager_router)]
+    assert fractions[0] == pytest.approx(fractions[1], abs=1e-3)
