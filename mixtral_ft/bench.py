@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import importlib.util
 import json
 import tempfile
@@ -170,6 +171,9 @@ def _config(args, layers: int):
 
 
 def _free(device: torch.device) -> None:
+    # A reference cycle (accelerate's hooks on the stock peer, say) would keep the last model allocated while the
+    # next is built, and in its peak: collect before giving the cache back.
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
