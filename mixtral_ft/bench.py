@@ -48,7 +48,6 @@ def mixtral_config(layers: int):
 def build_random_nf4(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """Mixtral with random weights, attention and experts in NF4, built one tensor at a time on `device`."""
     import bitsandbytes as bnb
-    from torch import nn
 
     torch.manual_seed(seed)
     std = config.initializer_range
@@ -63,12 +62,7 @@ def build_random_nf4(config, device: torch.device, dtype: torch.dtype, seed: int
                 dense = torch.randn(shape, device=device, dtype=dtype) * std
                 module.set_weight(name, quantize_nf4(dense, device, dtype))
                 del dense  # one bf16 expert tensor alive at a time
-    for module_name, module in model.named_modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_meta:
-                init = torch.ones if "norm" in f"{module_name}.{name}" else lambda s, **kw: torch.randn(s, **kw) * std
-                module._parameters[name] = nn.Parameter(init(param.shape, device=device, dtype=dtype),
-                                                        requires_grad=False)
+    steps.fill_meta_params(model, device, dtype, std)
     finish_model(model, device)
     model.requires_grad_(False)
     model.is_loaded_in_4bit = True

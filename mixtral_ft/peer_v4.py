@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from mixtral_ft import steps
+
 
 def build_v4_nf4(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
     import bitsandbytes as bnb
@@ -44,12 +46,7 @@ def build_v4_nf4(shape: dict, device: torch.device, dtype: torch.dtype, seed: in
         for expert in layer.block_sparse_moe.experts:
             for name in ("w1", "w2", "w3"):
                 setattr(expert, name, nf4(getattr(expert, name)))
-    for module_name, module in model.named_modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_meta:
-                value = (torch.ones(param.shape, device=device, dtype=dtype) if "norm" in f"{module_name}.{name}"
-                         else torch.randn(param.shape, device=device, dtype=dtype) * std)
-                setattr(module, name, nn.Parameter(value, requires_grad=False))
+    steps.fill_meta_params(model, device, dtype, std)
     model.model.rotary_emb = MixtralRotaryEmbedding(config, device=device)
     return model
 
@@ -57,8 +54,6 @@ def build_v4_nf4(shape: dict, device: torch.device, dtype: torch.dtype, seed: in
 def main(argv: list[str] | None = None) -> int:
     import bitsandbytes
     import transformers
-
-    from mixtral_ft import steps
 
     parser = argparse.ArgumentParser(prog="python -m mixtral_ft.peer_v4")
     parser.add_argument("--shape", required=True, help="MixtralConfig fields as JSON")

@@ -93,10 +93,10 @@ def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, devi
 
 
 def weight_gib_by_group(model) -> dict:
-    from mixtral_ft.quant import storage_bytes
+    """Storage of the experts, the attention and everything else, as the audit groups it (NF4 statistics counted)."""
+    from mixtral_ft.audit import audit_model
 
-    sizes = {"experts": 0, "attention": 0, "other": 0}
-    for name, param in model.named_parameters():
-        group = "experts" if ".experts." in name else "attention" if "self_attn" in name else "other"
-        sizes[group] += storage_bytes(param)
-    return {group: round(size / 2**30, 3) for group, size in sizes.items()}
+    rows = {row.group: row.storage_bytes for row in audit_model(model, quantize_experts=False).rows}
+    experts, attention = rows.pop("experts"), rows.pop("attention")
+    return {group: round(size / 2**30, 3) for group, size in
+            (("experts", experts), ("attention", attention), ("other", sum(rows.values())))}

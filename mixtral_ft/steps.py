@@ -86,6 +86,18 @@ def enable_checkpointing(model, skip_layers: int = 0) -> None:
         layer.gradient_checkpointing = False
 
 
+def fill_meta_params(model, device: torch.device, dtype: torch.dtype, std: float) -> None:
+    """Give every parameter still on the meta device random weights (norms: ones), frozen, on `device`."""
+    from torch import nn
+
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                value = (torch.ones(param.shape, device=device, dtype=dtype) if "norm" in f"{module_name}.{name}"
+                         else torch.randn(param.shape, device=device, dtype=dtype) * std)
+                module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
 def time_qlora_steps(model, *, batch: int, seq: int, vocab_size: int, steps: int, warmup: int,
                      device: torch.device, profile_to=None) -> dict:
     """Train `model` (LoRA already applied) for warmup + steps AdamW steps on random tokens; time the last `steps`.
