@@ -11,7 +11,7 @@ __all__ = ["load_model", "load_recipe", "__version__"]
 def __getattr__(name):
     # Lazy, so `mixtral-ft validate` and `--help` answer without importing torch.
     if name == "load_model":
-        from mixtral_ft.model import load_model
+        from mixtral_ft.model.load import load_model
 
         return load_model
     if name == "load_recipe":

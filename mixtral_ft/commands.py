@@ -13,21 +13,27 @@ from mixtral_ft.errors import UserError
 
 
 def cmd_train(args) -> int:
-    from mixtral_ft.launch import launch, needs_launcher
+    from mixtral_ft.distributed import is_main_process, launch, needs_launcher
     from mixtral_ft.recipe import load_recipe
-    from mixtral_ft.train import train
+    from mixtral_ft.train.run import check_output_dir, train
 
     if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
         from torch.distributed.elastic.multiprocessing.api import SignalException
 
         try:
+            check_output_dir(load_recipe(args.recipe, args.overrides))  # once here, not in every worker
             return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
         except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
             return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
-    from mixtral_ft.guards import Preempted, TrainingError
+    from mixtral_ft.train.guards import Preempted, TrainingError
 
     try:
-        train(load_recipe(args.recipe, args.overrides))
+        recipe = load_recipe(args.recipe, args.overrides)
+        train(recipe)
+        if recipe.hub.push and is_main_process():  # the adapter is saved; export is the next stage's job
+            from mixtral_ft.export.hub import push_after_training
+
+            push_after_training(Path(recipe.train.output_dir), recipe)
     except TrainingError as exc:  # the run diverged: not bad input, so exit 1 rather than 2
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -52,8 +58,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from mixtral_ft.audit import audit_model
-    from mixtral_ft.model import apply_lora, load_model
+    from mixtral_ft.model.audit import audit_model
+    from mixtral_ft.model.load import apply_lora, load_model
 
     target = args.model_or_recipe
     if target.endswith((".yaml", ".yml")):
@@ -73,8 +79,8 @@ def cmd_audit(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from mixtral_ft.staging import refuse_nonempty
-    from mixtral_ft.tiny import write_tiny
+    from mixtral_ft.export.staging import refuse_nonempty
+    from mixtral_ft.model.tiny import write_tiny
 
     out = Path(args.dir)
     refuse_nonempty(out, "DIR")
@@ -86,10 +92,10 @@ def cmd_tiny(args) -> int:
 def cmd_quantize(args) -> int:
     from transformers import AutoConfig, GenerationConfig
 
-    from mixtral_ft.loader import save_prequantized
-    from mixtral_ft.model import load_model, resolve_model_path
-    from mixtral_ft.staging import refuse_nonempty, staged_folder
-    from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
+    from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
+    from mixtral_ft.export.staging import refuse_nonempty, staged_folder
+    from mixtral_ft.model.load import load_model, resolve_model_path
+    from mixtral_ft.model.loader import save_prequantized
 
     out = Path(args.out)
     refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral
@@ -107,7 +113,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from mixtral_ft.export import merge_adapter
+    from mixtral_ft.export.merge import merge_adapter
 
     info = merge_adapter(args.adapter, args.out, base_weights=args.base_weights, base=args.base,
                          dtype=args.dtype, verify=args.verify, device=args.device)
@@ -116,24 +122,24 @@ def cmd_merge(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from mixtral_ft.hub import push_folder
+    from mixtral_ft.export.hub import push_folder
 
     push_folder(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run)
     return 0
 
 
 def _generation(args):
-    from mixtral_ft.chat import GenerationSettings
+    from mixtral_ft.use.chat import GenerationSettings
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
 
 
 def cmd_chat(args) -> int:
-    from mixtral_ft.chat import chat
+    from mixtral_ft.use.chat import chat
 
     if args.web:
-        from mixtral_ft.webchat import serve_web
+        from mixtral_ft.use.webchat import serve_web
 
         if args.prompt is not None:
             raise UserError("--prompt and --web do not mix: --web serves an interactive chat page")
@@ -147,7 +153,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mixtral_ft.evaluate import evaluate
+    from mixtral_ft.use.evaluate import evaluate
 
     evaluate(args.target, adapter=args.adapter, data=args.data, samples=args.samples, out=args.out,
              max_rows=args.max_rows, settings=_generation(args), attn_implementation=args.attn_implementation)
@@ -155,12 +161,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from mixtral_ft.plan import run_plan
+    from mixtral_ft.plan.preflight import run_plan
 
     return run_plan(args.recipe, args.overrides, gpu_mem=args.gpu_mem, num_gpus=args.num_gpus, as_json=args.json)
 
 
 def cmd_bench(args) -> int:
-    from mixtral_ft.bench import main as bench_main
+    from mixtral_ft.bench.throughput import main as bench_main
 
     return bench_main(args.bench_args)

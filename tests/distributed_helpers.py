@@ -30,7 +30,7 @@ def dump(out: Path, argv: list[str]) -> int:
     from safetensors.torch import save_file
     from transformers import TrainerCallback
 
-    import mixtral_ft.callbacks
+    import mixtral_ft.train.callbacks
     from mixtral_ft.cli import main
 
     rank = int(os.environ["RANK"])
@@ -44,8 +44,8 @@ def dump(out: Path, argv: list[str]) -> int:
             save_file(lora_state(model), str(out / f"rank{rank}.safetensors"))
             print(f"rank {rank} of {os.environ['WORLD_SIZE']} trained {state.global_step} steps", flush=True)
 
-    make = mixtral_ft.callbacks.make_callbacks
-    mixtral_ft.callbacks.make_callbacks = lambda recipe, output_dir: [*make(recipe, output_dir), DumpLora()]
+    make = mixtral_ft.train.callbacks.make_callbacks
+    mixtral_ft.train.callbacks.make_callbacks = lambda recipe, output_dir: [*make(recipe, output_dir), DumpLora()]
     return main(["train", *argv])
 
 
@@ -58,9 +58,9 @@ def fsdp(out: Path, config_file: str) -> int:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers.distributed.fsdp import update_fsdp_plugin_peft
 
-    from mixtral_ft.launch import prepare_for_distributed
-    from mixtral_ft.model import apply_lora, load_model
-    from mixtral_ft.quant import NF4Experts
+    from mixtral_ft.distributed import prepare_for_distributed
+    from mixtral_ft.model.load import apply_lora, load_model
+    from mixtral_ft.model.quant import NF4Experts
     from mixtral_ft.recipe import load_recipe
 
     config = load_config_from_file(config_file)

@@ -7,8 +7,8 @@ import bitsandbytes  # noqa: F401  (import cost stays out of the measurement)
 import torch
 import transformers.models.mixtral.modeling_mixtral  # noqa: F401
 
-from mixtral_ft.audit import audit_model
-from mixtral_ft.model import load_model
+from mixtral_ft.model.audit import audit_model
+from mixtral_ft.model.load import load_model
 
 torch.zeros(1)
 before = int(open("/proc/self/statm").read().split()[1]) * 4096

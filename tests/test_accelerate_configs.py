@@ -81,7 +81,7 @@ def test_fsdp_storage_dtype_follows_the_environment(monkeypatch):
     import torch
 
     from mixtral_ft.errors import UserError
-    from mixtral_ft.quant import quant_storage_dtype
+    from mixtral_ft.model.quant import quant_storage_dtype
 
     monkeypatch.delenv("MIXTRAL_FT_QUANT_STORAGE", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)

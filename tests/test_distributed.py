@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from mixtral_ft.cli import main
+from mixtral_ft.distributed import launch_args
 from mixtral_ft.errors import UserError
-from mixtral_ft.launch import launch_args
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = ROOT / "tests" / "distributed_helpers.py"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_chat import trained_adapter
+from tests.conftest import trained_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

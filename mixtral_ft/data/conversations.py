@@ -1,0 +1,187 @@
+"""Conversation data for SFT: read a source, tokenize with Mixtral's chat format, mask assistant turns.
+
+Sources are the bundled sample (`builtin:oasst_top1`), local .jsonl/.json/.parquet files, local dataset
+folders or hub dataset ids. Rows hold either ChatML text (a `text` column, as in
+OpenAssistant/oasst_top1_2023-08-25) or lists of turns (`messages`/`conversation`/`conversations`, with
+{role, content} or ShareGPT {from, value} turns). Each row becomes `input_ids` plus `assistant_masks`
+(1 on assistant content and its `</s>`), which TRL's SFTTrainer uses as-is without re-tokenizing.
+Bad rows are dropped and counted per reason; too many of them stop the run with a `UserError`.
+Reading sources and mixing them lives in sources.py, shared with preference data (prefs.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, read_rows, settle
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import DataSection
+
+MESSAGE_COLUMNS = ("messages", "conversation", "conversations")
+ROLE_ALIASES = {"user": "user", "human": "user", "prompter": "user",
+                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "system": "system"}
+TRUNCATED = "no assistant tokens within max_length"
+
+
+# --- conversations ----------------------------------------------------------------------------------
+
+def parse_chatml(text: str) -> list[dict]:
+    """`<|im_start|>role\\ncontent<|im_end|>` blocks -> [{"role", "content"}]; ValueError(reason) if malformed."""
+    if not isinstance(text, str):
+        raise ValueError("text is not a string")
+    head, *chunks = text.split("<|im_start|>")
+    if not chunks:
+        raise ValueError("no ChatML turns (<|im_start|>role ... <|im_end|>)")
+    if head.strip():
+        raise ValueError("text before the first ChatML turn")
+    messages = []
+    for chunk in chunks:
+        body, closed, tail = chunk.partition("<|im_end|>")
+        if not closed:
+            raise ValueError("ChatML turn without <|im_end|>")
+        if tail.strip():
+            raise ValueError("text between ChatML turns")
+        role, newline, content = body.partition("\n")
+        if not newline or not role.strip().isidentifier():
+            raise ValueError("ChatML turn without a role line")
+        messages.append({"role": role.strip(), "content": content})
+    return messages
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Alternating user/assistant turns that start on user and end on assistant; ValueError(reason) if impossible."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError("conversation is not a list of turns")
+    if not messages:
+        raise ValueError("empty conversation")
+    turns = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ValueError("turn is not a {role, content} object")
+        # Arrow fills keys missing from some rows with None, so a ShareGPT row may also carry role=None.
+        role = message.get("role") if message.get("role") is not None else message.get("from")
+        content = message.get("content") if message.get("content") is not None else message.get("value")
+        if not isinstance(role, str):
+            raise ValueError("turn without a role")
+        if role.strip().lower() not in ROLE_ALIASES:
+            raise ValueError(f"unknown role '{role[:20]}'")
+        role = ROLE_ALIASES[role.strip().lower()]
+        if not isinstance(content, str):
+            raise ValueError("non-string content")
+        content = content.strip()
+        if not content and role != "system":  # an empty system prompt is harmless: nothing to fold in
+            raise ValueError(f"empty {role} turn")
+        turns.append({"role": role, "content": content})
+
+    # Mixtral's template has no system role; mistral-common itself folds a system prompt this way.
+    if turns[0]["role"] == "system":
+        system = turns.pop(0)["content"]
+        if turns and turns[0]["role"] == "user" and system:
+            turns[0] = {"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}
+        if not turns:
+            raise ValueError("no assistant turn")
+    if any(t["role"] == "system" for t in turns):
+        raise ValueError("system turn after the start")
+    if turns[0]["role"] != "user":
+        raise ValueError(f"first turn is {turns[0]['role']}, not user")
+    for prev, cur in zip(turns, turns[1:]):
+        if prev["role"] == cur["role"]:
+            raise ValueError(f"two {cur['role']} turns in a row")
+    if turns[-1]["role"] == "user":
+        turns.pop()  # a prompt without an answer teaches nothing
+    if not turns:
+        raise ValueError("no assistant turn")
+    return turns
+
+
+def encode_conversation(messages: list[dict], tokenizer) -> dict:
+    """Mistral-common's finetuning encoding of the normalized conversation, and a mask that is 1 on each
+    assistant turn's content and its `</s>`. ValueError(reason) for conversations that cannot be encoded."""
+    from mistral_common.exceptions import MistralCommonException
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
+
+    mistral = _finetuning_tokenizer(tokenizer)
+    messages = normalize_messages(messages)
+    turns = [(UserMessage if m["role"] == "user" else AssistantMessage)(content=m["content"]) for m in messages]
+    try:
+        ids = mistral.encode_chat_completion(ChatCompletionRequest(messages=turns)).tokens
+    except (MistralCommonException, ValueError) as exc:  # ValueError: pydantic's ValidationError
+        raise ValueError(f"tokenizer rejected the conversation ({type(exc).__name__})") from None
+
+    def prefix_length(n: int) -> int:
+        if n == len(turns):
+            return len(ids)
+        # Straight to the instruct encoder: the finetuning validator refuses requests that end on a user turn.
+        prefix = mistral.instruct_tokenizer.encode_instruct(InstructRequest(messages=turns[:n])).tokens
+        if ids[: len(prefix)] != prefix:
+            raise RuntimeError(f"the encoding of the first {n} turns is not a prefix of the whole conversation; "
+                               "refusing to guess the assistant mask (tokenizer changed?)")
+        return len(prefix)
+
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = prefix_length(i), prefix_length(i + 1)
+            mask[start:end] = [1] * (end - start)
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def _finetuning_tokenizer(tokenizer):
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    mistral = tokenizer if isinstance(tokenizer, MistralTokenizer) else getattr(tokenizer, "tokenizer", None)
+    if not isinstance(mistral, MistralTokenizer):
+        raise TypeError("encode_conversation needs transformers' MistralCommonBackend (see mixtral_ft.tokenizer)")
+    # TypeError, not ValueError: a wrong tokenizer is a bug, and must not be counted as a bad row.
+    if mistral.mode != ValidationMode.finetuning:
+        raise TypeError("load the tokenizer with mode='finetuning' to encode training conversations")
+    return mistral
+
+
+def load_sft_data(cfg: DataSection, tokenizer, *, max_length: int, seed: int) -> SFTData:
+    """Tokenized, masked train (and eval) datasets for the recipe's data section, with one report per split."""
+    _finetuning_tokenizer(tokenizer)
+    return load_sources(cfg, lambda one, split: _load_split(one, split, tokenizer, max_length), seed=seed)
+
+
+def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
+    from datasets import Dataset
+
+    dataset, label = read_rows(cfg, split)
+    column, parse = _pick_column(dataset.column_names, cfg.format, label)
+
+    report = SourceReport(source=label)
+    dropped: Counter[str] = Counter()
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
+    for value in dataset[column]:
+        report.read += 1
+        try:
+            encoded = encode_conversation(parse(value), tokenizer)
+        except ValueError as exc:
+            dropped[str(exc)] += 1
+            continue
+        ids, mask = encoded["input_ids"][:max_length], encoded["assistant_masks"][:max_length]
+        if 1 not in mask:
+            dropped[TRUNCATED] += 1
+            continue
+        rows["input_ids"].append(ids)
+        rows["assistant_masks"].append(mask)
+    report.kept = len(rows["input_ids"])
+    settle(report, dropped, cfg, label, not_bad=TRUNCATED,
+           empty_fix=f"fix the data, or raise train.max_length (now {max_length}) if rows are too long")
+    return Dataset.from_dict(rows), report
+
+
+def _pick_column(columns: list[str], fmt: str, label: str):
+    message_column = next((c for c in MESSAGE_COLUMNS if c in columns), None)
+    if fmt in ("auto", "messages") and message_column:
+        return message_column, lambda value: value
+    if fmt in ("auto", "chatml") and "text" in columns:
+        return "text", parse_chatml
+    expected = {"auto": ["text", *MESSAGE_COLUMNS], "chatml": ["text"], "messages": list(MESSAGE_COLUMNS)}[fmt]
+    raise UserError(f"data: {label} has columns {columns}, none of {expected} (data.format: {fmt}); "
+                    "rename the conversation column or set data.format")
+
+

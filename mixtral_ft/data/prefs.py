@@ -1,0 +1,136 @@
+"""Preference pairs for DPO: read prompt/chosen/rejected rows, tokenize them in Mixtral's chat format.
+
+Accepted rows (columns `prompt`, `chosen`, `rejected`):
+- strings: `prompt` is the user's message, `chosen` / `rejected` the assistant's answers;
+- TRL's conversational layout: `prompt` a list of turns ending on a user turn, `chosen` / `rejected` lists
+  holding the one answer turn;
+- HuggingFaceH4/ultrafeedback_binarized (and the bundled `builtin:preferences`): `chosen` / `rejected` are
+  whole conversations that include the prompt turns; those turns are the prompt, and the `prompt` column,
+  which only repeats the question, may be absent.
+Each pair becomes `prompt_ids` (`<s>[INST] … [/INST]`) plus `chosen_ids` / `rejected_ids` (answer tokens and
+`</s>`): mistral-common's own encoding of prompt + answer, cut where the answer starts. dpo.py hands these ids
+to TRL as they are, because TRL's tokenization goes through `apply_chat_template`, which MistralCommonBackend
+cannot do for a pair (finetuning mode refuses a prompt that ends on a user turn, test mode refuses an answer).
+Bad pairs are dropped and counted per reason, exactly like bad SFT rows (data.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mixtral_ft.data.conversations import (
+    ROLE_ALIASES,
+    _finetuning_tokenizer,
+    encode_conversation,
+    normalize_messages,
+)
+from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, read_rows, settle
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import DataSection
+
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def load_preference_data(cfg: DataSection, tokenizer, *, max_length: int, max_prompt_length: int,
+                         seed: int) -> SFTData:
+    """Tokenized preference pairs for the recipe's data section (data.path or data.mixture), one report per split."""
+    _finetuning_tokenizer(tokenizer)
+    return load_sources(cfg, lambda one, split: _load_split(one, split, tokenizer, max_length, max_prompt_length),
+                        seed=seed)
+
+
+def split_pair(row: dict) -> tuple[list[dict], str, str]:
+    """(prompt turns, chosen answer, rejected answer) of one row; ValueError(reason) if it is not a usable pair."""
+    for name in ("chosen", "rejected"):
+        if row.get(name) is None:
+            raise ValueError(f"missing {name}")
+        if not isinstance(row[name], (str, list)):
+            raise ValueError(f"{name} is not a string or a list of turns")
+    chosen_context, chosen = _answer(row["chosen"], "chosen")
+    rejected_context, rejected = _answer(row["rejected"], "rejected")
+    if chosen_context or rejected_context:  # ultrafeedback layout: the answers carry the prompt turns
+        if chosen_context != rejected_context:
+            raise ValueError("chosen and rejected answer different prompts")
+        turns = chosen_context
+    else:
+        prompt = row.get("prompt")
+        if prompt is None:
+            raise ValueError("missing prompt")
+        if not isinstance(prompt, (str, list)):
+            raise ValueError("prompt is not a string or a list of turns")
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError("empty prompt")
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if chosen == rejected:
+        raise ValueError("chosen identical to rejected")
+    return turns, chosen, rejected
+
+
+def _answer(value: str | list, name: str) -> tuple[list[dict], str]:
+    """(turns before the answer, answer text) of a chosen/rejected value."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"empty {name}")
+        return [], value.strip()
+    if not value or not isinstance(value[-1], dict):
+        raise ValueError(f"{name} is not a string or a list of turns")
+    last = value[-1]
+    role = last.get("role") if last.get("role") is not None else last.get("from")
+    if not isinstance(role, str) or ROLE_ALIASES.get(role.strip().lower()) != "assistant":
+        raise ValueError(f"{name} does not end on an assistant turn")
+    if len(value) == 1:  # TRL's conversational layout: the answer turn alone
+        content = last.get("content") if last.get("content") is not None else last.get("value")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"empty {name}")
+        return [], content.strip()
+    turns = normalize_messages(value)  # validates roles and order; ends on the answer (checked above)
+    return turns[:-1], turns[-1]["content"]
+
+
+def encode_pair(turns: list[dict], chosen: str, rejected: str, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Mixtral's finetuning encoding of prompt + each answer, split at the start of the answer."""
+    ids = []
+    for answer in (chosen, rejected):
+        encoded = encode_conversation([*turns, {"role": "assistant", "content": answer}], tokenizer)
+        mask = encoded["assistant_masks"]
+        start = len(mask) - mask[::-1].index(0)  # the last assistant run (the answer and its </s>) ends the row
+        ids.append((encoded["input_ids"][:start], encoded["input_ids"][start:]))
+    (prompt, chosen_ids), (other_prompt, rejected_ids) = ids
+    if prompt != other_prompt:  # mistral-common encodes turn by turn, so the prompt cannot depend on the answer
+        raise RuntimeError("the prompt encodes differently before chosen and rejected (tokenizer changed?)")
+    return prompt, chosen_ids, rejected_ids
+
+
+def fit(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int):
+    """TRL's classic truncation: when prompt + the longer answer exceed max_length, the prompt keeps `<s>` and its
+    last max_prompt_length - 1 tokens (the question being answered and `[/INST]`); answers are cut to what is left."""
+    if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
+        prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1):]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room]
+
+
+def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, max_prompt_length: int):
+    from datasets import Dataset
+
+    dataset, label = read_rows(cfg, split)
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    if "chosen" not in columns or "rejected" not in columns:
+        raise UserError(f"data: {label} has columns {dataset.column_names}; preference data needs 'chosen' and "
+                        "'rejected' (and 'prompt', unless they are whole conversations as in ultrafeedback_binarized)")
+
+    report = SourceReport(source=label)
+    dropped: Counter[str] = Counter()
+    rows: dict[str, list[list[int]]] = {name: [] for name in PAIR_COLUMNS}
+    for row in dataset.select_columns(columns):
+        report.read += 1
+        try:
+            pair = encode_pair(*split_pair(row), tokenizer)
+        except ValueError as exc:
+            dropped[str(exc)] += 1
+            continue
+        for name, ids in zip(PAIR_COLUMNS, fit(*pair, max_length, max_prompt_length)):
+            rows[name].append(ids)
+    report.kept = len(rows["prompt_ids"])
+    settle(report, dropped, cfg, label, not_bad=None, empty_fix="fix the data")
+    return Dataset.from_dict(rows), report

@@ -1,0 +1,97 @@
+"""`mixtral-ft merge --verify`: does the merged folder compute what adapter-on-NF4-base computed?
+
+The merged model is loaded the way users will load it (plain transformers), the reference the way training
+ran it (`load_model` + peft), and both score the same held-out rows: logit differences and the perplexity
+of the assistant tokens go to verify.json and the model card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mixtral_ft.errors import UserError
+
+BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has no recipe to take data from
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Write a haiku about autumn.", "Red leaves drift and fall,\ncold wind hums through empty trees,\nthe year exhales."),
+    ("Explain recursion in one sentence.", "A function solves a problem by calling itself on smaller parts of it."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+]
+
+
+def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: bool = True,
+                 device: str | None = None, samples: int = 8, max_length: int = 256) -> dict:
+    """Merged model (plain transformers) vs adapter-on-NF4-base (`load_model` + peft) on held-out rows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.model.load import default_device, load_model, resolve_compute_dtype
+
+    device = torch.device(device) if device else default_device()
+    # fp32 on CPU even where bf16 runs: this is an accuracy check, and bf16 noise would hide merge errors.
+    dtype = torch.float32 if device.type == "cpu" else resolve_compute_dtype("auto", device)
+    rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
+    base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
+    reference = _logits(PeftModel.from_pretrained(base_model, str(adapter)), rows, device)
+    del base_model
+    merged_model = AutoModelForCausalLM.from_pretrained(
+        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None)
+    got = _logits(merged_model, rows, device)
+    del merged_model
+    diffs = [(a - b).abs() for a, b in zip(reference, got)]
+    report = {
+        "samples": len(rows), "source": source, "tokens": sum(len(ids) for ids, _ in rows),
+        "device": str(device), "compute_dtype": str(dtype).removeprefix("torch."),
+        "max_abs_logit_diff": max(d.max().item() for d in diffs),
+        "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
+        "mean_abs_logit": sum(r.abs().sum().item() for r in reference) / sum(r.numel() for r in reference),
+        "perplexity_adapter_on_base": _perplexity(reference, rows),
+        "perplexity_merged": _perplexity(got, rows),
+    }
+    print(f"verify: {report['samples']} samples ({source}), {report['tokens']} tokens, {report['compute_dtype']}")
+    print(f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
+          f"mean {report['mean_abs_logit_diff']:.3g} (mean |logit| {report['mean_abs_logit']:.3g})")
+    print(f"verify: perplexity (assistant tokens): adapter-on-base {report['perplexity_adapter_on_base']:.4f}, "
+          f"merged {report['perplexity_merged']:.4f}")
+    return report
+
+
+def _held_out(adapter: Path, tokenizer, samples: int, max_length: int) -> tuple[list, str]:
+    """The recipe's eval rows (same split and seed as training), else its first rows, else built-ins."""
+    from mixtral_ft.data.conversations import encode_conversation
+
+    if (adapter / "recipe.yaml").exists():
+        from mixtral_ft.data.conversations import load_sft_data
+        from mixtral_ft.recipe import load_recipe
+
+        try:
+            recipe = load_recipe(adapter / "recipe.yaml")
+            data = load_sft_data(recipe.data, tokenizer, max_length=max_length, seed=recipe.train.seed)
+        except UserError as exc:  # e.g. a relative data path from another working directory
+            print(f"verify: recipe data unavailable ({exc}); using built-in conversations")
+        else:
+            split, what = (data.eval, "eval split") if data.eval is not None else (data.train, "train rows, no eval split")
+            rows = split.select(range(min(samples, len(split))))
+            return [(r["input_ids"], r["assistant_masks"]) for r in rows], f"{recipe.data.path} {what}"
+    rows = [encode_conversation([{"role": "user", "content": u}, {"role": "assistant", "content": a}], tokenizer)
+            for u, a in BUILTIN_CONVERSATIONS[:samples]]
+    return [(r["input_ids"], r["assistant_masks"]) for r in rows], "built-in conversations"
+
+
+@torch.no_grad()
+def _logits(model, rows: list, device: torch.device) -> list[torch.Tensor]:
+    model.eval()
+    return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids, _ in rows]
+
+
+def _perplexity(logits: list[torch.Tensor], rows: list) -> float:
+    """exp(mean NLL) over the assistant tokens, the tokens training put its loss on."""
+    nll, count = 0.0, 0
+    for out, (ids, mask) in zip(logits, rows):
+        target, keep = torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.bool)
+        nll += torch.nn.functional.cross_entropy(out[:-1][keep], target[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return float(torch.exp(torch.tensor(nll / max(count, 1))))

@@ -1,0 +1,173 @@
+"""Load Mixtral for QLoRA: NF4 attention and experts, frozen base, LoRA on the attention projections.
+
+`load_model` is what training, audit, chat and merge use. It never materializes the bf16 model: see
+`loader.py` for the streaming and `quant.py` for the NF4 experts. LoRA goes on q/k/v/o only; we do not
+call peft's `prepare_model_for_kbit_training`, which would upcast every non-4-bit weight to fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
+from mixtral_ft.model.tiny import TINY_NAME, tiny_model_dir
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it natively, fp32 otherwise (most CPUs lack bf16 matmuls)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if cpu_bf16 else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> Path:
+    """`tiny`, a local folder, or a hub id (downloaded through huggingface_hub, safetensors only)."""
+    if name == TINY_NAME:
+        return tiny_model_dir()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
+        return path
+    if not HUB_ID.match(name):
+        raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as exc:  # network, auth, missing repo: all the user's to fix
+        raise UserError(f"could not fetch model '{name}' from the Hub ({type(exc).__name__}): check the id, "
+                        "your network, and HF_TOKEN / `huggingface-cli login` for gated models") from None
+
+
+def check_attn_implementation(name: str | None, device: str | torch.device | None = None) -> str:
+    """`name` (None: sdpa) if it can run here; UserError naming the fix otherwise."""
+    import importlib.util
+
+    from mixtral_ft.recipe import ATTN_IMPLEMENTATIONS
+
+    name = name or "sdpa"
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"attn_implementation '{name}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        device = torch.device(device) if device is not None else default_device()
+        if device.type != "cuda":
+            raise UserError("attn_implementation flash_attention_2 needs a CUDA GPU: use sdpa (or eager) on "
+                            f"{device.type}")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("attn_implementation flash_attention_2 needs the flash-attn package "
+                            "(pip install flash-attn --no-build-isolation): install it or use sdpa")
+    return name
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    quantize_experts: bool = True,
+    device: str | torch.device | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Mixtral with NF4 attention and (unless `quantize_experts=False`) NF4 experts, base frozen.
+
+    `attn_implementation` (sdpa, flash_attention_2, eager; None: sdpa) picks the attention kernel; the
+    model config's `sliding_window` is kept as it is, and the kernels honour it.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path, revision)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    attn_implementation = check_attn_implementation(attn_implementation, device)
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = attn_implementation  # read when the model is built (build_skeleton)
+    if config.model_type != "mixtral":
+        raise UserError(f"'{name_or_path}' is a {config.model_type} model: mixtral_ft fine-tunes Mixtral only")
+    manifest = read_manifest(path)
+    if manifest is not None:
+        quantize_experts = manifest["quantize_experts"]  # a pre-quantized folder is what it is
+    model = build_skeleton(config, dtype, quantize_experts)
+    stream_checkpoint(model, path, device, dtype)
+    finish_model(model, device)
+    model.requires_grad_(False)
+    # peft and the HF Trainer read these flags to treat the model as bitsandbytes-4-bit.
+    model.is_loaded_in_4bit = True
+    model.quantization_method = "bitsandbytes"
+    model.mixtral_ft_source = str(name_or_path)
+    model.mixtral_ft_quantize_experts = quantize_experts
+    model.name_or_path = str(path)
+    return model
+
+
+def adapter_base(adapter: Path) -> tuple[str | None, dict]:
+    """The base model an adapter folder was trained on (None if it does not say), and its run's `model` section.
+
+    The exact folder training loaded if it is still here (no download); else the recipe's model.name; else
+    what peft recorded. The raw YAML, not load_recipe: only the model section matters to chat and merge.
+    """
+    import json
+
+    import yaml
+
+    recipe_file = adapter / "recipe.yaml"
+    model_cfg = ((yaml.safe_load(recipe_file.read_text()) or {}).get("model") or {}) if recipe_file.is_file() else {}
+    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = recorded if recorded and Path(recorded).is_dir() else model_cfg.get("name") or recorded
+    return (str(base) if base else None), model_cfg
+
+
+def set_adapter_base(adapter: str | Path, base: str) -> None:
+    """Record a hub base id in adapter_config.json (peft writes the local folder it loaded)."""
+    if not HUB_ID.match(base) or Path(base).expanduser().exists():
+        return  # a local folder or `tiny`: peft's path is the best name there is
+    config_file = Path(adapter) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
+    """Wrap `model` with a trainable LoRA adapter on the recipe's targets (or continue `adapter`)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer (LoRA and checkpointing inside): one graph, reused by every layer.
+
+    It fuses the memory-bound work between the matmuls (norms, RoPE, routing, SwiGLU, residuals). In bf16
+    a layer compiles whole; in fp32 on CPU the per-expert loop's host sync splits it.
+    """
+    for layer in model.get_base_model().model.layers:
+        layer.compile()

@@ -1,0 +1,169 @@
+"""Training: recipe -> data -> NF4 model + LoRA -> audit -> TRL SFT or DPO trainer -> adapter and run.json.
+
+Run it as `mixtral-ft train RECIPE [key=value ...]`, or under a launcher:
+`accelerate launch -m mixtral_ft.train RECIPE ...` (torchrun works too). The story is linear on
+purpose: seed, tokenizer, data, model, audit, trainer, train, save. TRL owns the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import Recipe, check_trainer_names, dump_recipe
+
+
+def check_output_dir(recipe: Recipe) -> Path:
+    """Refuse to overwrite another run or to write where we cannot, before any heavy work."""
+    out = Path(recipe.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir '{out}' is a file: choose a folder path")
+    if out.is_dir():
+        from mixtral_ft.train.resume import check_existing_run
+
+        check_existing_run(recipe, out)  # a finished run, or checkpoints with train.resume=false: UserError
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"  # one per process: ranks probe the same folder at once
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import bitsandbytes
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    from mixtral_ft import __version__
+
+    mods = {"mixtral_ft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "trl": trl.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    mods["python"] = platform.python_version()
+    return mods
+
+
+def train(recipe: Recipe) -> dict:
+    """Run one SFT or DPO job end to end; returns the run summary that is also written to run.json."""
+    from transformers import set_seed
+
+    from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
+    from mixtral_ft.distributed import is_main_process, prepare_for_distributed
+    from mixtral_ft.model.audit import audit_model
+    from mixtral_ft.model.load import (
+        apply_lora,
+        compile_layers,
+        load_model,
+        resolve_model_path,
+        set_adapter_base,
+    )
+    from mixtral_ft.train.callbacks import make_callbacks
+    from mixtral_ft.train.guards import Preempted, run_trainer
+    from mixtral_ft.train.resume import find_resume_checkpoint
+    from mixtral_ft.train.telemetry import attach, configure_reporting
+    from mixtral_ft.train.trainers import METHODS, build_trainer
+
+    started = time.time()
+    out = check_output_dir(recipe)
+    resume_from = find_resume_checkpoint(recipe, out)  # before the model loads: a bad train.resume fails fast
+    check_trainer_names(recipe)  # likewise a misspelled train.optim / train.lr_scheduler_type
+    adapter = recipe.model.adapter  # apply_lora checks it too, but only after minutes of model loading
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+    set_seed(recipe.train.seed)
+
+    model_path = resolve_model_path(recipe.model.name, recipe.model.revision)
+    tokenizer = load_tokenizer(model_path, mode="finetuning")
+    method = METHODS[recipe.train.method]
+    data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
+    for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
+        print(report.line(), flush=True)
+
+    model = load_model(str(model_path), quantize_experts=recipe.model.quantize_experts,
+                       compute_dtype=recipe.model.compute_dtype,
+                       attn_implementation=recipe.model.attn_implementation)
+    model.config.use_cache = False
+    # LoRA's init draws from the global RNG: seed it again here, because loading may have drawn from it (building
+    # the tiny model seeds and draws), and the same seed must give the same adapter whether or not it was cached.
+    set_seed(recipe.train.seed)
+    model = prepare_for_distributed(apply_lora(model, recipe.lora, adapter=recipe.model.adapter))
+    if recipe.train.compile:
+        compile_layers(model)
+    audit = audit_model(model, quantize_experts=recipe.model.quantize_experts)
+    if is_main_process():
+        print(audit.table(), flush=True)
+    if not audit.ok:
+        raise UserError(f"audit failed: {audit.failures[0]} (run `mixtral-ft audit` for the full table)")
+
+    dtype = model.get_base_model().dtype
+    if recipe.train.packing and torch.cuda.is_available() and recipe.model.attn_implementation != "flash_attention_2" \
+            and is_main_process():  # correct either way (position_ids); only the speed differs
+        print("note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
+              "flash_attention_2 keeps the flash kernel", flush=True)
+    callbacks = make_callbacks(recipe, out)
+    configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
+    trainer = build_trainer(recipe, model, tokenizer, data.train, data.eval, callbacks)
+    attach(trainer)  # telemetry callbacks ahead of the reporters, so wandb/tensorboard get their scalars
+
+    def finish(result) -> dict:
+        summary = summarize(recipe, trainer, result, started, dtype)
+        summary.update(method.summary(trainer))  # DPO: reward accuracy and margins from TRL's log history
+        # Every rank calls save_model: under FSDP and ZeRO-3 gathering the adapter is collective; only rank 0 writes.
+        trainer.save_model(str(out))
+        if trainer.is_world_process_zero():
+            method.after_save(out)
+            save_tokenizer(tokenizer, out)
+            set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
+            dump_recipe(recipe, out / "recipe.yaml")
+            (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
+        return summary
+
+    # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
+    summary, late_signal = run_trainer(trainer, resume_from, finish)
+    if late_signal:  # the run is complete; only the push (minutes, maybe) is skipped
+        push = f"; hub push skipped: mixtral-ft push {out}" if recipe.hub.push else ""
+        raise Preempted(f"{signal.Signals(late_signal).name} received as the run ended: it finished and is saved "
+                        f"in {out}{push}", late_signal)
+    return summary
+
+
+def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
+    from mixtral_ft.memory import peak_gib
+
+    history = trainer.state.log_history
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    runtime = result.metrics.get("train_runtime", time.time() - started)
+    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    device = trainer.args.device
+    return {
+        "method": recipe.train.method,
+        "model": recipe.model.name,
+        "seed": recipe.train.seed,
+        "steps": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "device": str(device),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "train_loss": result.training_loss,
+        "losses": losses,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
+        "train_runtime_s": round(runtime, 2),
+        "wall_s": round(time.time() - started, 2),
+        "peak_memory_gib": round(peak_gib(device), 3),
+        "versions": library_versions(),
+    }

@@ -1,0 +1,173 @@
+"""`mixtral-ft eval`: held-out loss and perplexity, base vs adapter, plus sample generations in eval.json.
+
+The target is a training output folder (its recipe.yaml and adapter) or a recipe (its output_dir's
+adapter when there is one, else `--adapter`, else the base alone). Rows come from the recipe's
+held-out split exactly as training made it (`data.eval_split`, or `data.test_size` with the run's
+seed, through `load_sft_data`), or from `--data FILE`, all of which is then held out. Loss counts the
+assistant tokens only (`assistant_masks`), the tokens training puts its loss on. The base numbers come
+from the same loaded model with the adapter switched off (`disable_adapter`), so one copy of the
+weights serves both columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.use.chat import GenerationSettings, Target, generate, load_for_inference
+
+
+def resolve_eval_target(target: str, adapter: str | None):
+    """(recipe, Target, default eval.json path) for an output folder or a recipe file."""
+    from mixtral_ft.recipe import load_recipe
+
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "recipe.yaml").is_file():
+            raise UserError(f"'{target}' has no recipe.yaml: pass a training output_dir or a recipe file")
+        recipe, out_dir = load_recipe(path / "recipe.yaml"), path
+    elif path.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(path)
+        out_dir = Path(recipe.train.output_dir)
+    else:
+        raise UserError(f"'{target}' is neither a training output folder nor a .yaml recipe")
+    if adapter is None and (out_dir / "adapter_config.json").is_file():
+        adapter = str(out_dir)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+    m = recipe.model
+    return recipe, Target(base=m.name, adapter=Path(adapter) if adapter else None,
+                          quantize_experts=m.quantize_experts, compute_dtype=m.compute_dtype,
+                          revision=m.revision), out_dir / "eval.json"
+
+
+def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
+    """(dataset with input_ids + assistant_masks, description) of the rows to evaluate on."""
+    from mixtral_ft.data.conversations import load_sft_data
+    from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.model.load import resolve_model_path
+
+    if data_path is None and getattr(recipe.train, "method", "sft") != "sft":
+        # Preference pairs have no single reference answer to score: perplexity needs conversations.
+        raise UserError(f"this is a {recipe.train.method} run: its data are preference pairs; pass "
+                        "--data FILE with conversations (e.g. --data builtin:oasst_top1)")
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.name, recipe.model.revision), mode="finetuning")
+    cfg = recipe.data
+    if data_path is not None:
+        # A given file is held out as a whole: its train split, nothing split off.
+        cfg = dataclasses.replace(cfg, path=data_path, split="train", eval_split=None, test_size=0.0, max_rows=None)
+    data = load_sft_data(cfg, tokenizer, max_length=recipe.train.max_length, seed=recipe.train.seed)
+    rows = data.train if data_path is not None else data.eval
+    if rows is None:
+        raise UserError(f"recipe data '{cfg.path}' has no held-out rows (data.eval_split and data.test_size "
+                        "are unset): pass --data FILE")
+    if max_rows is not None and len(rows) > max_rows:
+        rows = rows.select(range(max_rows))
+    what = data_path or f"{cfg.path} [{cfg.eval_split or f'test_size {cfg.test_size} of {cfg.split}'}]"
+    return rows, what
+
+
+@torch.no_grad()
+def assistant_loss(model, rows, device: torch.device) -> tuple[float, int]:
+    """Mean next-token NLL over assistant tokens, and how many tokens that is."""
+    # One row per forward: no padding, so no attention-mask subtleties, and eval sets are small.
+    nll, count = 0.0, 0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]], device=device)
+        keep = torch.tensor(row["assistant_masks"][1:], dtype=torch.bool, device=device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits[keep], ids[0, 1:][keep], reduction="sum").item()
+        count += int(keep.sum())
+    if count == 0:
+        raise UserError("the held-out rows have no assistant tokens to score")
+    return nll / count, count
+
+
+def sample_prompts(rows, tokenizer, n: int) -> list[dict]:
+    """The first user turn of each of the first `n` rows (ids up to the first assistant token) and its answer."""
+    samples = []
+    for row in rows.select(range(min(n, len(rows)))):
+        ids, mask = row["input_ids"], row["assistant_masks"]
+        start = mask.index(1)
+        end = next((i for i in range(start, len(mask)) if not mask[i]), len(mask))
+        samples.append({"prompt_ids": ids[:start],
+                        "prompt": _user_text(tokenizer.decode(ids[:start], skip_special_tokens=True)),
+                        "reference": tokenizer.decode(ids[start:end], skip_special_tokens=True).strip()})
+    return samples
+
+
+def _user_text(prompt: str) -> str:
+    # [INST] markers are plain text in Mixtral's v1 vocabulary, so decoding keeps them; the report doesn't.
+    return prompt.strip().removeprefix("[INST]").removesuffix("[/INST]").strip()
+
+
+def evaluate(target: str, *, adapter: str | None = None, data: str | None = None, samples: int = 3,
+             out: str | None = None, max_rows: int | None = None,
+             settings: GenerationSettings | None = None, attn_implementation: str | None = None) -> dict:
+    """Score base (and adapter) on held-out rows, generate samples, write and return the report."""
+    settings = (settings or GenerationSettings(max_new_tokens=128, temperature=0.0)).check()
+    if samples < 0:
+        raise UserError("--samples must be >= 0")
+    if max_rows is not None and max_rows < 1:
+        raise UserError("--max-rows must be >= 1")
+    recipe, loaded_target, default_out = resolve_eval_target(target, adapter)
+    out_path = Path(out) if out else default_out
+    rows, what = held_out_rows(recipe, data, max_rows)
+    print(f"eval: {len(rows)} held-out rows from {what}", file=sys.stderr, flush=True)
+    model, tokenizer = load_for_inference(loaded_target, attn_implementation=attn_implementation)
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+
+    variants = {"base": model.disable_adapter if loaded_target.adapter else nullcontext}
+    if loaded_target.adapter:
+        variants["adapter"] = nullcontext
+    scores, prompts = {}, sample_prompts(rows, tokenizer, samples)
+    for name, context in variants.items():
+        with context():
+            loss, tokens = assistant_loss(model, rows, device)
+            scores[name] = {"loss": round(loss, 6), "perplexity": _perplexity(loss)}
+            for sample in prompts:
+                sample[name] = generate(model, tokenizer, sample["prompt_ids"], settings)
+
+    report = {"model": loaded_target.base,
+              "adapter_dir": str(loaded_target.adapter) if loaded_target.adapter else None,
+              "data": what, "rows": len(rows), "assistant_tokens": tokens, "scores": scores,
+              "generation": dataclasses.asdict(settings),
+              "samples": [{k: v for k, v in s.items() if k != "prompt_ids"} for s in prompts]}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(render(report))
+    print(f"wrote {out_path}")
+    return report
+
+
+def _perplexity(loss: float) -> float:
+    # A random base model's loss can be ~10 nats; exp overflows only past ~709, so inf is honest there.
+    return round(math.exp(loss), 4) if loss < 700 else math.inf
+
+
+def render(report: dict) -> str:
+    """Scores as a small table, then each sample with its reference and one line per variant."""
+    scores = report["scores"]
+    names = list(scores)
+    lines = [f"eval: {report['rows']} rows, {report['assistant_tokens']} assistant tokens ({report['data']})",
+             f"{'':8} {'loss':>10} {'perplexity':>14}"]
+    lines += [f"{n:8} {scores[n]['loss']:>10.4f} {scores[n]['perplexity']:>14,.2f}" for n in names]
+    if len(names) == 2:
+        lines.append(f"{'change':8} {scores['adapter']['loss'] - scores['base']['loss']:>+10.4f}")
+    for i, sample in enumerate(report["samples"], 1):
+        lines.append(f"\n[{i}] prompt:    {_short(sample['prompt'])}")
+        lines.append(f"    reference: {_short(sample['reference'])}")
+        lines += [f"    {n + ':':10} {_short(sample[n])}" for n in names]
+    return "\n".join(lines)
+
+
+def _short(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,145 @@
+"""`mixtral-ft chat MODEL --web`: a small gradio chat page for a model, an adapter or a merged model.
+
+The page streams each reply as it is generated (transformers' TextIteratorStreamer, generation in a
+thread), keeps the conversation's history (gradio sends it back with each message), and takes a system
+prompt and the generation settings. Prompts are built exactly as the terminal chat builds them
+(`chat.build_messages`, `fit_history`, `encode_prompt`). It binds to 127.0.0.1 unless `--host` says
+otherwise: there is no authentication. gradio is an optional extra: pip install 'mixtral-ft[web]'.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import replace
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.use.chat import (
+    GenerationSettings,
+    build_messages,
+    context_budget,
+    encode_prompt,
+    fit_history,
+    generate,
+    load_for_inference,
+    resolve_target,
+)
+
+
+def _import_gradio():
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("--web needs gradio: pip install 'mixtral-ft[web]' (or pip install gradio)") from None
+    return gradio
+
+
+def _text(content) -> str:
+    """A gradio message's content as plain text (a string, or a list of typed parts in gradio 5/6)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "")
+    if isinstance(content, list | tuple):
+        return "".join(_text(part) for part in content)
+    return ""
+
+
+def history_messages(history: list) -> list[dict]:
+    """gradio's chat history -> alternating user/assistant messages (empty replies become '…', as in chat)."""
+    messages: list[dict] = []
+    for item in history or []:
+        role, text = item.get("role"), _text(item.get("content")).strip()
+        if role not in ("user", "assistant"):
+            continue
+        if messages and messages[-1]["role"] == role:  # keep turns alternating
+            messages[-1]["content"] += "\n" + text
+            continue
+        messages.append({"role": role, "content": text or "…"})
+    if messages and messages[0]["role"] == "assistant":
+        messages = messages[1:]
+    return messages
+
+
+def stream_reply(model, tokenizer, history: list, message: str, system: str | None, settings: GenerationSettings):
+    """Yield the reply so far, token by token, to `message` after `history`."""
+    from transformers import TextIteratorStreamer
+
+    turns = [*history_messages(history), {"role": "user", "content": message.strip()}]
+    turns = fit_history(tokenizer, turns, system or None, context_budget(model, settings))
+    ids = encode_prompt(tokenizer, build_messages(turns, system or None))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            generate(model, tokenizer, ids, settings, streamer=streamer)
+        except BaseException as exc:  # surfaced below, in the request, instead of a silent hang
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    reply = ""
+    for piece in streamer:
+        reply += piece
+        yield reply
+    worker.join()
+    if failure:
+        raise failure[0]
+    if not reply.strip():
+        yield "…"  # a random model can say nothing at all; show that it answered
+
+
+def build_app(model, tokenizer, *, title: str, system: str | None = None, settings: GenerationSettings | None = None):
+    """The gradio Blocks app: chat box, system prompt and generation settings."""
+    gr = _import_gradio()
+    settings = (settings or GenerationSettings()).check()
+
+    def respond(message, history, system_prompt, max_new_tokens, temperature, top_p):
+        if not (message or "").strip():
+            yield ""
+            return
+        chosen = replace(settings, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                         top_p=float(top_p)).check()
+        yield from stream_reply(model, tokenizer, history, message, system_prompt, chosen)
+
+    inputs = [
+        gr.Textbox(value=system or "", label="System prompt", lines=2, elem_id="system-prompt"),
+        gr.Slider(1, 2048, value=settings.max_new_tokens, step=1, label="Max new tokens"),
+        gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature (0 is greedy)"),
+        gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
+    ]
+    return gr.ChatInterface(respond, additional_inputs=inputs, title=title, flagging_mode="never",
+                            chatbot=gr.Chatbot(elem_id="chatbot", height=420),
+                            textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message",
+                                               show_label=False),
+                            additional_inputs_accordion=gr.Accordion("Settings", open=False))
+
+
+def launch(app, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serve `app` on host:port; returns the local URL (block=False returns at once; app.close() stops it)."""
+    _, url, _ = app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block,
+                                   share=False, inbrowser=False, quiet=True, ssr_mode=False)
+    return url
+
+
+def serve_web(model_name: str, *, adapter: str | None = None, system: str | None = None,
+              settings: GenerationSettings | None = None, quantize: bool = True,
+              attn_implementation: str | None = None, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Load MODEL (+ adapter) as `mixtral-ft chat` does, then serve the chat page until Ctrl-C."""
+    settings = (settings or GenerationSettings()).check()
+    if not 0 < port < 65536:
+        raise UserError("--port must be in 1..65535")
+    _import_gradio()  # before the (long) model load
+    target = resolve_target(model_name, adapter)
+    from mixtral_ft.model.load import check_attn_implementation
+
+    check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
+    what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
+    print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)
+    model, tokenizer = load_for_inference(target, quantize=quantize, attn_implementation=attn_implementation)
+    app = build_app(model, tokenizer, title=f"mixtral-ft: {what}", system=system, settings=settings)
+    shown = "localhost" if host in ("127.0.0.1", "localhost") else host
+    print(f"chat page on http://{shown}:{port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    launch(app, host=host, port=port, block=True)

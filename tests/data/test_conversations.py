@@ -1,0 +1,321 @@
+"""mixtral_ft.data: ChatML parsing, normalization, Mixtral encoding with assistant masks, and loading."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from mixtral_ft.data.conversations import (
+    encode_conversation,
+    load_sft_data,
+    normalize_messages,
+    parse_chatml,
+)
+from mixtral_ft.data.sources import BUILTIN
+from mixtral_ft.data.tokenizer import bundled_tokenizer_file, load_tokenizer
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import DataSection
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None, mode="finetuning")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    # mistral-common on its own, independent of transformers' backend and of mixtral_ft.
+    return MistralTokenizer.from_file(str(bundled_tokenizer_file()), mode=ValidationMode.finetuning)
+
+
+def chatml(*turns: tuple[str, str]) -> str:
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+
+
+def convo(*contents: str) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def masked_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    runs, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+# --- ChatML ---------------------------------------------------------------------------------------
+
+def test_parse_multi_turn_with_system_folds_system_into_first_user_turn():
+    text = chatml(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"),
+                  ("user", "Name a colour."), ("assistant", "Blue."))
+    parsed = parse_chatml(text)
+    assert [m["role"] for m in parsed] == ["system", "user", "assistant", "user", "assistant"]
+    assert normalize_messages(parsed) == convo("Be brief.\n\nHi", "Hello!", "Name a colour.", "Blue.")
+
+
+def test_parse_keeps_unicode():
+    text = chatml(("user", "你好，今天天气怎么样？"), ("assistant", "今天晴天 ☀️，适合散步 🚶‍♀️。"))
+    assert normalize_messages(parse_chatml(text)) == convo("你好，今天天气怎么样？", "今天晴天 ☀️，适合散步 🚶‍♀️。")
+
+
+def test_surrounding_whitespace_and_blank_lines_are_ignored():
+    text = "\n  <|im_start|>user\n  What is 2+2? \n\n<|im_end|>\n\n<|im_start|>assistant\n4\n\n<|im_end|>\n\n  "
+    assert normalize_messages(parse_chatml(text)) == convo("What is 2+2?", "4")
+
+
+def test_trailing_user_turn_is_dropped():
+    text = chatml(("user", "Hi"), ("assistant", "Hello!"), ("user", "Are you there?"))
+    assert normalize_messages(parse_chatml(text)) == convo("Hi", "Hello!")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("just some plain text", "no ChatML turns"),
+    ("", "no ChatML turns"),
+    ("Hello <|im_start|>user\nHi<|im_end|>", "before the first"),
+    ("<|im_start|>user\nHi", "without <|im_end|>"),
+    ("<|im_start|>user\nHi<|im_start|>assistant\nHello<|im_end|>", "without <|im_end|>"),
+    ("<|im_start|>user\nHi<|im_end|> stray <|im_start|>assistant\nHello<|im_end|>", "between"),
+    ("<|im_start|>\nHi<|im_end|>", "role line"),
+    ("<|im_start|>user Hi<|im_end|>", "role line"),
+])
+def test_garbage_chatml_raises_value_error(text, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_chatml(text)
+
+
+# --- normalize_messages ----------------------------------------------------------------------------
+
+def test_role_aliases_and_sharegpt_keys():
+    messages = [{"from": "human", "value": " Hi "}, {"from": "gpt", "value": "Hello"},
+                {"role": "Prompter", "content": "Bye"}, {"role": "bot", "content": "See you"}]
+    assert normalize_messages(messages) == convo("Hi", "Hello", "Bye", "See you")
+
+
+def test_arrow_style_rows_with_none_for_missing_keys():
+    messages = [{"role": None, "content": None, "from": "human", "value": "Hi"},
+                {"role": "assistant", "content": "Hello", "from": None, "value": None}]
+    assert normalize_messages(messages) == convo("Hi", "Hello")
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ([], "empty conversation"),
+    (convo("Hi", "Hello") + [{"role": "assistant", "content": "Again"}], "two assistant turns in a row"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "two user turns in a row"),
+    (convo("Hi", "   "), "empty assistant turn"),
+    (convo("", "Hello"), "empty user turn"),
+    ([{"role": "wizard", "content": "Hi"}], "unknown role 'wizard'"),
+    ([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}], "first turn is assistant"),
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "Hi"}], "first turn is assistant"),
+    (convo("Hi"), "no assistant turn"),
+    (convo("Hi", 42), "non-string content"),
+    ([{"content": "Hi"}], "without a role"),
+    (convo("Hi", "Hello") + [{"role": "system", "content": "late"}], "system turn after the start"),
+    (["Hi", "Hello"], "not a {role, content} object"),
+    ('[{"role": "user", "content": "Hi"}]', "not a list of turns"),
+])
+def test_normalize_rejects(messages, reason):
+    with pytest.raises(ValueError, match=reason.replace("{", r"\{").replace("}", r"\}")):
+        normalize_messages(messages)
+
+
+# --- encoding ---------------------------------------------------------------------------------------
+
+def test_simple_encoding_matches_known_ids(tokenizer):
+    out = encode_conversation(convo("Hello", "Hi there"), tokenizer)
+    assert out["input_ids"][:4] == [1, 733, 16289, 28793]  # <s> [INST]
+    assert out["input_ids"][-1] == EOS
+    runs = masked_runs(out["input_ids"], out["assistant_masks"])
+    # skip_special_tokens=False (the default) decodes v1 ids to raw pieces ("▁Hi▁there</s>")
+    assert len(runs) == 1 and tokenizer.decode(runs[0], skip_special_tokens=True) == "Hi there"
+
+
+def test_multi_turn_ids_and_mask_match_mistral_common(tokenizer, reference):
+    contents = ["What is the capital of France?", "Paris.",
+                "Wie heißt die Hauptstadt von Deutschland?", "Die Hauptstadt von Deutschland ist Berlin.",
+                "And of Japan? 🗾", "Tokyo (東京)."]
+    out = encode_conversation(convo(*contents), tokenizer)
+
+    request = ChatCompletionRequest(messages=[(UserMessage if i % 2 == 0 else AssistantMessage)(content=c)
+                                              for i, c in enumerate(contents)])
+    assert out["input_ids"] == reference.encode_chat_completion(request).tokens
+    assert len(out["assistant_masks"]) == len(out["input_ids"])
+
+    sp = reference.instruct_tokenizer.tokenizer
+    answers = contents[1::2]
+    expected_runs = [sp.encode(a, bos=False, eos=False) + [EOS] for a in answers]
+    runs = masked_runs(out["input_ids"], out["assistant_masks"])
+    assert runs == expected_runs
+    assert [sp.decode(run[:-1]) for run in runs] == answers
+    assert sum(out["assistant_masks"]) == sum(len(sp.encode(a, bos=False, eos=False)) + 1 for a in answers)
+    # each answer starts right after "[/INST]" (whose last piece is "]")
+    starts = [i for i, (bit, prev) in enumerate(zip(out["assistant_masks"], [0] + out["assistant_masks"]))
+              if bit and not prev]
+    assert [sp.id_to_piece(out["input_ids"][i - 1]) for i in starts] == ["]"] * 3
+
+
+def test_system_folding_matches_mistral_common_system_prompt(tokenizer, reference):
+    messages = [{"role": "system", "content": "Answer in French."}] + convo("Hello", "Bonjour !")
+    request = ChatCompletionRequest(messages=[SystemMessage(content="Answer in French."),
+                                              UserMessage(content="Hello"), AssistantMessage(content="Bonjour !")])
+    assert encode_conversation(messages, tokenizer)["input_ids"] == reference.encode_chat_completion(request).tokens
+
+
+def test_encode_needs_a_finetuning_tokenizer():
+    with pytest.raises(TypeError, match="finetuning"):
+        encode_conversation(convo("Hi", "Hello"), load_tokenizer(None, mode="test"))
+
+
+# --- the bundled sample ----------------------------------------------------------------------------
+
+def test_bundled_sample_is_in_oasst_top1_format():
+    lines = open(BUILTIN["oasst_top1"], encoding="utf-8").read().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) >= 60 and all(list(r) == ["text"] for r in rows)
+    texts = [r["text"] for r in rows]
+    assert all(t.startswith("<|im_start|>") and t.endswith("<|im_end|>\n") for t in texts)
+    assert sum(t.startswith("<|im_start|>system\n") for t in texts) >= 3
+    assert sum(t.count("<|im_start|>assistant\n") >= 2 for t in texts) >= 15
+    assert sum(any(ord(ch) > 0x400 or ch in "äöüßñ¿¡éèç" for ch in t) for t in texts) >= 9
+
+
+def test_load_builtin_sample(tokenizer):
+    data = load_sft_data(DataSection(path="builtin:oasst_top1"), tokenizer, max_length=2048, seed=0)
+    report = data.reports[0]
+    assert report.kept >= 50 and report.kept == report.read and report.dropped == {}
+    assert report.line() == f"data: builtin:oasst_top1 [train]: read {report.read}, kept {report.kept}, dropped 0"
+    assert data.train.column_names == ["input_ids", "assistant_masks"] and data.eval is None
+    for ids, mask in zip(data.train["input_ids"], data.train["assistant_masks"]):
+        assert len(ids) == len(mask) and ids[0] == 1 and ids[-1] == EOS and mask[-1] == 1 and mask[0] == 0
+
+
+def test_test_size_split(tokenizer):
+    cfg = DataSection(path="builtin:oasst_top1", test_size=0.1)
+    data = load_sft_data(cfg, tokenizer, max_length=2048, seed=3)
+    kept = data.reports[0].kept
+    assert len(data.eval) == -(-kept // 10) and len(data.train) + len(data.eval) == kept
+    again = load_sft_data(cfg, tokenizer, max_length=2048, seed=3)
+    assert again.eval["input_ids"] == data.eval["input_ids"]
+
+
+def test_max_rows(tokenizer):
+    data = load_sft_data(DataSection(path="builtin:oasst_top1", max_rows=5), tokenizer, max_length=2048, seed=0)
+    assert data.reports[0].read == 5 and len(data.train) == 5
+
+
+# --- local files ------------------------------------------------------------------------------------
+
+def bad_rows():
+    good = [{"text": chatml(("user", f"Question {i}?"), ("assistant", f"Answer {i}."))} for i in range(7)]
+    return good + [{"text": "not chatml at all"},
+                   {"text": chatml(("user", "Hi"), ("assistant", "  "))},
+                   {"text": chatml(("user", "Anyone?"))}]
+
+
+def test_bad_rows_are_counted_and_dropped(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "mixed.jsonl", bad_rows())
+    data = load_sft_data(DataSection(path=str(path), max_bad_fraction=0.5), tokenizer, max_length=512, seed=0)
+    report = data.reports[0]
+    assert (report.read, report.kept, len(data.train)) == (10, 7, 7)
+    assert report.dropped == {"empty assistant turn": 1, "no assistant turn": 1,
+                              "no ChatML turns (<|im_start|>role ... <|im_end|>)": 1}
+    assert report.line().startswith(f"data: {path} [train]: read 10, kept 7, dropped 3 (empty assistant turn: 1, ")
+
+
+def test_too_many_bad_rows_is_a_user_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "mixed.jsonl", bad_rows())
+    with pytest.raises(UserError, match=r"30% of rows in .*mixed.jsonl \[train\] are unparseable.*max_bad_fraction"):
+        load_sft_data(DataSection(path=str(path)), tokenizer, max_length=512, seed=0)
+
+
+def test_truncation_keeps_rows_with_assistant_tokens(tmp_path, tokenizer):
+    rows = [{"messages": convo("Hi", "Hello there, how can I help you today?")},
+            {"messages": convo("word " * 40, "Too late.")}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    data = load_sft_data(DataSection(path=str(path)), tokenizer, max_length=16, seed=0)
+    assert data.reports[0].dropped == {"no assistant tokens within max_length": 1}
+    (ids,), (mask,) = data.train["input_ids"], data.train["assistant_masks"]
+    assert len(ids) == len(mask) == 16 and mask[-1] == 1 and ids[-1] != EOS
+
+
+def test_parquet_with_messages_column(tmp_path, tokenizer):
+    path = tmp_path / "chat.parquet"
+    rows = {"messages": [convo("Hola, ¿qué tal?", "Muy bien, gracias."), convo("2+2?", "4", "3+3?", "6")],
+            "id": ["a", "b"]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(path))
+    data = load_sft_data(DataSection(path=str(path)), tokenizer, max_length=512, seed=0)
+    assert data.reports[0].kept == 2
+    assert [len(masked_runs(i, m)) for i, m in zip(data.train["input_ids"], data.train["assistant_masks"])] == [1, 2]
+
+
+def test_json_list_with_sharegpt_conversations(tmp_path, tokenizer):
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}] * 3
+    path = tmp_path / "share.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    data = load_sft_data(DataSection(path=str(path), format="messages"), tokenizer, max_length=512, seed=0)
+    assert data.reports[0].kept == 3
+
+
+def test_local_dataset_folder_with_eval_split(tmp_path, tokenizer):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": chatml(("user", f"Q{i}"), ("assistant", f"A{i}"))} for i in range(4)])
+    write_jsonl(folder / "test.jsonl", [{"text": chatml(("user", "Q"), ("assistant", "A"))}] * 2)
+    cfg = DataSection(path=str(folder), eval_split="test", test_size=0.5)
+    data = load_sft_data(cfg, tokenizer, max_length=512, seed=0)
+    assert (len(data.train), len(data.eval)) == (4, 2)
+    assert [r.source for r in data.reports] == [f"{folder} [train]", f"{folder} [test]"]
+    with pytest.raises(UserError, match="local dataset folder.*validation"):
+        load_sft_data(DataSection(path=str(folder), split="validation"), tokenizer, max_length=512, seed=0)
+
+
+def test_hub_id_that_cannot_be_reached_is_a_user_error(monkeypatch, tokenizer):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # never touch the network in tests
+    with pytest.raises(UserError, match="cannot load hub dataset 'no-such-org/no-such-dataset'") as info:
+        load_sft_data(DataSection(path="no-such-org/no-such-dataset"), tokenizer, max_length=512, seed=0)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("missing.jsonl", None, "file '.*missing.jsonl' not found; fix data.path"),
+    ("data.csv", "a,b\n1,2\n", "unsupported extension '.csv'"),
+    ("broken.jsonl", '{"text": "ok"}\n{"text": \n', "line 2 of .* is not valid JSON"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "line 1 of .* is not UTF-8"),
+    ("broken.json", '[{"text": "ok"},\n{"text": ]\n', "cannot read .* as JSON"),
+    ("broken.parquet", "not parquet", "cannot read .* as Parquet"),
+    ("empty.jsonl", "\n", "has no rows"),
+    ("other.jsonl", '{"prompt": "a", "answer": "b"}\n', r"columns \['prompt', 'answer'\].*'text'.*'messages'"),
+])
+def test_bad_sources_are_user_errors(tmp_path, tokenizer, name, content, match):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=match):
+        load_sft_data(DataSection(path=str(path)), tokenizer, max_length=512, seed=0)
+
+
+def test_wrong_format_or_split_for_a_file_is_a_user_error(tokenizer):
+    with pytest.raises(UserError, match="none of \\['messages'"):
+        load_sft_data(DataSection(path="builtin:oasst_top1", format="messages"), tokenizer, max_length=512, seed=0)
+    with pytest.raises(UserError, match="only a 'train' split"):
+        load_sft_data(DataSection(path="builtin:oasst_top1", eval_split="test"), tokenizer, max_length=512, seed=0)
+    with pytest.raises(UserError, match="unknown built-in dataset 'nope'"):
+        load_sft_data(DataSection(path="builtin:nope"), tokenizer, max_length=512, seed=0)

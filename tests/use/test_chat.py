@@ -1,0 +1,140 @@
+"""`mixtral-ft chat`: one shot and the REPL on a tiny adapter (NF4 base), a plain model folder, and bad input."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixtral_ft.cli import main
+from tests.conftest import trained_adapter
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    return trained_adapter(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(adapter_run):
+    from mixtral_ft.use.chat import load_for_inference, resolve_target
+
+    return load_for_inference(resolve_target(str(adapter_run)))
+
+
+@pytest.mark.slow
+def test_one_shot_on_an_adapter_prints_the_reply(adapter_run, capsys):
+    code = main(["chat", str(adapter_run), "--prompt", "Hello, who are you?", "--max-new-tokens", "8",
+                 "--temperature", "0"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.strip()  # the streamed reply (a random model: some text, any text)
+    assert "adapter" in captured.err and "NF4" in captured.err  # status goes to stderr, not into the reply
+
+
+@pytest.mark.slow
+def test_repl_through_stdin_two_turns_and_exit(adapter_run):
+    result = subprocess.run(
+        [sys.executable, "-m", "mixtral_ft.cli", "chat", str(adapter_run), "--max-new-tokens", "6", "--seed", "0"],
+        input="hello\n/reset\nhi again\n/exit\n", capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.count("assistant> ") == 2
+    assert "(conversation cleared)" in out
+    assert out.index("hello") < out.index("(conversation cleared)") < out.index("hi again")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_repl_keeps_history_resets_it_and_exits_on_eof(loaded, monkeypatch, capsys):
+    from mixtral_ft.use import chat
+
+    model, tokenizer = loaded
+    prompts = []
+    real_generate = chat.generate
+
+    def spy(model, tokenizer, ids, settings, streamer=None):
+        prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
+        return real_generate(model, tokenizer, ids, settings, streamer=streamer)
+
+    monkeypatch.setattr(chat, "generate", spy)
+    settings = chat.GenerationSettings(max_new_tokens=4, temperature=0)
+    chat.repl(model, tokenizer, "Be brief.", settings, stdin=io.StringIO("first\nsecond\n/reset\nthird\n"))
+    assert len(prompts) == 3
+    assert "Be brief." in prompts[0] and "first" in prompts[0]
+    assert "first" in prompts[1] and "second" in prompts[1]  # the second turn sees the first exchange
+    assert "first" not in prompts[2] and "Be brief." in prompts[2]  # /reset keeps the system prompt only
+    assert capsys.readouterr().out.rstrip().endswith("you>")  # EOF: a clean return, no error
+
+
+@pytest.mark.slow
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(loaded):
+    from mixtral_ft.use.chat import GenerationSettings, encode_prompt, generate
+
+    model, tokenizer = loaded
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": "Name a colour."}])
+    greedy = GenerationSettings(max_new_tokens=8, temperature=0)
+    assert generate(model, tokenizer, ids, greedy) == generate(model, tokenizer, ids, greedy)
+    sampled = GenerationSettings(max_new_tokens=8, temperature=1.0, seed=3)
+    assert generate(model, tokenizer, ids, sampled) == generate(model, tokenizer, ids, sampled)
+
+
+@pytest.mark.slow
+def test_plain_model_folder_loads_unquantized(tiny_dir, capsys):
+    # `mixtral-ft tiny` output is a plain save_pretrained folder, the shape `mixtral-ft merge` writes.
+    code = main(["chat", str(tiny_dir), "--no-quantize", "--prompt", "hi", "--max-new-tokens", "4",
+                 "--temperature", "0", "--system", "Answer in French."])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.strip()
+    assert "unquantized" in captured.err
+
+
+def test_system_prompt_is_folded_into_the_first_user_turn():
+    from mixtral_ft.use.chat import build_messages
+
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+               {"role": "user", "content": "Bye"}]
+    messages = build_messages(history, "Be brief.")
+    assert messages[0] == {"role": "user", "content": "Be brief.\n\nHi"}
+    assert messages[1:] == history[1:]
+    assert build_messages(history, None) == history
+
+
+def test_fit_history_drops_the_oldest_exchanges():
+    from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.use.chat import encode_prompt, fit_history
+
+    tokenizer = load_tokenizer(None, mode="test")
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": "ok"}]
+    history.append({"role": "user", "content": "last"})
+    budget = len(encode_prompt(tokenizer, history[-3:])) + 1
+    kept = fit_history(tokenizer, history, None, budget)
+    assert kept == history[-3:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--adapter", "/nonexistent/adapter"], "not an adapter folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert main(["chat", "tiny", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_adapter_folder_with_a_second_adapter_is_refused(tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert main(["chat", str(tmp_path), "--adapter", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "already an adapter folder" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""`mixtral-ft eval`: finite base and adapter perplexity on held-out rows, eval.json, and bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixtral_ft.cli import main
+from tests.conftest import trained_adapter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    return trained_adapter(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(adapter_run):
+    code = main(["eval", str(adapter_run), "--samples", "2", "--max-new-tokens", "6"])
+    assert code == 0
+    return json.loads((adapter_run / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_base_and_adapter_perplexity_are_finite(report):
+    scores = report["scores"]
+    assert set(scores) == {"base", "adapter"}
+    for score in scores.values():
+        assert math.isfinite(score["loss"]) and math.isfinite(score["perplexity"]) and score["perplexity"] > 1
+    # One loaded model serves both columns: with the adapter switched off it must really be the base.
+    assert scores["base"]["loss"] != scores["adapter"]["loss"]
+    # The recipe's held-out split: test_size 0.1 of the bundled sample, split with the run's seed.
+    assert report["rows"] > 0 and report["assistant_tokens"] > 0 and "test_size 0.1" in report["data"]
+
+
+@pytest.mark.slow
+def test_eval_json_holds_side_by_side_samples(report, capsys):
+    assert len(report["samples"]) == 2
+    for sample in report["samples"]:
+        assert {"prompt", "reference", "base", "adapter"} <= set(sample)
+        assert sample["prompt"] and sample["reference"] and "[INST]" not in sample["prompt"]
+    assert report["generation"]["temperature"] == 0.0
+    assert report["model"] == "tiny" and report["adapter_dir"]
+
+
+@pytest.mark.slow
+def test_base_column_matches_a_base_only_eval(adapter_run, report, tmp_path):
+    # A recipe whose output_dir holds no adapter evaluates the base alone, on the same held-out rows.
+    recipe = yaml.safe_load((adapter_run / "recipe.yaml").read_text())
+    recipe["train"]["output_dir"] = str(tmp_path / "no_run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "base_eval.json"
+    assert main(["eval", str(path), "--samples", "0", "--out", str(out)]) == 0
+    base_only = json.loads(out.read_text())
+    assert set(base_only["scores"]) == {"base"} and base_only["adapter_dir"] is None
+    assert base_only["scores"]["base"]["loss"] == pytest.approx(report["scores"]["base"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_data_file_is_held_out_whole(adapter_run, tmp_path):
+    data = tmp_path / "held_out.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(adapter_run), "--data", str(data), "--samples", "1", "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["rows"] == 3 and report["data"] == str(data)
+    assert all(math.isfinite(s["perplexity"]) for s in report["scores"].values())
+
+
+def test_recipe_without_held_out_rows_asks_for_data(tmp_path, capsys):
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    recipe["data"]["test_size"] = 0.0
+    recipe["train"]["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["eval", str(path)]) == 2
+    assert "pass --data FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "missing.txt", "neither a training output folder nor a .yaml recipe"),
+    (lambda tmp: tmp, "has no recipe.yaml"),
+])
+def test_bad_target_is_one_line_and_exit_2(make, message, tmp_path, capsys):
+    assert main(["eval", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_bad_adapter_and_samples_are_refused(capsys):
+    assert main(["eval", str(ROOT / "recipes" / "tiny.yaml"), "--adapter", "/nonexistent"]) == 2
+    assert "not an adapter folder" in capsys.readouterr().err
+    assert main(["eval", str(ROOT / "recipes" / "tiny.yaml"), "--samples", "-1"]) == 2
+    assert "--samples" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (ROOT / "recipes" / "tiny_dpo.yaml").is_file(), reason="no DPO recipe in this version")
+def test_preference_run_needs_conversation_data(capsys):
+    assert main(["eval", str(ROOT / "recipes" / "tiny_dpo.yaml")]) == 2
+    assert "--data FILE with conversations" in capsys.readouterr().err

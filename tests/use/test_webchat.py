@@ -1,0 +1,106 @@
+"""`mixtral-ft chat --web`: history handling, streaming, flags, and the page in a real headless browser."""
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from mixtral_ft.cli import build_parser, main
+from mixtral_ft.use.chat import GenerationSettings
+from mixtral_ft.use.webchat import history_messages, stream_reply
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_dir):
+    from mixtral_ft.use.chat import load_for_inference, resolve_target
+
+    return load_for_inference(resolve_target("tiny"))
+
+
+def test_history_from_gradio_messages_alternates_and_reads_typed_parts():
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+               {"role": "user", "content": [{"type": "text", "text": "again"}]},
+               {"role": "user", "content": "and again"}]
+    assert history_messages(history) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "…"},
+                                         {"role": "user", "content": "again\nand again"}]
+
+
+def test_stream_reply_yields_growing_text_over_two_turns(tiny_loaded):
+    model, tokenizer = tiny_loaded
+    settings = GenerationSettings(max_new_tokens=6, temperature=0.0)
+    first = list(stream_reply(model, tokenizer, [], "Hello", "Be brief.", settings))
+    assert first and all(first[i + 1].startswith(first[i]) or first[i + 1] == "…" for i in range(len(first) - 1))
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first[-1]}]
+    second = list(stream_reply(model, tokenizer, history, "And now?", "Be brief.", settings))
+    assert second and second[-1].strip()
+
+
+def test_web_flags_default_to_localhost():
+    args = build_parser().parse_args(["chat", "tiny", "--web"])
+    assert (args.web, args.host, args.port) == (True, "127.0.0.1", 7860)
+    args = build_parser().parse_args(["chat", "tiny", "--web", "--port", "9000", "--host", "0.0.0.0"])
+    assert (args.host, args.port) == ("0.0.0.0", 9000)
+
+
+def test_bad_port_is_a_user_error(capsys):
+    assert main(["chat", "tiny", "--web", "--port", "0"]) == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_web_and_prompt_do_not_mix(capsys):
+    assert main(["chat", "tiny", "--web", "--prompt", "hi"]) == 2
+    assert "--web" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_browser_types_a_message_and_sees_a_streamed_reply(tiny_loaded, tmp_path):
+    pytest.importorskip("gradio")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium)")
+    from mixtral_ft.use.webchat import build_app, launch
+
+    model, tokenizer = tiny_loaded
+    app = build_app(model, tokenizer, title="mixtral-ft test", system="Be brief.",
+                    settings=GenerationSettings(max_new_tokens=12, temperature=0.0))
+    port = _free_port()
+    url = launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        assert url.startswith(f"http://127.0.0.1:{port}")
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                        args=["--no-sandbox", "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            page.goto(url, timeout=60_000)
+            box = page.locator("#message textarea")
+            for turn, text in enumerate(["Hello there", "Tell me more"], start=1):
+                box.fill(text)
+                box.press("Enter")
+                bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']")
+                page.wait_for_function(
+                    "n => document.querySelectorAll(\"#chatbot [data-testid='bot']\").length >= n",
+                    arg=turn, timeout=120_000)
+                page.wait_for_timeout(500)
+                assert bot.last.inner_text().strip()
+            user_turns = page.locator("#chatbot [data-testid='user']")
+            assert user_turns.count() == 2 and "Tell me more" in user_turns.last.inner_text()
+            shot = tmp_path / "webchat.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert shot.stat().st_size > 1000
+    finally:
+        app.close()
