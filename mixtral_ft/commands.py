@@ -13,7 +13,8 @@ from mixtral_ft.errors import UserError
 
 
 def cmd_train(args) -> int:
-    from mixtral_ft.distributed import is_main_process, launch, needs_launcher
+    from mixtral_ft.common import is_main_process
+    from mixtral_ft.distributed import launch, needs_launcher
     from mixtral_ft.recipe import load_recipe
     from mixtral_ft.train.run import check_output_dir, train
 
@@ -59,16 +60,14 @@ def cmd_validate(args) -> int:
 
 def cmd_audit(args) -> int:
     from mixtral_ft.model.audit import audit_model
-    from mixtral_ft.model.load import apply_lora, load_model
+    from mixtral_ft.model.load import apply_lora, load_model, load_recipe_model
 
     target = args.model_or_recipe
     if target.endswith((".yaml", ".yml")):
         from mixtral_ft.recipe import load_recipe
 
         recipe = load_recipe(target, args.overrides)
-        model = load_model(recipe.model.name, quantize_experts=recipe.model.quantize_experts,
-                           compute_dtype=recipe.model.compute_dtype, revision=recipe.model.revision)
-        model = apply_lora(model, recipe.lora, adapter=recipe.model.adapter)
+        model = apply_lora(load_recipe_model(recipe.model), recipe.lora, adapter=recipe.model.adapter)
     else:
         if args.overrides:
             raise UserError("key=value overrides apply to recipes only: pass a recipe, or drop them")
@@ -94,8 +93,9 @@ def cmd_quantize(args) -> int:
 
     from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
-    from mixtral_ft.model.load import load_model, resolve_model_path
+    from mixtral_ft.model.load import load_model
     from mixtral_ft.model.loader import save_prequantized
+    from mixtral_ft.model.source import resolve_model_path
 
     out = Path(args.out)
     refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral

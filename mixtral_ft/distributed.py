@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from mixtral_ft.common import fsdp_enabled, under_launcher
 from mixtral_ft.errors import UserError
 
 # distributed_type values that need GPUs (accelerate silently degrades them to DDP on CPU).
@@ -37,7 +38,7 @@ def needs_launcher(num_processes: int | None, config_file: str | None) -> bool:
     if num_processes is not None and num_processes < 1:
         raise UserError(f"--num-processes must be >= 1, got {num_processes}: pass the number of GPUs (processes)")
     wants = config_file is not None or (num_processes or 1) > 1
-    if wants and "LOCAL_RANK" in os.environ:  # we are a worker already: launching again would nest jobs
+    if wants and under_launcher():  # we are a worker already: launching again would nest jobs
         raise UserError("--num-processes / --accelerate-config are for the launching command: under "
                         "accelerate launch or torchrun, pass only the recipe and overrides")
     if config_file is not None and not Path(config_file).is_file():
@@ -112,21 +113,6 @@ def launch(recipe: str, overrides: list[str], num_processes: int | None, config_
 
 
 # --- inside each process ---------------------------------------------------------------------------
-
-def rank() -> int:
-    """This process's global rank. torchrun and accelerate set RANK before Python starts, so this works
-    before torch.distributed is initialised (the data report and audit print before the Trainer exists)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    return rank() == 0
-
-
-def fsdp_enabled() -> bool:
-    """accelerate sets ACCELERATE_USE_FSDP in every worker it starts from an FSDP config."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-
 
 def prepare_for_distributed(model: nn.Module) -> nn.Module:
     """Make the PEFT-wrapped NF4 model safe to wrap in DDP or FSDP; harmless in a single process.

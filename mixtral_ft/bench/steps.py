@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mixtral_ft.memory import peak_gib, reset_peak  # noqa: F401  (re-exported: the peers measure through steps)
+from mixtral_ft.common import peak_gib, reset_peak  # noqa: F401  (re-exported: the peers measure through steps)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from mixtral_ft.common import cache_root
+
 TOKENIZER_FILE = "tokenizer.model.v1"
 
 
@@ -44,7 +46,7 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None, *, mode: str = "f
 
 
 def _bundled_dir() -> str:
-    cache = Path(os.environ.get("MIXTRAL_FT_CACHE", Path.home() / ".cache" / "mixtral_ft")) / "tokenizer"
+    cache = cache_root() / "tokenizer"
     if not (cache / TOKENIZER_FILE).exists():
         cache.mkdir(parents=True, exist_ok=True)
         shutil.copy(bundled_tokenizer_file(), cache / TOKENIZER_FILE)

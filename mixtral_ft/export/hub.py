@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from mixtral_ft.common import human_bytes
 from mixtral_ft.errors import UserError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -181,8 +182,8 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = True
         print(f"dry run: would push {kind} folder {folder} to {repo_id} ({visibility}); nothing uploaded")
         width = max(len(name) for name, _ in sizes)
         for name, size in sizes:
-            print(f"  {name:<{width}}  {_human(size):>10}{'  (model card, generated)' if name == 'README.md' else ''}")
-        print(f"{len(sizes)} files, {_human(sum(s for _, s in sizes))}")
+            print(f"  {name:<{width}}  {human_bytes(size, digits=1):>10}{'  (model card, generated)' if name == 'README.md' else ''}")
+        print(f"{len(sizes)} files, {human_bytes(sum(s for _, s in sizes), digits=1)}")
         return {"kind": kind, "files": [n for n, _ in sizes], "uploaded": False}
 
     from huggingface_hub import HfApi, get_token
@@ -215,11 +216,3 @@ def push_after_training(out: Path, recipe) -> None:
     except UserError as exc:
         raise UserError(f"{exc} (the adapter is saved in {out}: retry with "
                         f"`mixtral-ft push {out} --repo-id {recipe.hub.repo_id}`)") from None
-
-
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"

@@ -25,8 +25,6 @@ from mixtral_ft.errors import UserError
 
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
-LEGACY_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-LEGACY_ROUTER_KEY = re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.gate\.weight$")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BASE_WEIGHTS = ("dequantized", "original")
 
@@ -45,8 +43,9 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
     from mixtral_ft.export.hub import write_card, write_scrubbed
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
     from mixtral_ft.export.verify import verify_merge
-    from mixtral_ft.model.load import adapter_base, resolve_model_path
+    from mixtral_ft.model.load import adapter_base
     from mixtral_ft.model.loader import read_manifest
+    from mixtral_ft.model.source import resolve_model_path
 
     adapter, out = Path(adapter_dir), Path(out)
     if not (adapter / "adapter_config.json").is_file():
@@ -119,7 +118,7 @@ def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, qu
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mixtral_ft.model.loader import checkpoint_shards
+    from mixtral_ft.model.loader import LEGACY_EXPERT, LEGACY_ROUTER, checkpoint_shards
 
     shards = checkpoint_shards(source)
     experts = _LegacyExperts(source, shards)
@@ -131,7 +130,7 @@ def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, qu
             for key in reader.keys():
                 tensor = reader.get_tensor(key)
                 target = out_dtype or tensor.dtype
-                legacy = LEGACY_EXPERT_KEY.match(key)
+                legacy = LEGACY_EXPERT.match(key)
                 roundtrip_expert = dequantized and quantize_experts
                 if (dequantized and ATTENTION_KEY.match(key)) or (roundtrip_expert and FUSED_EXPERT_KEY.match(key)):
                     value = nf4_roundtrip(tensor)
@@ -139,7 +138,7 @@ def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, qu
                     value = experts.get(int(legacy[1]), int(legacy[2]), legacy[3])
                 else:
                     value = tensor  # untouched: in the source dtype it is copied bit for bit
-                delta = pending.pop(LEGACY_ROUTER_KEY.sub(r"\1.mlp.gate.weight", key), None)
+                delta = pending.pop(LEGACY_ROUTER.sub(r"\1.mlp.gate.weight", key), None)
                 if delta is not None:
                     a, b, scale = delta
                     value = value.float() + scale * (b @ a)  # in fp32, then one rounding to the output dtype

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from mixtral_ft.common import human_bytes
 from mixtral_ft.model.quant import is_4bit, logical_numel, storage_bytes
 
 GROUPS = ("embeddings", "attention", "router", "experts", "norms", "lm_head", "lora", "other")
@@ -55,10 +56,10 @@ class AuditReport:
         lines = [f"{'group':<11} {'dtype':<14} {'storage':>10} {'params':>14} {'trainable':>12}"]
         for r in self.rows:
             if r.tensors:
-                lines.append(f"{r.group:<11} {'/'.join(sorted(r.dtypes)):<14} {_human(r.storage_bytes):>10} "
+                lines.append(f"{r.group:<11} {'/'.join(sorted(r.dtypes)):<14} {human_bytes(r.storage_bytes):>10} "
                              f"{r.params:>14,} {r.trainable:>12,}")
         total = sum(r.storage_bytes for r in self.rows)
-        lines.append(f"{'total':<11} {'':<14} {_human(total):>10} {sum(r.params for r in self.rows):>14,} "
+        lines.append(f"{'total':<11} {'':<14} {human_bytes(total):>10} {sum(r.params for r in self.rows):>14,} "
                      f"{sum(r.trainable for r in self.rows):>12,}")
         experts = self.row("experts")
         if experts.tensors:
@@ -120,11 +121,3 @@ def audit_model(model: nn.Module, *, quantize_experts: bool | None = None) -> Au
 def _base(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if get_base else model
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)

@@ -8,24 +8,20 @@ call peft's `prepare_model_for_kbit_training`, which would upcast every non-4-bi
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mixtral_ft.common import local_rank
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
-from mixtral_ft.model.tiny import TINY_NAME, tiny_model_dir
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
+from mixtral_ft.model.source import HUB_ID, ModelSource, model_source
 
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 
@@ -39,26 +35,6 @@ def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) 
         cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if cpu_bf16 else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def resolve_model_path(name: str, revision: str | None = None) -> Path:
-    """`tiny`, a local folder, or a hub id (downloaded through huggingface_hub, safetensors only)."""
-    if name == TINY_NAME:
-        return tiny_model_dir()
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
-        return path
-    if not HUB_ID.match(name):
-        raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=HUB_FILES))
-    except Exception as exc:  # network, auth, missing repo: all the user's to fix
-        raise UserError(f"could not fetch model '{name}' from the Hub ({type(exc).__name__}): check the id, "
-                        "your network, and HF_TOKEN / `huggingface-cli login` for gated models") from None
 
 
 def check_attn_implementation(name: str | None, device: str | torch.device | None = None) -> str:
@@ -82,7 +58,7 @@ def check_attn_implementation(name: str | None, device: str | torch.device | Non
 
 
 def load_model(
-    name_or_path: str,
+    name_or_path: str | Path | ModelSource,
     *,
     quantize_experts: bool = True,
     device: str | torch.device | None = None,
@@ -97,7 +73,8 @@ def load_model(
     """
     from transformers import AutoConfig
 
-    path = resolve_model_path(name_or_path, revision)
+    source = model_source(name_or_path, revision)
+    path = source.local_path()
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
     attn_implementation = check_attn_implementation(attn_implementation, device)
@@ -115,10 +92,17 @@ def load_model(
     # peft and the HF Trainer read these flags to treat the model as bitsandbytes-4-bit.
     model.is_loaded_in_4bit = True
     model.quantization_method = "bitsandbytes"
-    model.mixtral_ft_source = str(name_or_path)
+    model.mixtral_ft_source = source.name
     model.mixtral_ft_quantize_experts = quantize_experts
     model.name_or_path = str(path)
     return model
+
+
+def load_recipe_model(model_section, source: ModelSource | None = None) -> nn.Module:
+    """The base model a recipe's `model` section describes: the same for training, audit and eval."""
+    m = model_section
+    return load_model(source or model_source(m.name, m.revision), quantize_experts=m.quantize_experts,
+                      compute_dtype=m.compute_dtype, attn_implementation=m.attn_implementation)
 
 
 def adapter_base(adapter: Path) -> tuple[str | None, dict]:

@@ -23,6 +23,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
+from mixtral_ft.common import fsdp_enabled
 from mixtral_ft.errors import UserError
 
 BLOCKSIZE = 64
@@ -36,7 +37,7 @@ def quant_storage_dtype() -> torch.dtype:
     GPU; FSDP1's flat parameters need one dtype), so under accelerate's FSDP (`ACCELERATE_USE_FSDP=true`)
     the same bytes are typed bfloat16 (bitsandbytes #1092). `MIXTRAL_FT_QUANT_STORAGE` overrides.
     """
-    default = "bfloat16" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "uint8"
+    default = "bfloat16" if fsdp_enabled() else "uint8"
     name = os.environ.get("MIXTRAL_FT_QUANT_STORAGE", default)
     if name not in STORAGE_DTYPES:
         raise UserError(f"MIXTRAL_FT_QUANT_STORAGE={name!r} is not a storage dtype: use one of {', '.join(STORAGE_DTYPES)}")

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mixtral_ft.common import cache_root
 from mixtral_ft.model.shapes import tiny_config
 
 TINY_NAME = "tiny"
@@ -46,10 +47,6 @@ def write_tiny(out_dir: str | os.PathLike, *, layout: str = "legacy", seed: int 
         raise ValueError(f"unknown layout {layout!r}: use 'legacy' or 'fused'")
     save_tokenizer(load_tokenizer(None), out)
     return out
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MIXTRAL_FT_CACHE", Path.home() / ".cache" / "mixtral_ft"))
 
 
 def tiny_model_dir() -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 from mixtral_ft.errors import UserError
 from mixtral_ft.plan.peak import Dims, Estimate, Run, dtype_name, estimate, optimizer_bytes_per_param
@@ -26,27 +25,15 @@ RESERVE_GIB = 1.0  # CUDA context and kernels: on the GPU but outside the alloca
 
 def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None, list[str]]:
     """The model's shape from its config.json (no weights), the manifest's quantize_experts, and notes."""
-    from mixtral_ft.model.load import HUB_ID
     from mixtral_ft.model.loader import read_manifest
-    from mixtral_ft.model.tiny import TINY_NAME
+    from mixtral_ft.model.source import model_source
 
-    if name == TINY_NAME:
-        from mixtral_ft.model.shapes import tiny_config
-
-        return Dims.of(tiny_config()), None, []
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
-        manifest = read_manifest(path)  # a pre-quantized folder is what it is (as load_model)
-        experts = manifest["quantize_experts"] if manifest else None
-        return Dims.of(json.loads((path / "config.json").read_text())), experts, []
-    if not HUB_ID.match(name):
-        raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
+    source = model_source(name, revision)  # the same rules and messages as training
+    if source.kind == "local":
+        manifest = read_manifest(source.local_path())  # a pre-quantized folder is what it is (as load_model)
+        return Dims.of(source.config_dict()), manifest["quantize_experts"] if manifest else None, []
     try:
-        from huggingface_hub import hf_hub_download
-
-        config = json.loads(Path(hf_hub_download(name, "config.json", revision=revision)).read_text())
+        return Dims.of(source.config_dict()), None, []
     except Exception as exc:  # offline, gated, missing: fall back only where the shape is known
         if "mixtral-8x7b" not in name.lower():
             raise UserError(f"could not fetch {name}'s config.json ({type(exc).__name__}): check the id and your "
@@ -55,7 +42,6 @@ def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None
 
         return Dims.of(mixtral_config(32)), None, [f"{name}'s config.json could not be fetched "
                                                     f"({type(exc).__name__}): used Mixtral-8x7B's shape"]
-    return Dims.of(config), None, []
 
 
 def run_for(recipe, num_gpus: int = 1, quantize_experts: bool | None = None) -> Run:

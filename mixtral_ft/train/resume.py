@@ -18,7 +18,6 @@ truncated one loses its central directory, a corrupted one fails its CRC). Incom
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from mixtral_ft.common import is_main_process, world_size
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe
 
@@ -67,7 +67,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         return problem
     rng = sorted(folder.glob("rng_state*.pth"))
     ranks = sorted(int(m[1]) for p in rng if (m := re.match(r"rng_state_(\d+)\.pth$", p.name)))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if not rng:
         return "no rng_state.pth"
     # One RNG file per rank: rank 0 writes trainer_state.json without waiting for the others.
@@ -142,7 +142,7 @@ def check_existing_run(recipe: Recipe, out: Path) -> None:
 
 def _clear(out: Path, checkpoints: list[Path]) -> None:
     # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up.
-    if not _rank_zero():
+    if not is_main_process():
         return  # every rank runs this check; one deletes
     try:
         for folder in checkpoints:
@@ -156,12 +156,8 @@ def _clear(out: Path, checkpoints: list[Path]) -> None:
         _say(f"train.overwrite: removed {len(checkpoints)} checkpoint(s) of the previous run in {out}")
 
 
-def _rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate before Python starts
-
-
 def _say(line: str) -> None:
-    if _rank_zero():
+    if is_main_process():
         print(line, flush=True)
 
 

@@ -56,45 +56,27 @@ def library_versions() -> dict[str, str]:
     return mods
 
 
-def train(recipe: Recipe) -> dict:
-    """Run one SFT or DPO job end to end; returns the run summary that is also written to run.json."""
-    from transformers import set_seed
+def check_inputs(recipe: Recipe):
+    """What can be checked before minutes of loading: trainer names, the adapter folder, the model source."""
+    from mixtral_ft.model.source import model_source
 
-    from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
-    from mixtral_ft.distributed import is_main_process, prepare_for_distributed
-    from mixtral_ft.model.audit import audit_model
-    from mixtral_ft.model.load import (
-        apply_lora,
-        compile_layers,
-        load_model,
-        resolve_model_path,
-        set_adapter_base,
-    )
-    from mixtral_ft.train.callbacks import make_callbacks
-    from mixtral_ft.train.guards import Preempted, run_trainer
-    from mixtral_ft.train.resume import find_resume_checkpoint
-    from mixtral_ft.train.telemetry import attach, configure_reporting
-    from mixtral_ft.train.trainers import METHODS, build_trainer
-
-    started = time.time()
-    out = check_output_dir(recipe)
-    resume_from = find_resume_checkpoint(recipe, out)  # before the model loads: a bad train.resume fails fast
-    check_trainer_names(recipe)  # likewise a misspelled train.optim / train.lr_scheduler_type
-    adapter = recipe.model.adapter  # apply_lora checks it too, but only after minutes of model loading
+    check_trainer_names(recipe)  # a misspelled train.optim / train.lr_scheduler_type
+    adapter = recipe.model.adapter  # apply_lora checks it too, but only after the model has loaded
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
-    set_seed(recipe.train.seed)
+    return model_source(recipe.model.name, recipe.model.revision)
 
-    model_path = resolve_model_path(recipe.model.name, recipe.model.revision)
-    tokenizer = load_tokenizer(model_path, mode="finetuning")
-    method = METHODS[recipe.train.method]
-    data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
-    for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
-        print(report.line(), flush=True)
 
-    model = load_model(str(model_path), quantize_experts=recipe.model.quantize_experts,
-                       compute_dtype=recipe.model.compute_dtype,
-                       attn_implementation=recipe.model.attn_implementation)
+def trainable_model(recipe: Recipe, source):
+    """The recipe's NF4 model with its LoRA adapter, ready for the trainer, after the audit passed."""
+    from transformers import set_seed
+
+    from mixtral_ft.common import is_main_process
+    from mixtral_ft.distributed import prepare_for_distributed
+    from mixtral_ft.model.audit import audit_model
+    from mixtral_ft.model.load import apply_lora, compile_layers, load_recipe_model
+
+    model = load_recipe_model(recipe.model, source)
     model.config.use_cache = False
     # LoRA's init draws from the global RNG: seed it again here, because loading may have drawn from it (building
     # the tiny model seeds and draws), and the same seed must give the same adapter whether or not it was cached.
@@ -107,6 +89,35 @@ def train(recipe: Recipe) -> dict:
         print(audit.table(), flush=True)
     if not audit.ok:
         raise UserError(f"audit failed: {audit.failures[0]} (run `mixtral-ft audit` for the full table)")
+    return model
+
+
+def train(recipe: Recipe) -> dict:
+    """Run one SFT or DPO job end to end; returns the run summary that is also written to run.json."""
+    from transformers import set_seed
+
+    from mixtral_ft.common import is_main_process
+    from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
+    from mixtral_ft.model.load import set_adapter_base
+    from mixtral_ft.train.callbacks import make_callbacks
+    from mixtral_ft.train.guards import Preempted, run_trainer
+    from mixtral_ft.train.resume import find_resume_checkpoint
+    from mixtral_ft.train.telemetry import attach, configure_reporting
+    from mixtral_ft.train.trainers import METHODS, build_trainer
+
+    started = time.time()
+    out = check_output_dir(recipe)
+    resume_from = find_resume_checkpoint(recipe, out)  # before the model loads: a bad train.resume fails fast
+    source = check_inputs(recipe)
+    set_seed(recipe.train.seed)
+
+    model_path = source.local_path()
+    tokenizer = load_tokenizer(model_path, mode="finetuning")
+    method = METHODS[recipe.train.method]
+    data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
+    for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
+        print(report.line(), flush=True)
+    model = trainable_model(recipe, source)
 
     dtype = model.get_base_model().dtype
     if recipe.train.packing and torch.cuda.is_available() and recipe.model.attn_implementation != "flash_attention_2" \
@@ -142,7 +153,7 @@ def train(recipe: Recipe) -> dict:
 
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
-    from mixtral_ft.memory import peak_gib
+    from mixtral_ft.common import peak_gib
 
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]

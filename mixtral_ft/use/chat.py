@@ -97,8 +97,8 @@ def load_for_inference(target: Target, *, quantize: bool = True, attn_implementa
         default_device,
         load_model,
         resolve_compute_dtype,
-        resolve_model_path,
     )
+    from mixtral_ft.model.source import resolve_model_path
 
     attn = check_attn_implementation(attn_implementation or target.attn_implementation)
     path = resolve_model_path(target.base, target.revision)
@@ -217,6 +217,19 @@ def repl(model, tokenizer, system: str | None, settings: GenerationSettings, std
         history.append({"role": "assistant", "content": reply or "…"})
 
 
+def load_announced(model: str, adapter: str | None, *, quantize: bool, attn_implementation: str | None):
+    """(model, tokenizer, what) for `mixtral-ft chat`, terminal or web: checked first, the load announced."""
+    from mixtral_ft.model.load import check_attn_implementation
+
+    target = resolve_target(model, adapter)
+    check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
+    what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
+    # Status goes to stderr, so stdout holds only the conversation (one-shot output can be piped).
+    print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)
+    loaded, tokenizer = load_for_inference(target, quantize=quantize, attn_implementation=attn_implementation)
+    return loaded, tokenizer, what
+
+
 def chat(model: str, *, adapter: str | None = None, prompt: str | None = None, system: str | None = None,
          settings: GenerationSettings | None = None, quantize: bool = True,
          attn_implementation: str | None = None) -> str | None:
@@ -224,14 +237,7 @@ def chat(model: str, *, adapter: str | None = None, prompt: str | None = None, s
     settings = (settings or GenerationSettings()).check()
     if prompt is not None and not prompt.strip():
         raise UserError("--prompt is empty: pass some text, or leave it out for interactive chat")
-    target = resolve_target(model, adapter)
-    from mixtral_ft.model.load import check_attn_implementation
-
-    check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
-    what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
-    # Status goes to stderr, so stdout holds only the conversation (one-shot output can be piped).
-    print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)
-    loaded, tokenizer = load_for_inference(target, quantize=quantize, attn_implementation=attn_implementation)
+    loaded, tokenizer, _ = load_announced(model, adapter, quantize=quantize, attn_implementation=attn_implementation)
     if prompt is not None:
         return one_shot(loaded, tokenizer, prompt, system, settings)
     repl(loaded, tokenizer, system, settings)

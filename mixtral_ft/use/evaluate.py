@@ -52,7 +52,7 @@ def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
     """(dataset with input_ids + assistant_masks, description) of the rows to evaluate on."""
     from mixtral_ft.data.conversations import load_sft_data
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import resolve_model_path
+    from mixtral_ft.model.source import resolve_model_path
 
     if data_path is None and getattr(recipe.train, "method", "sft") != "sft":
         # Preference pairs have no single reference answer to score: perplexity needs conversations.

@@ -21,8 +21,7 @@ from mixtral_ft.use.chat import (
     encode_prompt,
     fit_history,
     generate,
-    load_for_inference,
-    resolve_target,
+    load_announced,
 )
 
 
@@ -132,13 +131,8 @@ def serve_web(model_name: str, *, adapter: str | None = None, system: str | None
     if not 0 < port < 65536:
         raise UserError("--port must be in 1..65535")
     _import_gradio()  # before the (long) model load
-    target = resolve_target(model_name, adapter)
-    from mixtral_ft.model.load import check_attn_implementation
-
-    check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
-    what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
-    print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)
-    model, tokenizer = load_for_inference(target, quantize=quantize, attn_implementation=attn_implementation)
+    model, tokenizer, what = load_announced(model_name, adapter, quantize=quantize,
+                                            attn_implementation=attn_implementation)
     app = build_app(model, tokenizer, title=f"mixtral-ft: {what}", system=system, settings=settings)
     shown = "localhost" if host in ("127.0.0.1", "localhost") else host
     print(f"chat page on http://{shown}:{port} (Ctrl-C stops it)", file=sys.stderr, flush=True)

@@ -80,7 +80,8 @@ def test_packing_is_padding_free_and_keeps_conversations_apart(tmp_path):
 
     from mixtral_ft.data.conversations import load_sft_data
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import apply_lora, load_model, resolve_model_path
+    from mixtral_ft.model.load import apply_lora, load_model
+    from mixtral_ft.model.source import resolve_model_path
     from mixtral_ft.train.trainers import build_trainer
 
     recipe = load_recipe(TINY, ["train.packing=true", f"train.output_dir={tmp_path}", "lora.dropout=0"])

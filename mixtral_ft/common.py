@@ -1,0 +1,76 @@
+"""What every stage may ask of the process it runs in: its rank, the cache folder, and its peak memory.
+
+One home for the environment variables torchrun / accelerate set (RANK, LOCAL_RANK, WORLD_SIZE), read
+before torch.distributed is initialised (the data report and audit print before the Trainer exists). It
+imports only torch, so the transformers 4.57 peer in benchmarks/ can measure through it in its side folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def rank() -> int:
+    """This process's global rank (0 outside a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: the GPU it owns."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def under_launcher() -> bool:
+    """True inside a worker started by torchrun / accelerate launch."""
+    return "LOCAL_RANK" in os.environ
+
+
+def fsdp_enabled() -> bool:
+    """accelerate sets ACCELERATE_USE_FSDP in every worker it starts from an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def human_bytes(n: float, digits: int = 2) -> str:
+    """1536 -> '1.50 KiB': sizes in audit tables and upload lists."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1024
+    return f"{n:.{digits}f} GiB"
+
+
+def cache_root() -> Path:
+    """Where mixtral_ft keeps what it builds once (the tiny model, the tokenizer file): $MIXTRAL_FT_CACHE."""
+    return Path(os.environ.get("MIXTRAL_FT_CACHE", Path.home() / ".cache" / "mixtral_ft"))
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the kernel's peak-RSS mark (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_gib(device: torch.device) -> float:
+    """Peak accelerator memory, or on CPU the process's peak resident memory (model, data and libraries)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # VmHWM rather than ru_maxrss, which survives exec and so counts a forking parent's pages too.
+    with open("/proc/self/status") as status:
+        kib = next((int(line.split()[1]) for line in status if line.startswith("VmHWM")), 0)
+    return kib / 2**20

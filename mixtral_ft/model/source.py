@@ -1,0 +1,72 @@
+"""Where a model comes from: `tiny`, a local folder, or a Hub id at a revision — decided once, then passed on.
+
+`model_source()` checks the name without touching the network, so a bad `model.name` fails before data or
+weights load; `local_path()` downloads (safetensors and tokenizer files only) when it must, and
+`config_dict()` reads just config.json, which is all `plan` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.model.shapes import tiny_config
+from mixtral_ft.model.tiny import TINY_NAME, tiny_model_dir
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # as the user wrote it: the name run.json, adapter configs and model cards record
+    kind: str  # tiny | local | hub
+    revision: str | None = None
+
+    def local_path(self) -> Path:
+        if self.kind == "tiny":
+            return tiny_model_dir()
+        if self.kind == "local":
+            return Path(self.name).expanduser()
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(repo_id=self.name, revision=self.revision, allow_patterns=HUB_FILES))
+        except Exception as exc:  # network, auth, missing repo: all the user's to fix
+            raise UserError(f"could not fetch model '{self.name}' from the Hub ({type(exc).__name__}): check the "
+                            "id, your network, and HF_TOKEN / `huggingface-cli login` for gated models") from None
+
+    def config_dict(self) -> dict:
+        """config.json alone (no weights); for a Hub id, huggingface_hub's exceptions propagate to the caller."""
+        if self.kind == "tiny":
+            return tiny_config().to_dict()
+        if self.kind == "local":
+            return json.loads((self.local_path() / "config.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(self.name, "config.json", revision=self.revision)).read_text())
+
+
+def model_source(name: str | Path | ModelSource, revision: str | None = None) -> ModelSource:
+    """The source `name` means, checked without the network; a UserError naming the fix otherwise."""
+    if isinstance(name, ModelSource):
+        return name
+    name = str(name)
+    if name == TINY_NAME:
+        return ModelSource(name, "tiny")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
+        return ModelSource(name, "local")
+    if not HUB_ID.match(name):
+        raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
+    return ModelSource(name, "hub", revision)
+
+
+def resolve_model_path(name: str | Path | ModelSource, revision: str | None = None) -> Path:
+    """`tiny`, a local folder, or a hub id (downloaded through huggingface_hub, safetensors only)."""
+    return model_source(name, revision).local_path()
