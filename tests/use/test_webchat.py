@@ -43,7 +43,7 @@ def test_stream_reply_yields_growing_text_over_two_turns(tiny_loaded):
     # The second turn's prompt holds the first exchange: its reply is the one generated after it.
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first[-1]}]
     second = list(stream_reply(model, tokenizer, history, "And now?", "Be brief.", settings))
-    turns = [*history, {"role": "user", "content": "And now?"}]
+    turns = [history[0], {"role": "assistant", "content": first[-1].strip()}, {"role": "user", "content": "And now?"}]
     expected = generate(model, tokenizer, encode_prompt(tokenizer, build_messages(turns, "Be brief.")), settings)
     assert second[-1].strip() == (expected or "…")
 
