@@ -1,7 +1,10 @@
 """README is the contract: its two set-up commands, CI running the second, and a complete recipe reference."""
 
 import dataclasses
+import os
 import re
+import shutil
+import subprocess
 import typing
 from pathlib import Path
 
@@ -11,23 +14,84 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+def first_screen_commands() -> list[list[str]]:
+    """The command lines of each fenced block before README's first section heading (comments dropped)."""
+    first_screen = README.split("\n## ", 1)[0]
+    assert len(first_screen.splitlines()) <= 30, "the set-up commands must stay on README's first screen"
+    blocks = re.findall(r"^```bash\n(.*?)^```", first_screen, flags=re.M | re.S)
+    return [[line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            for block in blocks]
+
+
 def test_first_screen_has_the_two_commands():
-    first_screen = "\n".join(README.splitlines()[:20])
-    commands = re.findall(r"^python3 -m venv .*$", first_screen, flags=re.M)
-    assert len(commands) == 2
-    assert commands[0].endswith("mixtral-ft train recipes/tiny.yaml")
-    assert "pytest" in commands[1]
-    assert all("torch==2.13.0" in c for c in commands)  # the CPU wheel before anything pulls CUDA torch
+    blocks = first_screen_commands()
+    assert len(blocks) == 2, "README's first screen holds exactly two fenced commands: train tiny, then test"
+    assert all(len(lines) == 1 for lines in blocks), "each fenced block is one copy-pasteable command line"
+    train, test = blocks[0][0], blocks[1][0]
+    for command in (train, test):
+        assert command.startswith("python3 -m venv ") and " pip install " in command and " -e " in command
+        assert "torch==2.13.0" in command  # the CPU wheel before anything pulls CUDA torch
+    assert train.endswith("mixtral-ft train recipes/tiny.yaml") and "pytest" not in train
+    assert '".[dev]"' in test and "ruff check ." in test and " pytest " in test
 
 
-def test_ci_runs_the_readme_test_command():
+def ci_extraction() -> str:
+    """The shell pipeline `.ci/run` uses to pull README's test command out (its `command=$(...)` line)."""
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "README.md" in ci and "pytest" in ci
+    [grep] = re.findall(r"^command=\$\((.+)\)$", ci, flags=re.M)
+    return grep
+
+
+def test_ci_extracts_exactly_readmes_second_command():
+    grep = ci_extraction()
+    assert "README.md" in grep
+    extracted = subprocess.run(["bash", "-c", grep], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert extracted.rstrip("\n") == first_screen_commands()[1][0]
+
+
+def test_ci_runs_the_extracted_command_not_a_copy(tmp_path):
+    ci = (ROOT / ".ci" / "run").read_text()
+    code = [line for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    # pytest appears only in the extraction: the test command itself is nowhere else in the script.
+    assert [line for line in code if "pytest" in line] == [f"command=$({ci_extraction()})"]
+    assert 'bash -c "$command"' in code
+    # Run the real script on a stand-in README: it must execute whatever README's test command says.
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "README.md").write_text(
+        "# stand-in\n\n```bash\npython3 -m venv --help > /dev/null && echo trained\n```\n\n"
+        "```bash\npython3 -m venv --help > /dev/null && echo 'ran pytest' > ran.txt\n```\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chromium").write_text("#!/bin/sh\n")  # present, so the script installs nothing
+    (bin_dir / "chromium").chmod(0o755)
+    result = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ran.txt").read_text() == "ran pytest\n"
+    # A README without a test command fails CI instead of passing vacuously.
+    (tmp_path / "README.md").write_text("# stand-in\n")
+    result = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=60)
+    assert result.returncode != 0 and "lost its test command" in result.stderr
+
+
+def documented_keys(reference: str) -> set[str]:
+    """`section.key` for each key a row of the reference table documents: the keys in its first cell, and
+    keys named with their default in its meaning cell, e.g. `lr_scheduler_type` (`cosine`)."""
+    keys = set()
+    for row in re.findall(r"^\| (`.+)$", reference, flags=re.M):
+        key_cell, _, meaning = (cell.strip() for cell in row.split(" | ", 2))
+        names = re.findall(r"`([\w.]+)`", key_cell)
+        section = names[0].split(".")[0]
+        names += re.findall(r"`(\w+)` \(`", meaning)
+        keys |= {name if "." in name else f"{section}.{name}" for name in names}
+    return keys
 
 
 def test_recipe_reference_documents_every_key():
     reference = README.split("## Recipe reference", 1)[1].split("\n## ", 1)[0]
+    documented = documented_keys(reference)
     for section, section_type in typing.get_type_hints(Recipe).items():
         for f in dataclasses.fields(section_type):
-            assert f"{section}.{f.name}" in reference or f"`{f.name}`" in reference or f", {f.name}" in reference, \
-                f"README's recipe reference lacks {section}.{f.name}"
+            assert f"{section}.{f.name}" in documented, f"README's recipe reference lacks {section}.{f.name}"

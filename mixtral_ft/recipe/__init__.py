@@ -11,10 +11,11 @@ from mixtral_ft.recipe.sections import (
     LoraSection,
     MixtureSource,
     Recipe,
+    TrainSection,
     check_trainer_names,
     dump_recipe,
     load_recipe,
 )
 
 __all__ = ["ATTENTION_TARGETS", "ATTN_IMPLEMENTATIONS", "DataSection", "LoraSection", "MixtureSource", "Recipe",
-           "check_trainer_names", "dump_recipe", "load_recipe"]
+           "TrainSection", "check_trainer_names", "dump_recipe", "load_recipe"]

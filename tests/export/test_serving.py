@@ -45,6 +45,36 @@ def test_flash_attention_on_cpu_or_without_the_package_is_refused():
     assert check_attn_implementation(None, "cpu") == "sdpa"
 
 
+@pytest.mark.parametrize("installed", [False, True])
+def test_flash_attention_on_cuda_needs_the_flash_attn_package(monkeypatch, installed):
+    # No GPU or flash-attn here: the package check runs for a CUDA device whatever the machine has, so a
+    # stand-in find_spec decides whether flash_attn is importable; everything else is looked up for real.
+    import importlib.util
+    from importlib.machinery import ModuleSpec
+
+    from mixtral_ft.model.load import check_attn_implementation
+
+    real_find_spec = importlib.util.find_spec
+    asked = []
+
+    def find_spec(name, *args, **kwargs):
+        if name == "flash_attn":
+            asked.append(name)
+            return ModuleSpec(name, None) if installed else None
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    if installed:
+        assert check_attn_implementation("flash_attention_2", "cuda") == "flash_attention_2"
+    else:
+        with pytest.raises(UserError) as info:
+            check_attn_implementation("flash_attention_2", "cuda")
+        message = str(info.value)
+        assert "flash-attn package" in message and "pip install flash-attn" in message and "sdpa" in message
+        assert "\n" not in message
+    assert asked == ["flash_attn"]
+
+
 @pytest.mark.parametrize("argv", [
     ["chat", "tiny", "--prompt", "hi", "--attn-implementation", "flash_attention_2"],
     ["train", TINY, "model.attn_implementation=flash_attention_2", "train.output_dir=/nonexistent/never"],

@@ -25,12 +25,58 @@ def test_overrides_are_parsed_as_yaml():
     assert recipe.train.packing is True
 
 
-def test_required_keys_exist_with_documented_names():
+# The defaults README's recipe reference documents, written out: a changed default must change this table
+# (and README) on purpose.
+DOCUMENTED_DEFAULTS = {
+    "model": {"quantize_experts": True, "compute_dtype": "auto", "revision": None, "adapter": None,
+              "attn_implementation": "sdpa"},
+    "data": {"split": "train", "eval_split": None, "test_size": 0.0, "format": "auto", "max_bad_fraction": 0.1,
+             "max_rows": None, "mixture": [], "mixture_size": None},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+             "allow_other_targets": False},
+    "train": {"method": "sft", "max_steps": -1, "num_train_epochs": 1.0, "save_steps": 500, "seed": 42,
+              "learning_rate": 2e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
+              "max_grad_norm": 0.3, "optim": "adamw_torch", "per_device_train_batch_size": 2,
+              "gradient_accumulation_steps": 1, "max_length": 2048, "packing": False,
+              "gradient_checkpointing": True, "compile": False, "assistant_only_loss": True, "logging_steps": 1,
+              "eval_steps": None, "overwrite": False, "resume": "auto", "router_aux_loss_coef": 0.0},
+    "hub": {"push": False, "repo_id": None, "private": True},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "max_prompt_length": 512},
+    "logging": {"report_to": ["none"], "project": "mixtral-ft", "run_name": None, "router_stats_steps": 10},
+}
+
+
+def test_a_minimal_recipe_gets_the_documented_defaults(tmp_path):
+    minimal = tmp_path / "minimal.yaml"
+    minimal.write_text("model: {name: tiny}\ndata: {path: builtin:oasst_top1}\ntrain: {output_dir: out}\n")
+    resolved = load_recipe(minimal).to_dict()
+    expected = {section: dict(values) for section, values in DOCUMENTED_DEFAULTS.items()}
+    expected["model"]["name"] = "tiny"
+    expected["data"]["path"] = "builtin:oasst_top1"
+    expected["train"]["output_dir"] = "out"
+    assert resolved == expected
+
+
+def test_tiny_recipe_resolves_to_its_file_values_over_the_defaults():
     r = load_recipe(TINY)
-    for value in (r.model.name, r.data.path, r.data.split, r.lora.r, r.lora.alpha, r.lora.dropout,
-                  r.lora.target_modules, r.train.output_dir, r.train.max_steps, r.train.save_steps,
-                  r.train.seed, r.train.learning_rate):
-        assert value is not None
+    assert (r.model.name, r.data.path, r.data.split, r.data.test_size) == ("tiny", "builtin:oasst_top1", "train", 0.1)
+    assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (16, 32, 0.05)
+    assert r.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (r.train.output_dir, r.train.max_steps, r.train.save_steps, r.train.seed) == ("runs/tiny", 20, 10, 42)
+    assert r.train.learning_rate == pytest.approx(5e-3)
+    assert (r.train.per_device_train_batch_size, r.train.max_length, r.train.logging_steps) == (2, 256, 5)
+    # Keys the file leaves out take the documented defaults.
+    assert (r.train.method, r.train.optim, r.train.packing) == ("sft", "adamw_torch", False)
+    assert r.model.compute_dtype == "auto" and r.logging.report_to == ("none",)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_value_a_shipped_recipe_sets_is_the_value_loaded(path):
+    raw = yaml.safe_load(path.read_text())
+    resolved = load_recipe(path).to_dict()
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert resolved[section][key] == value, f"{path.name}: {section}.{key}"
 
 
 @pytest.mark.parametrize("overrides, key, fix", [

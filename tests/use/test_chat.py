@@ -27,14 +27,36 @@ def loaded(adapter_run):
     return load_for_inference(resolve_target(str(adapter_run)))
 
 
+def greedy_reference(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    """The reply straight from transformers' greedy `model.generate`, decoded: what temperature 0 must give."""
+    import torch
+
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    prompt = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
+    return tokenizer.decode(out[0, prompt.shape[1]:].tolist(), skip_special_tokens=True).strip()
+
+
 @pytest.mark.slow
-def test_one_shot_on_an_adapter_prints_the_reply(adapter_run, capsys):
+def test_one_shot_on_an_adapter_prints_the_greedy_reply(adapter_run, loaded, capsys):
+    from mixtral_ft.use.chat import GenerationSettings, build_messages, chat, encode_prompt
+
     code = main(["chat", str(adapter_run), "--prompt", "Hello, who are you?", "--max-new-tokens", "8",
                  "--temperature", "0"])
     captured = capsys.readouterr()
     assert code == 0
-    assert captured.out.strip()  # the streamed reply (a random model: some text, any text)
     assert "adapter" in captured.err and "NF4" in captured.err  # status goes to stderr, not into the reply
+    # What was streamed to stdout is the reply chat() returns, and temperature 0 is transformers' greedy
+    # decoding of the same prompt ids on the same adapter.
+    reply = chat(str(adapter_run), prompt="Hello, who are you?", settings=GenerationSettings(8, temperature=0))
+    assert capsys.readouterr().out.strip() == reply == captured.out.strip()
+    model, tokenizer = loaded
+    ids = encode_prompt(tokenizer, build_messages([{"role": "user", "content": "Hello, who are you?"}], None))
+    assert reply == greedy_reference(model, tokenizer, ids, 8)
+    assert reply  # a random model's 8 greedy tokens are not all special
 
 
 @pytest.mark.slow
@@ -57,20 +79,28 @@ def test_repl_keeps_history_resets_it_and_exits_on_eof(loaded, monkeypatch, caps
     from mixtral_ft.use import chat
 
     model, tokenizer = loaded
-    prompts = []
+    prompts, replies = [], []
     real_generate = chat.generate
 
     def spy(model, tokenizer, ids, settings, streamer=None):
-        prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
-        return real_generate(model, tokenizer, ids, settings, streamer=streamer)
+        prompts.append(list(ids))
+        replies.append(real_generate(model, tokenizer, ids, settings, streamer=streamer))
+        return replies[-1]
 
     monkeypatch.setattr(chat, "generate", spy)
     settings = chat.GenerationSettings(max_new_tokens=4, temperature=0)
     chat.repl(model, tokenizer, "Be brief.", settings, stdin=io.StringIO("first\nsecond\n/reset\nthird\n"))
+
+    def expected(*turns):
+        history = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        return chat.encode_prompt(tokenizer, chat.build_messages(history, "Be brief."))
+
     assert len(prompts) == 3
-    assert "Be brief." in prompts[0] and "first" in prompts[0]
-    assert "first" in prompts[1] and "second" in prompts[1]  # the second turn sees the first exchange
-    assert "first" not in prompts[2] and "Be brief." in prompts[2]  # /reset keeps the system prompt only
+    assert prompts[0] == expected("first")
+    # The second turn sees the first exchange, with the reply the model really gave.
+    assert prompts[1] == expected("first", replies[0] or "…", "second")
+    # /reset keeps the system prompt only: the third prompt is a fresh one-turn conversation.
+    assert prompts[2] == expected("third")
     assert capsys.readouterr().out.rstrip().endswith("you>")  # EOF: a clean return, no error
 
 
@@ -81,9 +111,14 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(loaded):
     model, tokenizer = loaded
     ids = encode_prompt(tokenizer, [{"role": "user", "content": "Name a colour."}])
     greedy = GenerationSettings(max_new_tokens=8, temperature=0)
-    assert generate(model, tokenizer, ids, greedy) == generate(model, tokenizer, ids, greedy)
+    reply = generate(model, tokenizer, ids, greedy)
+    assert reply == generate(model, tokenizer, ids, greedy) == greedy_reference(model, tokenizer, ids, 8)
     sampled = GenerationSettings(max_new_tokens=8, temperature=1.0, seed=3)
-    assert generate(model, tokenizer, ids, sampled) == generate(model, tokenizer, ids, sampled)
+    first = generate(model, tokenizer, ids, sampled)
+    assert first == generate(model, tokenizer, ids, sampled)
+    # Temperature 1 really samples: on the near-flat random model, other seeds give other replies.
+    others = {generate(model, tokenizer, ids, GenerationSettings(8, temperature=1.0, seed=s)) for s in (4, 5)}
+    assert others - {first, reply}
 
 
 @pytest.mark.slow
@@ -92,8 +127,17 @@ def test_plain_model_folder_loads_unquantized(tiny_dir, capsys):
     code = main(["chat", str(tiny_dir), "--no-quantize", "--prompt", "hi", "--max-new-tokens", "4",
                  "--temperature", "0", "--system", "Answer in French."])
     captured = capsys.readouterr()
-    assert code == 0 and captured.out.strip()
-    assert "unquantized" in captured.err
+    assert code == 0 and "unquantized" in captured.err
+    from transformers import AutoModelForCausalLM
+
+    from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.model.load import default_device, resolve_compute_dtype
+    from mixtral_ft.use.chat import build_messages, encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=resolve_compute_dtype("auto", default_device()))
+    tokenizer = load_tokenizer(tiny_dir, mode="test")
+    ids = encode_prompt(tokenizer, build_messages([{"role": "user", "content": "hi"}], "Answer in French."))
+    assert captured.out.strip() == greedy_reference(model.eval(), tokenizer, ids, 4)
 
 
 def test_system_prompt_is_folded_into_the_first_user_turn():

@@ -102,7 +102,6 @@ def test_bad_adapter_and_samples_are_refused(capsys):
     assert "--samples" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (ROOT / "recipes" / "tiny_dpo.yaml").is_file(), reason="no DPO recipe in this version")
 def test_preference_run_needs_conversation_data(capsys):
     assert main(["eval", str(ROOT / "recipes" / "tiny_dpo.yaml")]) == 2
     assert "--data FILE with conversations" in capsys.readouterr().err

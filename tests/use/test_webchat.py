@@ -2,6 +2,7 @@
 
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,29 @@ def test_history_from_gradio_messages_alternates_and_reads_typed_parts():
 
 
 def test_stream_reply_yields_growing_text_over_two_turns(tiny_loaded):
+    from mixtral_ft.use.chat import build_messages, encode_prompt, generate
+
     model, tokenizer = tiny_loaded
     settings = GenerationSettings(max_new_tokens=6, temperature=0.0)
     first = list(stream_reply(model, tokenizer, [], "Hello", "Be brief.", settings))
     assert first and all(first[i + 1].startswith(first[i]) or first[i + 1] == "…" for i in range(len(first) - 1))
+    # The streamed reply is the terminal chat's greedy reply to the same prompt ("…" when it is empty).
+    turns = [{"role": "user", "content": "Hello"}]
+    expected = generate(model, tokenizer, encode_prompt(tokenizer, build_messages(turns, "Be brief.")), settings)
+    assert first[-1].strip() == (expected or "…")
+    # The second turn's prompt holds the first exchange: its reply is the one generated after it.
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first[-1]}]
     second = list(stream_reply(model, tokenizer, history, "And now?", "Be brief.", settings))
-    assert second and second[-1].strip()
+    turns = [history[0], {"role": "assistant", "content": first[-1].strip()}, {"role": "user", "content": "And now?"}]
+    expected = generate(model, tokenizer, encode_prompt(tokenizer, build_messages(turns, "Be brief.")), settings)
+    assert second[-1].strip() == (expected or "…")
+
+
+def test_web_without_gradio_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    assert main(["chat", "tiny", "--web"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --web needs gradio: pip install 'mixtral-ft[web]' (or pip install gradio)"]
 
 
 def test_web_flags_default_to_localhost():
