@@ -3,7 +3,7 @@
 # (git-ignored), for Python 3.12 / x86-64, within the device's 64 MiB carry limit.
 #   .whl/main: bitsandbytes (trimmed to the CUDA 13.0 library the image's torch 2.11+cu130 loads), liger-kernel
 #   .whl/v4:   transformers 4.57.6 and the hub/tokenizers it accepts: the legacy peer's side environment
-# Then, with the device tool: run(command="bash benchmarks/gpu_run.sh --batch 2 8 --profile", carry=[".whl"]).
+# Then, with the device tool (ours and both peers through benchmarks/compare.py): run(command="bash benchmarks/gpu_run.sh --batch 2 8 --profile", carry=[".whl"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fetch() {  # fetch DIR PACKAGE==VERSION...

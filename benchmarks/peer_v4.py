@@ -1,12 +1,13 @@
-"""The legacy peer for `mixtral-ft bench`: transformers 4.57 Mixtral with every expert an NF4 `Linear4bit`.
+"""The legacy peer for benchmarks/compare.py: transformers 4.57 Mixtral with every expert an NF4 `Linear4bit`.
 
 This is what `load_in_4bit` gave before transformers 5 fused the experts: bitsandbytes quantizes each
 expert's w1/w2/w3 `nn.Linear` and each attention projection. Built straight into NF4 on the device with
-random weights, like our own benchmark model, then timed by the shared harness (`mixtral_ft.steps`).
+random weights, like our own benchmark model, then timed by the shared harness (`mixtral_ft.bench.steps`).
 
-It runs in a side environment, never in ours: `bench --peer-v4-site DIR` starts
-`python -m mixtral_ft.peer_v4` with DIR (a `pip install --target` of transformers 4.57) first on the path,
-and reads the `RESULT {json}` line it prints. Only torch, bitsandbytes, transformers 4 and peft are imported.
+It runs in a side environment, never in ours: `compare.py --peer-v4-site DIR` starts
+`python benchmarks/peer_v4.py` with DIR (a `pip install --target` of transformers 4.57) first on PYTHONPATH,
+then the checkout (for `mixtral_ft.bench.steps`), and reads the `RESULT {json}` line it prints. Only torch,
+bitsandbytes, transformers 4 and peft are imported.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import bitsandbytes
     import transformers
 
-    parser = argparse.ArgumentParser(prog="python -m mixtral_ft.peer_v4")
+    parser = argparse.ArgumentParser(prog="python benchmarks/peer_v4.py")
     parser.add_argument("--shape", required=True, help="MixtralConfig fields as JSON")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--seq", type=int, required=True)

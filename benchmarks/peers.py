@@ -1,8 +1,9 @@
-"""The peers `mixtral-ft bench` measures beside our NF4 experts, in the same run and through the same harness.
+"""The peers benchmarks/compare.py measures beside our NF4 experts, in the same run and through the same harness
+(`mixtral_ft.bench.steps`). They live outside the package: it never imports them.
 
 - `v4`: transformers 4.57 with every expert an NF4 `Linear4bit` (the legacy `load_in_4bit`), at full
-  depth. It needs transformers 4, so it runs as a subprocess (`mixtral_ft.peer_v4`) with a side folder of
-  packages first on the path; without one it is skipped and the result says so.
+  depth. It needs transformers 4, so it runs as a subprocess (`python benchmarks/peer_v4.py`) with a side
+  folder of packages first on the path; without one it is skipped and the result says so.
 - `v5`: today's stock path, transformers 5 `from_pretrained(..., load_in_4bit)` of a random bf16
   checkpoint. Its experts stay bf16 (2.6 GiB a layer), so it runs at reduced depth beside our model at that
   same depth, and the result gives what its weights alone would need at full depth.
@@ -21,7 +22,8 @@ import torch
 
 from mixtral_ft.bench import steps
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # the checkout: where the subprocess finds mixtral_ft when it is not installed
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "max_position_embeddings",
               "rope_theta", "rms_norm_eps", "initializer_range")
@@ -40,9 +42,11 @@ def shape_of(config) -> dict:
 def run_v4(site: Path, config, *, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
            dtype: torch.dtype) -> dict:
     """The v4 peer in a subprocess with `site` (holding transformers 4.57) ahead of our environment."""
-    command = [sys.executable, "-m", "mixtral_ft.peer_v4", "--shape", json.dumps(shape_of(config)),
+    command = [sys.executable, str(HERE / "peer_v4.py"), "--shape", json.dumps(shape_of(config)),
                "--batch", str(batch), "--seq", str(seq), "--steps", str(steps_), "--warmup", str(warmup),
                "--device", str(device), "--dtype", str(dtype).removeprefix("torch.")]
+    # A script's own folder (benchmarks/) comes first on its path, then these: the side folder's transformers 4.57
+    # shadows ours, and the checkout gives mixtral_ft.bench.steps.
     path = [str(site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -80,7 +84,7 @@ def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, devi
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype,
                                                  device_map=str(device), experts_implementation=experts)
     build_s = time.perf_counter() - started
-    groups = weight_gib_by_group(model)
+    groups = steps.weight_gib_by_group(model)
     layers = config.num_hidden_layers
     steps.enable_checkpointing(model)
     model = steps.add_lora(model)
@@ -90,13 +94,3 @@ def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, devi
     return {"name": V5_NAME, "layers": layers, "batch": batch, "seq": seq, "experts_implementation": experts,
             "build_s": round(build_s, 2), "weights_gib": groups, "expert_gib_per_layer": round(groups["experts"] / layers, 3),
             "weights_gib_at_full_depth": round(groups["other"] + per_layer * full_depth, 2)} | result
-
-
-def weight_gib_by_group(model) -> dict:
-    """Storage of the experts, the attention and everything else, as the audit groups it (NF4 statistics counted)."""
-    from mixtral_ft.model.audit import audit_model
-
-    rows = {row.group: row.storage_bytes for row in audit_model(model, quantize_experts=False).rows}
-    experts, attention = rows.pop("experts"), rows.pop("attention")
-    return {group: round(size / 2**30, 3) for group, size in
-            (("experts", experts), ("attention", attention), ("other", sum(rows.values())))}

@@ -1,9 +1,10 @@
-"""QLoRA throughput of full-width Mixtral-8x7B in NF4 (random weights, no checkpoint on disk).
+"""QLoRA throughput of full-width Mixtral-8x7B in NF4, ours only (random weights, no checkpoint on disk).
 
-    python benchmarks/throughput.py --layers 32 --batch 2 8      # on a GPU, writes results/<date>-<device>.json
-    python benchmarks/throughput.py --device cpu --tiny          # smoke run (CI)
+    python benchmarks/throughput.py --layers 32 --batch 2 8 --out-dir DIR   # on a GPU
+    python benchmarks/throughput.py --device cpu --tiny                      # smoke run (CI)
 
-Same as `mixtral-ft bench`; the implementation lives in mixtral_ft/bench.py.
+Same as `mixtral-ft bench` (mixtral_ft/bench/throughput.py): the result file goes to --out-dir, by default
+./bench-results of the current folder. To measure the peers in the same run, use benchmarks/compare.py.
 """
 
 import sys

@@ -79,6 +79,21 @@ def fill_meta_params(model, device: torch.device, dtype: torch.dtype, std: float
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
+def weight_gib_by_group(model) -> dict:
+    """Storage of the experts, the attention and everything else, as the audit groups it (NF4 statistics counted).
+
+    Ours and the stock v5 peer report their weights through this; the v4 peer never calls it (the audit needs
+    transformers 5), so the import stays inside.
+    """
+    from mixtral_ft.model.audit import audit_model
+
+    rows = {row.group: row.storage_bytes for row in audit_model(model, quantize_experts=False).rows}
+    experts, attention = rows.pop("experts"), rows.pop("attention")
+    # to 1 KiB: the tiny CPU model's groups must not round to zero
+    return {group: round(size / 2**30, 6) for group, size in
+            (("experts", experts), ("attention", attention), ("other", sum(rows.values())))}
+
+
 def time_qlora_steps(model, *, batch: int, seq: int, vocab_size: int, steps: int, warmup: int,
                      device: torch.device, profile_to=None) -> dict:
     """Train `model` (LoRA already applied) for warmup + steps AdamW steps on random tokens; time the last `steps`.

@@ -1,14 +1,15 @@
-"""Throughput and memory benchmark: full-width Mixtral built straight into NF4, measured beside the peers.
+"""Throughput and memory benchmark of our model: full-width Mixtral built straight into NF4.
 
-    mixtral-ft bench [--layers 32] [--batch 2 8] [--seq 2048] [--peer-v4-site DIR]   # on a GPU
-    mixtral-ft bench --device cpu --tiny                                              # CI smoke run
+    mixtral-ft bench [--layers 32] [--batch 2 8] [--seq 2048] [--out-dir DIR]   # on a GPU
+    mixtral-ft bench --device cpu --tiny                                        # CI smoke run
 
 No 93 GB checkpoint is needed: each weight is drawn on the device and quantized at once, so building
-costs one layer of bf16 experts at a time. Then QLoRA steps run through `mixtral_ft.steps`, the harness the
-peers (`mixtral_ft.peers`) run through too, and one result file per run is written to
-`benchmarks/results/<date>-<device>[-<tag>].json`: tok/s, step time, peak memory and HFU (against a bf16
-matmul peak measured in the same run) for each batch, the peers' figures and our speed-up over each.
-The speed levers of benchmarks/NOTES.md are options, so each can be measured on its own.
+costs one layer of bf16 experts at a time. Then QLoRA steps run through `mixtral_ft.bench.steps`, and one
+result file per run is written to `<out-dir>/<date>-<device>[-<tag>].json` (default out-dir: ./bench-results
+in the current folder): tok/s, step time, peak memory and HFU (against a bf16 matmul peak measured in the
+same run) for each batch. The speed levers of benchmarks/NOTES.md are options, so each can be measured on
+its own. The peers (transformers 4.57 and stock transformers 5) are measured beside ours by
+benchmarks/compare.py, outside the package, which reuses these functions.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import datetime as dt
 import gc
 import importlib.util
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from mixtral_ft.model.loader import build_skeleton, finish_model
 from mixtral_ft.model.quant import NF4Experts, configure_experts, quantize_nf4
 from mixtral_ft.model.shapes import mixtral_config
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
 DEFAULT_LEVERS = {"checkpointing": True, "skip_layers": 0, "experts": "grouped", "reuse_dequantized": False,
                   "lora_dropout": 0.0, "liger": False, "compile": False}
 
@@ -101,7 +101,7 @@ def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int
     model = build_random_nf4(config, device, dtype)
     build_s = time.perf_counter() - started
     weights_gib, build_peak = steps.allocated_gib(device), steps.peak_gib(device)
-    groups = peers.weight_gib_by_group(model)
+    groups = steps.weight_gib_by_group(model)
     model = apply_levers(model, levers)
     result = steps.time_qlora_steps(model, batch=batch, seq=seq, vocab_size=config.vocab_size, steps=steps_,
                                     warmup=warmup, device=device, profile_to=profile_to)
@@ -116,36 +116,13 @@ def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int
             **result, "matmul_peak_tflops": round(peak_tflops, 1), "hfu": round(achieved / peak_tflops, 4)}
 
 
-def run_peers(args, config, batch: int, device: torch.device, dtype: torch.dtype, ours: dict) -> dict:
-    """Each peer's figures at this batch, with our speed-up over it (at the v5 peer's reduced depth, ours again)."""
-    found = {}
-    common = {"batch": batch, "seq": args.seq, "steps_": args.steps, "warmup": args.warmup, "device": device,
-              "dtype": dtype}
-    if args.peer_v4_site:
-        v4 = peers.run_v4(args.peer_v4_site, config, **common)
-        if "tok_per_s" in v4:
-            v4["our_speedup"] = round(ours["tok_per_s"] / v4["tok_per_s"], 3)
-        found["v4"] = v4
-    else:
-        found["v4"] = {"name": peers.V4_NAME, "skipped": "no --peer-v4-site (a pip --target folder of transformers 4.57)"}
-    if args.peer_v5_layers:
-        small = _config(args, min(args.peer_v5_layers, config.num_hidden_layers))
-        v5 = peers.run_stock_v5(small, full_depth=config.num_hidden_layers, folder=args.v5_checkpoint, **common)
-        _free(device)
-        ours_small = run_benchmark(layers=small.num_hidden_layers, batch=batch, seq=args.seq, steps_=args.steps,
-                                   warmup=args.warmup, device=device, tiny=args.tiny, levers=args.levers)
-        v5 |= {"ours_at_same_depth": {k: ours_small[k] for k in ("tok_per_s", "peak_gib", "weights_gib")},
-               "our_speedup": round(ours_small["tok_per_s"] / v5["tok_per_s"], 3)}
-        found["v5"] = v5
-    return found
-
-
-def result_path(result: dict, out_dir: Path = RESULTS, tag: str | None = None) -> Path:
+def result_path(result: dict, out_dir: Path = OUT_DIR, tag: str | None = None) -> Path:
     device = result["device"].lower().replace(" ", "-")
     return out_dir / f"{result['date']}-{device}{'-' + tag if tag else ''}.json"
 
 
-def _config(args, layers: int):
+def bench_config(args, layers: int):
+    """The model config a run measures at `layers` deep: full-width Mixtral, or the tiny one with --tiny."""
     from mixtral_ft.model.shapes import tiny_config
 
     if args.tiny:
@@ -155,15 +132,15 @@ def _config(args, layers: int):
     return mixtral_config(layers)
 
 
-def _free(device: torch.device) -> None:
-    # A reference cycle (accelerate's hooks on the stock peer, say) would keep the last model allocated while the
+def free_memory(device: torch.device) -> None:
+    # A reference cycle (accelerate's hooks on a stock model, say) would keep the last model allocated while the
     # next is built, and in its peak: collect before giving the cache back.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import bitsandbytes
     import peft
     import transformers
@@ -172,8 +149,15 @@ def _versions() -> dict:
             "bitsandbytes": bitsandbytes.__version__}
 
 
-def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="mixtral-ft bench", description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 through the CLI, like every other bad option
+        hint = " (the peers are measured by python benchmarks/compare.py)" if "--peer-" in message else ""
+        raise UserError(f"{message}{hint}: see {self.prog} --help")
+
+
+def build_parser(prog: str = "mixtral-ft bench", description: str | None = None) -> argparse.ArgumentParser:
+    """Our options; benchmarks/compare.py adds the peers' to the same parser."""
+    parser = _Parser(prog=prog, description=description or __doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[2])
     parser.add_argument("--seq", type=int, default=2048)
@@ -181,15 +165,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU smoke mode)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, metavar="DIR",
+                        help="folder for the result file, created if needed (default: ./bench-results)")
     parser.add_argument("--tag", help="suffix of the result file's name, e.g. the lever measured")
     parser.add_argument("--profile", action="store_true", help="also write each batch's torch.profiler op table")
-    peer = parser.add_argument_group("peers (measured in the same run)")
-    peer.add_argument("--peer-v4-site", type=Path, metavar="DIR",
-                      help="folder holding transformers 4.57 (pip install --no-deps --target DIR transformers==4.57.6 "
-                           "huggingface_hub==0.36.2 tokenizers==0.22.1)")
-    peer.add_argument("--peer-v5-layers", type=int, default=2, metavar="N",
-                      help="depth for stock transformers 5 load_in_4bit, whose experts stay bf16 (0: skip)")
     lever = parser.add_argument_group("speed levers (benchmarks/NOTES.md)")
     lever.add_argument("--no-checkpointing", action="store_true")
     lever.add_argument("--skip-checkpoint-layers", type=int, default=0, metavar="N",
@@ -201,7 +180,11 @@ def parse_args(argv: list[str] | None):
     lever.add_argument("--lora-dropout", type=float, default=0.0)
     lever.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm, RoPE and fused linear cross-entropy")
     lever.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Reject bad options with a UserError (one line, exit 2) and gather the levers."""
     for name in ("layers", "batch", "seq", "steps"):
         values = getattr(args, name)
         if min(values if isinstance(values, list) else [values]) < 1:
@@ -214,61 +197,70 @@ def parse_args(argv: list[str] | None):
         raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
     if args.liger and importlib.util.find_spec("liger_kernel") is None:
         raise UserError("--liger needs liger-kernel: pip install liger-kernel")
-    if args.peer_v4_site and not (args.peer_v4_site / "transformers").is_dir():
-        raise UserError(f"--peer-v4-site {args.peer_v4_site} holds no transformers package: create it with "
-                        "pip install --no-deps --target DIR transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UserError(f"--out-dir {args.out_dir} is a file, not a folder: pass a folder for the result files")
     args.levers = {"checkpointing": not args.no_checkpointing, "skip_layers": args.skip_checkpoint_layers,
                    "experts": args.experts, "reuse_dequantized": args.reuse_dequantized,
                    "lora_dropout": args.lora_dropout, "liger": args.liger, "compile": args.compile}
     return args
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return check_args(build_parser().parse_args(argv))
+
+
+def new_report(args, device: torch.device) -> dict:
+    """The result file's skeleton; per-batch lists follow `batch` order, `runs` keeps every detail of ours."""
+    return {"date": dt.date.today().isoformat(), "device": steps.device_name(device), "versions": versions(),
+            "layers": args.layers, "seq": args.seq, "batch": args.batch, "levers": args.levers,
+            "tok_per_s": [], "step_s": [], "peak_gib": [], "hfu": [], "runs": []}
+
+
+def open_result(args, report: dict) -> Path:
+    """Create --out-dir and name the result file in it."""
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out-dir {args.out_dir}: cannot create it ({exc.strerror}): pass a writable folder") from exc
+    return result_path(report, args.out_dir, args.tag)
+
+
+def run_ours(args, batch: int, device: torch.device, path: Path) -> dict:
+    """Our model at `batch`, its figures added to nothing yet; the memory is given back afterwards."""
+    profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile else None
+    ours = run_benchmark(layers=args.layers, batch=batch, seq=args.seq, steps_=args.steps, warmup=args.warmup,
+                         device=device, tiny=args.tiny, levers=args.levers, profile_to=profile)
+    free_memory(device)
+    return ours
+
+
+def record(report: dict, ours: dict) -> None:
+    for key in ("tok_per_s", "step_s", "peak_gib", "hfu"):
+        report[key].append(ours[key])
+    report["runs"].append(ours)
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")  # after every batch: a later OOM keeps the earlier ones
+
+
+def summary(ours: dict) -> str:
+    return (f"B{ours['batch']} x S{ours['seq']}, {ours['layers']} layers: {ours['tok_per_s']:,.0f} tok/s, "
+            f"peak {ours['peak_gib']:.2f} GiB, HFU {ours['hfu']:.1%}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
-
-    from mixtral_ft.model.load import resolve_compute_dtype
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # upstream deprecations, not the user's to fix
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = resolve_compute_dtype("auto", device)
-    config = _config(args, args.layers)
-    report = {"date": dt.date.today().isoformat(), "device": steps.device_name(device), "versions": _versions(),
-              "layers": args.layers, "seq": args.seq, "batch": args.batch, "levers": args.levers,
-              "tok_per_s": [], "step_s": [], "peak_gib": [], "hfu": [], "runs": [], "peers": {}}
-    path = result_path(report, args.out_dir, args.tag)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder:
-        args.v5_checkpoint = Path(folder)  # the stock peer's random checkpoint, written once for all batches
-        for batch in args.batch:
-            run_batch(args, report, batch, device, dtype, config, path)
+    report = new_report(args, device)
+    path = open_result(args, report)
+    for batch in args.batch:
+        ours = run_ours(args, batch, device, path)
+        record(report, ours)
+        print(summary(ours), flush=True)
+        write_report(report, path)
     print(f"wrote {path}", flush=True)
     return 0
-
-
-def run_batch(args, report: dict, batch: int, device: torch.device, dtype: torch.dtype, config, path: Path) -> None:
-    """Ours at `batch`, then the peers; the result file is rewritten after each batch."""
-    profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile else None
-    ours = run_benchmark(layers=args.layers, batch=batch, seq=args.seq, steps_=args.steps, warmup=args.warmup,
-                         device=device, tiny=args.tiny, levers=args.levers, profile_to=profile)
-    _free(device)
-    for key in ("tok_per_s", "step_s", "peak_gib", "hfu"):
-        report[key].append(ours[key])
-    report["runs"].append(ours)
-    for name, figures in run_peers(args, config, batch, device, dtype, ours).items():
-        report["peers"].setdefault(name, []).append(figures)
-    _free(device)
-    print(summary(ours, report["peers"]), flush=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")  # after every batch: a later OOM keeps the earlier ones
-
-
-def summary(ours: dict, found: dict) -> str:
-    line = (f"B{ours['batch']} x S{ours['seq']}, {ours['layers']} layers: {ours['tok_per_s']:,.0f} tok/s, "
-            f"peak {ours['peak_gib']:.2f} GiB, HFU {ours['hfu']:.1%}")
-    for figures in (history[-1] for history in found.values()):
-        if "our_speedup" in figures:
-            line += (f" | {figures['name']} at {figures['layers']} layers: {figures['tok_per_s']:,.0f} tok/s, "
-                     f"peak {figures['peak_gib']:.2f} GiB, ours {figures['our_speedup']:.2f}x")
-        else:
-            line += f" | {figures['name']}: {figures.get('error') or figures.get('skipped')}"
-    return line

@@ -1,18 +1,45 @@
-"""`mixtral-ft bench`: the CPU smoke mode CI runs (ours and both peers, one result file), and the speed levers."""
+"""`mixtral-ft bench` (ours only, into --out-dir) and benchmarks/compare.py (ours and both peers, one file):
+the CPU smoke modes CI runs, and the speed levers."""
 
+import datetime as dt
+import importlib
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mixtral_ft import bench, peers, quant, steps
+from mixtral_ft.bench import steps
+from mixtral_ft.bench import throughput as bench
 from mixtral_ft.cli import main
+from mixtral_ft.model import quant
 from mixtral_ft.model.shapes import tiny_config
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[2]
+OUR_KEYS = ("date", "device", "versions", "layers", "seq", "levers", "batch", "tok_per_s", "step_s", "peak_gib",
+            "hfu", "runs")
+SMOKE = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--seq", "16"]
+
+
+def source_tree_state() -> str | None:
+    """What git sees changed in the checkout (None outside a git checkout)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return None
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    """benchmarks/ on the path, as it is for `python benchmarks/compare.py`: its modules import as top-level ones."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("compare"), importlib.import_module("peers")
 
 
 @pytest.fixture(scope="module")
@@ -24,42 +51,106 @@ def v4_site(tmp_path_factory):
     return site
 
 
+def test_bench_writes_our_figures_into_out_dir_only(tmp_path, monkeypatch, capsys):
+    work, out = tmp_path / "work", tmp_path / "results" / "new"  # --out-dir is created, parents too
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = source_tree_state()
+    assert main(["bench", *SMOKE, "--out-dir", str(out), "--tag", "ours"]) == 0
+    [result_file] = out.iterdir()
+    assert result_file.name == f"{dt.date.today().isoformat()}-cpu-ours.json"
+    report = json.loads(result_file.read_text())
+    assert set(OUR_KEYS) <= set(report) and "peers" not in report
+    assert report["batch"] == [2] and report["layers"] == 2 and report["seq"] == 16 and report["tok_per_s"][0] > 0
+    assert report["levers"] == bench.DEFAULT_LEVERS
+    assert {"batch", "tok_per_s", "step_s", "peak_gib", "hfu", "weights_gib_by_group"} <= set(report["runs"][0])
+    assert report["runs"][0]["weights_gib_by_group"]["experts"] > 0
+    assert not list(work.iterdir())  # nothing in the working folder
+    assert source_tree_state() == before  # nor in the checkout (benchmarks/results/ included)
+    assert f"wrote {result_file}" in capsys.readouterr().out
+
+
+def test_bench_results_default_to_the_working_folder():
+    args = bench.parse_args(SMOKE)
+    assert args.out_dir == Path("bench-results") and not args.out_dir.is_absolute()
+
+
 @pytest.mark.slow
-def test_bench_smoke_measures_us_and_both_peers(tmp_path, v4_site, capsys):
-    assert main(["bench", "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--seq", "64",
-                 "--out-dir", str(tmp_path), "--peer-v4-site", str(v4_site), "--tag", "smoke"]) == 0
-    [result_file] = tmp_path.glob("*.json")
+def test_python_m_bench_leaves_the_source_tree_untouched(tmp_path):
+    """`python -m mixtral_ft.bench` without --out-dir: ./bench-results/ of the working folder, nothing in the checkout."""
+    before = source_tree_state()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "mixtral_ft.bench", *SMOKE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    [result_file] = (tmp_path / "bench-results").glob("*.json")
+    assert set(OUR_KEYS) <= set(json.loads(result_file.read_text()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-results"]
+    assert source_tree_state() == before
+
+
+@pytest.mark.slow
+def test_compare_smoke_measures_us_and_both_peers(tmp_path, v4_site):
+    before = source_tree_state()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--device", "cpu", "--tiny",
+                           "--steps", "1", "--warmup", "1", "--seq", "64", "--out-dir", str(tmp_path / "out"),
+                           "--peer-v4-site", str(v4_site), "--tag", "smoke"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    [result_file] = (tmp_path / "out").glob("*.json")
     assert result_file.name.endswith("-cpu-smoke.json")
     report = json.loads(result_file.read_text())
-    for key in ("date", "device", "versions", "layers", "batch", "seq", "tok_per_s", "peak_gib", "hfu", "peers"):
-        assert key in report
+    assert set(OUR_KEYS) <= set(report) and "peers" in report
     assert report["batch"] == [2] and report["layers"] == 2 and report["tok_per_s"][0] > 0
     [v4], [v5] = report["peers"]["v4"], report["peers"]["v5"]
     assert v4["transformers"] == "4.57.6" and v4["layers"] == 2 and v4["tok_per_s"] > 0
     assert v4["our_speedup"] == pytest.approx(report["tok_per_s"][0] / v4["tok_per_s"], rel=1e-2)
     # stock v5 keeps the experts unquantized: many times our NF4 bytes at the same depth
     ours = report["runs"][0]["weights_gib_by_group"]
-    assert v5["weights_gib"]["experts"] > 3.5 * ours["experts"] and v5["layers"] == 2
+    assert v5["weights_gib"]["experts"] > 3.5 * ours["experts"] > 0 and v5["layers"] == 2
     assert v5["ours_at_same_depth"]["tok_per_s"] > 0 and v5["our_speedup"] > 0
-    out = capsys.readouterr().out
-    assert "ours" in out and "transformers-4.57" in out and "load_in_4bit" in out
+    assert "ours" in done.stdout and "transformers-4.57" in done.stdout and "load_in_4bit" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and source_tree_state() == before
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "0"], "--batch must be at least 1"),
-    (["--peer-v4-site", "/nonexistent"], "holds no transformers package"),
     (["--liger"], "needs a CUDA GPU"),
     (["--skip-checkpoint-layers", "3"], "between 0 and --layers"),
+    (["--experts", "fast"], "invalid choice"),
+    (["--peer-v4-site", "DIR"], "python benchmarks/compare.py"),  # the peers' flags moved out with them
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    base = ["bench", "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--seq", "16",
-            "--peer-v5-layers", "0", "--out-dir", str(tmp_path)]
-    assert main([*base, *argv]) == 2
+    assert main(["bench", *SMOKE, "--out-dir", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
-def test_a_broken_v4_site_is_recorded_not_fatal(tmp_path):
+def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "taken").write_text("kept\n")
+    assert main(["bench", *SMOKE, "--out-dir", str(tmp_path / "taken")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peer-v4-site", "/nonexistent"], "holds no transformers package"),
+    (["--peer-v5-layers", "-1"], "--peer-v5-layers must be 0"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--peer-v6-layers", "2"], "unrecognized arguments"),
+])
+def test_compare_bad_flags_exit_2_with_one_line(tmp_path, capsys, scripts, argv, message):
+    compare, _ = scripts
+    assert compare.main([*SMOKE, "--out-dir", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_v4_site_is_recorded_not_fatal(tmp_path, scripts):
+    _, peers = scripts
     site = tmp_path / "site"
     (site / "transformers").mkdir(parents=True)  # an empty package: importing it fails in the subprocess
     result = peers.run_v4(site, tiny_config(), batch=1, seq=8, steps_=1, warmup=0, device=CPU,
