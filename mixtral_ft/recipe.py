@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mixtral_ft.errors import UserError
+from mixtral_ft.formats import PREFERENCE_FORMATS, SFT_FORMATS
 from mixtral_ft.schema import apply_override, build_dataclass, plain, read_yaml, reject_secrets
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -55,7 +56,8 @@ class DataSection:
     split: str = "train"  # split to train on (local files have only `train`)
     eval_split: str | None = None  # split to evaluate on, e.g. `test`; null for none
     test_size: float = 0.0  # fraction of rows held out for eval when the source has no eval split
-    format: str = "auto"  # auto | chatml (`text` column) | messages (`messages`/`conversation` column)
+    # auto | messages | sharegpt | chatml | alpaca | prompt_completion (SFT) | preference | implicit_prompt (DPO)
+    format: str = "auto"  # auto detects it from the columns; README's Data section shows one row of each
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of rows is unparseable
     max_rows: int | None = None  # read at most this many rows (quick experiments)
     # Blend sources instead of data.path: seeded sampling, each source gets weight/sum(weights) of the rows.
@@ -160,7 +162,8 @@ def check_recipe(recipe: Recipe) -> None:
           "must be auto, bfloat16, float16 or float32")
     _need(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
           "must be sdpa, flash_attention_2 or eager")
-    _need(d.format in ("auto", "chatml", "messages"), "data.format", "must be auto, chatml or messages")
+    known = ("auto", *(PREFERENCE_FORMATS if t.method == "dpo" else SFT_FORMATS))
+    _need(d.format in known, "data.format", f"must be one of {', '.join(known)} (train.method: {t.method})")
     _check_sources(recipe)
     _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
     _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1], e.g. 0.1")
@@ -193,10 +196,6 @@ def check_recipe(recipe: Recipe) -> None:
         _need(0 < recipe.dpo.max_prompt_length < t.max_length, "dpo.max_prompt_length",
               f"must be > 0 and below train.max_length ({t.max_length}) to leave room for the answer")
         _need(not t.packing, "train.packing", "applies to SFT only: DPO compares whole answers; set it to false")
-        _need(d.format == "auto", "data.format", "applies to SFT only: DPO reads prompt/chosen/rejected columns; "
-              "set it to auto")
-        for i, source in enumerate(d.mixture):
-            _need(source.format in (None, "auto"), f"data.mixture[{i}].format", "applies to SFT only: remove it")
     _need(t.router_aux_loss_coef >= 0, "train.router_aux_loss_coef", "must be >= 0 (0 turns it off), e.g. 0.01")
     g = recipe.logging
     _need(set(g.report_to) <= {"wandb", "tensorboard", "none"} and len(g.report_to) > 0, "logging.report_to",
@@ -223,8 +222,9 @@ def _check_sources(recipe: Recipe) -> None:
     for i, source in enumerate(d.mixture):
         key = f"data.mixture[{i}]"
         _need(source.weight > 0, f"{key}.weight", "must be > 0, e.g. 1.0")
-        _need(source.format in (None, "auto", "chatml", "messages"), f"{key}.format",
-              "must be null (data.format), auto, chatml or messages")
+        known = ("auto", *(PREFERENCE_FORMATS if recipe.train.method == "dpo" else SFT_FORMATS))
+        _need(source.format is None or source.format in known, f"{key}.format",
+              f"must be null (data.format) or one of {', '.join(known)}")
         _need(source.max_rows is None or source.max_rows > 0, f"{key}.max_rows", "must be > 0 or null")
 
 

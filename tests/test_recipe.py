@@ -51,7 +51,7 @@ def test_required_keys_exist_with_documented_names():
     (["train.max_steps=0"], "train.max_steps", "-1 to train by epochs"),
     (["train.packing=maybe"], "train.packing", "true or false"),
     (["train.save_steps=0"], "train.save_steps", "must be > 0"),
-    (["data.format=csv"], "data.format", "chatml or messages"),
+    (["data.format=csv"], "data.format", "alpaca, prompt_completion"),
     (["hub.token=hf_abc"], "hub.token", "HF_TOKEN"),
     (["model.api_key=xyz"], "model.api_key", "huggingface-cli login"),
     (["model=3"], "model", "must be a mapping"),
