@@ -148,9 +148,32 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
         if versions:
             lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
         lines += [""]
+    lines += _run_sections(folder, run)
     if recipe:
         lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     return scrub("\n".join(lines))
+
+
+def _run_sections(folder: Path, run: dict | None) -> list[str]:
+    """Eval loss, data report, audit summary and plots, from the files training wrote next to the adapter."""
+    lines = []
+    evals = (run or {}).get("eval_losses") or []
+    if evals:
+        lines += [f"Eval loss at step {evals[-1]['step']}: {evals[-1]['eval_loss']:.4g} "
+                  f"({len(evals)} evaluations).", ""]
+    data = _read(folder, "data_report.json", json.loads)
+    if data:
+        lines += ["## Data", ""] + [f"- {row['line'].removeprefix('data: ')}" for row in data] + [""]
+    audit = _read(folder, "audit.json", json.loads)
+    if audit:
+        lines += ["## Audit", "", "| group | dtype | params | trainable |", "|---|---|---|---|"]
+        lines += [f"| {r['group']} | {'/'.join(r['dtypes'])} | {r['params']:,} | {r['trainable']:,} |"
+                  for r in audit.get("rows", []) if r.get("tensors")]
+        lines += ["", "audit: ok" if audit.get("ok") else f"audit FAILED: {'; '.join(audit.get('failures', []))}", ""]
+    plots = [name for name in ("loss_curve.png", "router_heatmap.png") if (folder / name).is_file()]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name.removesuffix('.png')}]({name})" for name in plots] + [""]
+    return lines
 
 
 def write_card(folder: Path, kind: str, title: str | None = None) -> None:

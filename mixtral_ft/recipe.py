@@ -96,7 +96,7 @@ class TrainSection:
     compile: bool = False  # torch.compile each decoder layer (one graph for all; speed: benchmarks/NOTES.md)
     assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
     logging_steps: int = 1  # log every N steps
-    eval_steps: int | None = None  # evaluate every N steps when an eval split exists
+    eval_steps: int | None = None  # evaluate every N steps when there is eval data; null: every save_steps
     overwrite: bool = False  # replace a finished run in output_dir (otherwise that is an error)
     resume: str | bool = "auto"  # auto (newest complete checkpoint, else fresh) | true (must resume) | false | PATH
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight (padding excluded); 0 = off, e.g. 0.01

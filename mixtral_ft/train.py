@@ -68,8 +68,8 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, pad_token: st
         max_length=t.max_length,
         packing=t.packing,
         logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps or t.save_steps,  # null: at each checkpoint, so the loss plot has an eval curve
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         report_to=report_to(recipe),  # wandb / tensorboard from logging.report_to; see configure_reporting
@@ -209,7 +209,10 @@ def train(recipe: Recipe) -> dict:
             set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
             dump_recipe(recipe, out / "recipe.yaml")
             (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
+            from mixtral_ft.run_outputs import closing_line, write_run_files
+
+            write_run_files(out, audit, data.reports)  # audit.json, data_report.json and our model card
+            print(closing_line(out), flush=True)
         return summary
 
     # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
@@ -244,6 +247,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "final_loss": losses[-1]["loss"] if losses else None,
         "train_loss": result.training_loss,
         "losses": losses,
+        "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
         "train_runtime_s": round(runtime, 2),
