@@ -25,9 +25,12 @@ def cmd_train(args) -> int:
         except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
             return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
     from mixtral_ft.guards import Preempted, TrainingError
+    from mixtral_ft.preflight import check_can_train
 
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_can_train(recipe, args.recipe, force=getattr(args, "force", False))  # before any download or folder
     try:
-        train(load_recipe(args.recipe, args.overrides))
+        train(recipe)
     except TrainingError as exc:  # the run diverged: not bad input, so exit 1 rather than 2
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -98,6 +98,7 @@ class TrainSection:
     logging_steps: int = 1  # log every N steps
     eval_steps: int | None = None  # evaluate every N steps when there is eval data; null: every save_steps
     overwrite: bool = False  # replace a finished run in output_dir (otherwise that is an error)
+    check_fit: bool = True  # stop before any download if the model cannot train here (no CUDA GPU, or plan: no fit)
     resume: str | bool = "auto"  # auto (newest complete checkpoint, else fresh) | true (must resume) | false | PATH
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight (padding excluded); 0 = off, e.g. 0.01
 
