@@ -91,14 +91,18 @@ def cmd_quantize(args) -> int:
 
     from mixtral_ft.loader import save_prequantized
     from mixtral_ft.model import load_model, resolve_model_path
+    from mixtral_ft.progress import say
     from mixtral_ft.staging import refuse_nonempty, staged_folder
     from mixtral_ft.tokenizer import load_tokenizer, save_tokenizer
 
     out = Path(args.out)
     refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral
+    say("quantize", f"resolving {args.model}")
     source = resolve_model_path(args.model)
+    say("quantize", f"loading and quantizing {args.model} to NF4 (Mixtral: minutes)")
     model = load_model(str(source), quantize_experts=not args.bf16_experts, device=args.device)
     with staged_folder(out, "OUT") as staging:  # an interrupted run leaves no half model
+        say("quantize", f"writing {out}")
         save_prequantized(model, staging, source=args.model)
         AutoConfig.from_pretrained(source).save_pretrained(staging)
         if (source / "generation_config.json").exists():

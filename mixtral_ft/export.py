@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.errors import UserError
+from mixtral_ft.progress import say
 
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -67,6 +68,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
     lora = _read_lora(adapter)
 
     with staged_folder(out, "--out") as staging:  # an interrupted merge leaves no half-written model
+        say("merge", f"{len(lora)} LoRA weights from {adapter} into {base_name} ({base_weights} base weights)")
         written = _merge_shards(source, staging, lora, base_weights == "dequantized", quantize_experts,
                                 DTYPES.get(dtype))
         _write_side_files(source, adapter, staging, written)
@@ -77,6 +79,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
                 "dtype": written["dtype"], "lora_tensors": len(lora)}
         write_scrubbed(staging / "merge.json", json.dumps(info, indent=2) + "\n")
         if verify:
+            say("merge", "verifying: merged model vs adapter on the NF4 base")
             report = verify_merge(staging, adapter, source, quantize_experts=quantize_experts, device=device)
             write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
             info["verify"] = report
@@ -125,7 +128,8 @@ def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, qu
     experts = _LegacyExperts(source, shards)
     pending = dict(lora)
     weight_map, total, dtypes = {}, 0, set()
-    for shard in shards:
+    for number, shard in enumerate(shards, 1):
+        say("merge", f"shard {number}/{len(shards)} ({shard.name})")
         tensors = {}
         with safe_open(str(shard), framework="pt", device="cpu") as reader:
             for key in reader.keys():

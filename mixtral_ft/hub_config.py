@@ -35,8 +35,11 @@ def fetch_config(name: str, revision: str | None = None) -> dict:
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    print(f"reading {name}'s config.json from the Hub (one try, {TIMEOUT_S:g} s timeout)...", file=sys.stderr,
-          flush=True)
+    print(
+        f"reading {name}'s config.json from the Hub (one try, {TIMEOUT_S:g} s timeout)...",
+        file=sys.stderr,
+        flush=True,
+    )
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
     url = hf_hub_url(name, "config.json", revision=revision, endpoint=endpoint)
     try:

@@ -39,14 +39,18 @@ def verdict(recipe, recipe_path: str, gpu_mem: float | None) -> str | None:
     if gpu_mem is None:
         if need <= CPU_LIMIT_GIB:
             return None
-        return (f"{recipe.model.name} needs a CUDA GPU (plan: {need:.1f} GiB at peak) and this machine has none; "
-                f"stopped before any download. On CPU try `mixtral-ft train recipes/tiny.yaml`; size a GPU with "
-                f"`mixtral-ft plan {recipe_path}`; {override}")
+        return (
+            f"{recipe.model.name} needs a CUDA GPU (plan: {need:.1f} GiB at peak) and this machine has none; "
+            f"stopped before any download. On CPU try `mixtral-ft train recipes/tiny.yaml`; size a GPU with "
+            f"`mixtral-ft plan {recipe_path}`; {override}"
+        )
     if report["fits"]:
         return None
-    return (f"{recipe.model.name} does not fit this GPU: plan predicts {need:.1f} GiB at peak, the GPU has "
-            f"{gpu_mem:.0f} GiB; stopped before any download. Run `mixtral-ft plan {recipe_path} --gpu-mem "
-            f"{gpu_mem:.0f}` for settings that fit; {override}")
+    return (
+        f"{recipe.model.name} does not fit this GPU: plan predicts {need:.1f} GiB at peak, the GPU has "
+        f"{gpu_mem:.0f} GiB; stopped before any download. Run `mixtral-ft plan {recipe_path} --gpu-mem "
+        f"{gpu_mem:.0f}` for settings that fit; {override}"
+    )
 
 
 def check_can_train(recipe, recipe_path: str, *, force: bool = False) -> None:

@@ -29,12 +29,15 @@ def test_version(capsys):
 def test_mistyped_command_suggests_the_right_one(capsys):
     assert main(["trian", "recipes/tiny.yaml"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: unknown command 'trian'; did you mean `mixtral-ft train recipes/tiny.yaml`? (commands: "
-                   "train, validate, audit, tiny, quantize, merge, push, chat, eval, plan, bench)")
+    assert err == (
+        "error: unknown command 'trian'; did you mean `mixtral-ft train recipes/tiny.yaml`? (commands: "
+        "train, validate, audit, tiny, quantize, merge, push, chat, eval, plan, bench)"
+    )
     assert main(["xyzzy"]) == 2 and "see `mixtral-ft --help`" in capsys.readouterr().err
 
 
 # --- GPU pre-check -----------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
 def test_full_mixtral_without_gpu_stops_before_any_download(tmp_path, capsys):
@@ -80,6 +83,7 @@ def test_launched_workers_skip_the_check(monkeypatch):
 
 # --- plan ----------------------------------------------------------------------------------------
 
+
 class CountingHub(http.server.BaseHTTPRequestHandler):
     requests: list[str] = []
 
@@ -108,7 +112,9 @@ def hub(monkeypatch):
 def test_plan_tries_the_hub_once_then_uses_the_builtin_shape(hub, monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert main(["plan", OASST, "--gpu-mem", "80"]) == 0
-    assert len(hub) == 1 and hub[0].endswith("/config.json")  # huggingface_hub itself would retry a 503 5 times
+    assert len(hub) == 1 and hub[0].endswith(
+        "/config.json"
+    )  # huggingface_hub itself would retry a 503 5 times
     out = capsys.readouterr()
     assert out.out.count("could not be fetched (HTTP 503): used the built-in Mixtral-8x7B shape") == 1
     assert "one try" in out.err
