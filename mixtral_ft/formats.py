@@ -51,16 +51,18 @@ class Format:
 
 
 def sft_format(columns: list[str], first_row: dict | None, fmt: str, label: str) -> Format:
-    """The SFT format of a source: data.format, or (auto) the first layout whose columns are present."""
+    """The SFT format of a source: data.format, or (auto) the first layout whose columns are present.
+
+    chatml comes last: tatsu-lab/alpaca carries a `text` column (its rendered prompt) beside instruction/output."""
     message_column = next((c for c in MESSAGE_COLUMNS if c in columns), None)
     candidates = {
         "messages": message_column and ((message_column,), _as_messages),
         "sharegpt": message_column and ((message_column,), _as_messages),
-        "chatml": "text" in columns and (("text",), _as_chatml),
         "alpaca": {"instruction", "output"} <= set(columns)
         and (tuple(c for c in ("system", "instruction", "input", "output") if c in columns), alpaca_messages),
         "prompt_completion": {"prompt", "completion"} <= set(columns)
         and (("prompt", "completion"), prompt_completion_messages),
+        "chatml": "text" in columns and (("text",), _as_chatml),
     }
     if fmt == "auto":
         for name, found in candidates.items():

@@ -291,3 +291,18 @@ def test_readme_shows_one_row_of_every_format():
     for fmt in (*SFT_FORMATS, *PREFERENCE_FORMATS):
         assert f"| `{fmt}`" in data, fmt
     assert "data.path=tests/data/alpaca.jsonl" in data
+
+
+def test_alpaca_with_a_rendered_text_column_is_still_alpaca(tokenizer, reference, tmp_path):
+    # tatsu-lab/alpaca ships its rendered prompt in `text` beside instruction/input/output.
+    row = {
+        "instruction": "Add the numbers.",
+        "input": "1, 2",
+        "output": "3",
+        "text": "Below is an instruction...\n\n### Instruction:\nAdd the numbers.\n\n### Response:\n3",
+    }
+    path = tmp_path / "alpaca_text.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    data = sft(path, tokenizer)
+    assert data.reports[0].format == "alpaca (auto-detected)"
+    assert data.train[0]["input_ids"] == encode(reference, "Add the numbers.\n\n1, 2", "3")
