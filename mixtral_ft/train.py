@@ -68,8 +68,10 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, pad_token: st
         max_length=t.max_length,
         packing=t.packing,
         logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_steps or t.save_steps,  # null: at each checkpoint, so the loss plot has an eval curve
+        # eval_steps null: at each checkpoint, so the loss plot has an eval curve. Not by default under
+        # train.compile: compiled layers fail in eval (bitsandbytes' fake-kernel strides under no_grad).
+        eval_strategy="steps" if has_eval and (t.eval_steps or not t.compile) else "no",
+        eval_steps=t.eval_steps or t.save_steps,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         report_to=report_to(recipe),  # wandb / tensorboard from logging.report_to; see configure_reporting
