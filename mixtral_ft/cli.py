@@ -38,7 +38,10 @@ def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixtral_ft import __version__
+
     parser = argparse.ArgumentParser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
+    parser.add_argument("--version", action="version", version=f"mixtral-ft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune as a recipe says")
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes (GPUs) to train on through accelerate (default: 1, or the config's)")
     p.add_argument("--accelerate-config", default=None, metavar="PATH",
                    help="accelerate config, e.g. accelerate_configs/fsdp_qlora.yaml")
+    p.add_argument("--force", action="store_true",
+                   help="train even if the model looks too big for this machine (no CUDA GPU, or plan: no fit)")
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("validate", help="check recipes without loading a model")
@@ -138,12 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """A one-line did-you-mean for a mistyped command (argparse only lists every choice), or None."""
+    import difflib
+
+    if not argv or argv[0].startswith("-"):
+        return None
+    commands = list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    if argv[0] in commands:
+        return None
+    close = difflib.get_close_matches(argv[0], commands, n=1, cutoff=0.5)
+    hint = f"did you mean `mixtral-ft {' '.join([close[0], *argv[1:]])}`?" if close else "see `mixtral-ft --help`"
+    return f"unknown command '{argv[0]}'; {hint} (commands: {', '.join(commands)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser owns every option after the command
         args = argparse.Namespace(func=commands.cmd_bench, bench_args=argv[1:])
     else:
         parser = build_parser()
+        unknown = unknown_command(parser, argv)
+        if unknown:
+            print(f"error: {unknown}", file=sys.stderr)
+            return 2
         # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would
         # leave `k=v` unrecognized: key=value leftovers are overrides too, in the order given.
         args, extra = parser.parse_known_args(argv)

@@ -26,10 +26,12 @@ def cmd_train(args) -> int:
             return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
         except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
             return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
+    from mixtral_ft.plan.fit_check import check_can_train
     from mixtral_ft.train.guards import Preempted, TrainingError
 
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_can_train(recipe, args.recipe, force=getattr(args, "force", False))  # before any download or folder
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
         train(recipe)
         if recipe.hub.push and is_main_process():  # the adapter is saved; export is the next stage's job
             from mixtral_ft.export.hub import push_after_training
@@ -91,6 +93,7 @@ def cmd_tiny(args) -> int:
 def cmd_quantize(args) -> int:
     from transformers import AutoConfig, GenerationConfig
 
+    from mixtral_ft.common import say
     from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
     from mixtral_ft.model.load import load_model
@@ -99,9 +102,12 @@ def cmd_quantize(args) -> int:
 
     out = Path(args.out)
     refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral
+    say("quantize", f"resolving {args.model}")
     source = resolve_model_path(args.model)
+    say("quantize", f"loading and quantizing {args.model} to NF4 (Mixtral: minutes)")
     model = load_model(str(source), quantize_experts=not args.bf16_experts, device=args.device)
     with staged_folder(out, "OUT") as staging:  # an interrupted run leaves no half model
+        say("quantize", f"writing {out}")
         save_prequantized(model, staging, source=args.model)
         AutoConfig.from_pretrained(source).save_pretrained(staging)
         if (source / "generation_config.json").exists():

@@ -8,6 +8,8 @@ imports only torch, so the transformers 4.57 peer in benchmarks/ can measure thr
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,3 +76,21 @@ def peak_gib(device: torch.device) -> float:
     with open("/proc/self/status") as status:
         kib = next((int(line.split()[1]) for line in status if line.startswith("VmHWM")), 0)
     return kib / 2**20
+
+
+# --- progress for the commands that take minutes (eval, merge, quantize): lines on stderr, stdout keeps results
+
+_started: dict[str, float] = {}
+
+
+def say(command: str, message: str) -> None:
+    """One progress line for `command`, stamped with the seconds since its first line."""
+    start = _started.setdefault(command, time.monotonic())
+    print(f"{command}: [{time.monotonic() - start:.0f}s] {message}", file=sys.stderr, flush=True)
+
+
+def bar(iterable, desc: str, total: int | None = None):
+    """A tqdm bar on stderr (shown on terminals, silent in logs that are not one)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, mininterval=1.0, disable=None)

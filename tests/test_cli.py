@@ -57,7 +57,7 @@ RECIPES = [
     ("unknown optimizer", ["train.optim=adamw"], {}, "'train.optim' must be a transformers name, e.g. adamw_torch"),
     ("unknown scheduler", ["train.lr_scheduler_type=cosin"], {}, "'train.lr_scheduler_type' must be a "
                                                                   "transformers name, e.g. cosine"),
-    ("unknown dataset format", ["data.format=sharegpt"], {}, "'data.format' must be auto, chatml or messages"),
+    ("unknown dataset format", ["data.format=csv"], {}, "'data.format' must be one of auto, messages, sharegpt"),
     ("secret in the recipe", ["model.hf_token=hf_abcdefgh"], {}, "looks like a secret"),
     ("push without a repo", ["hub.push=true"], {}, "'hub.repo_id' is required when hub.push is true"),
     ("override without =", ["train.max_steps"], {}, "is not key=value"),
@@ -95,7 +95,7 @@ DATA = [
     ("truncated JSON list", {"data.json": '[{"text": "a"}, {"te'}, ["data.path={tmp}/data.json"], "cannot read"),
     ("non-UTF-8 bytes", {"data.jsonl": b'{"text": "caf\xe9"}\n'}, [], "is not UTF-8"),
     ("missing fields", {"data.jsonl": jsonl({"prompt": "a", "response": "b"})}, [],
-     "has columns ['prompt', 'response'], none of"),
+     "has columns ['prompt', 'response'], which match no format we know"),
     ("unknown roles", {"data.jsonl": jsonl(*[convo(("wizard", "Hi"), ("assistant", "Yo"))] * 5)}, [],
      "unknown role 'wizard'"),
     ("same role twice", {"data.jsonl": jsonl(*[convo(("user", "a"), ("user", "b"), ("assistant", "c"))] * 5)}, [],

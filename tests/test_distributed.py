@@ -120,7 +120,7 @@ def test_two_process_ddp_through_the_cli(tmp_path):
     # Rank 0 alone writes and reports: one adapter at the top level, each line once.
     adapters = {p.relative_to(out).as_posix() for p in out.rglob("adapter_model.safetensors")}
     assert adapters == {"adapter_model.safetensors", "checkpoint-4/adapter_model.safetensors"}
-    assert proc.stdout.count("saved adapter") == 1
+    assert proc.stdout.count("saved to ") == 1
     assert proc.stdout.count("audit: ok") == 1
     assert proc.stdout.count("data: builtin:oasst_top1") == 1
     assert not list(out.glob(".write_test*"))
@@ -173,4 +173,4 @@ def test_fsdp_through_the_cli_on_gpus(tmp_path):
                 "model.compute_dtype=bfloat16"])
     summary = json.loads((out / "run.json").read_text())
     assert summary["world_size"] == 2 and len(summary["losses"]) == 4
-    assert (out / "adapter_model.safetensors").is_file() and proc.stdout.count("saved adapter") == 1
+    assert (out / "adapter_model.safetensors").is_file() and proc.stdout.count("saved to ") == 1

@@ -1,10 +1,10 @@
 """Conversation data for SFT: read a source, tokenize with Mixtral's chat format, mask assistant turns.
 
 Sources are the bundled sample (`builtin:oasst_top1`), local .jsonl/.json/.parquet files, local dataset
-folders or hub dataset ids. Rows hold either ChatML text (a `text` column, as in
-OpenAssistant/oasst_top1_2023-08-25) or lists of turns (`messages`/`conversation`/`conversations`, with
-{role, content} or ShareGPT {from, value} turns). Each row becomes `input_ids` plus `assistant_masks`
-(1 on assistant content and its `</s>`), which TRL's SFTTrainer uses as-is without re-tokenizing.
+folders (including `save_to_disk` ones) or hub dataset ids, in any format formats.py knows (messages,
+ShareGPT, ChatML text, Alpaca, prompt-completion). Each row becomes `input_ids` plus `assistant_masks`
+(1 on assistant content and its `</s>`; for prompt-completion rows only on the completion), which TRL's
+SFTTrainer uses as-is without re-tokenizing.
 Bad rows are dropped and counted per reason; too many of them stop the run with a `UserError`.
 Reading sources and mixing them lives in sources.py, shared with preference data (prefs.py).
 """
@@ -13,40 +13,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+from mixtral_ft.data import formats
+from mixtral_ft.data.formats import ROLE_ALIASES, parse_chatml  # noqa: F401  (parse_chatml: the ChatML format)
 from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, read_rows, settle
-from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
 
-MESSAGE_COLUMNS = ("messages", "conversation", "conversations")
-ROLE_ALIASES = {"user": "user", "human": "user", "prompter": "user",
-                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "system": "system"}
 TRUNCATED = "no assistant tokens within max_length"
 
 
 # --- conversations ----------------------------------------------------------------------------------
-
-def parse_chatml(text: str) -> list[dict]:
-    """`<|im_start|>role\\ncontent<|im_end|>` blocks -> [{"role", "content"}]; ValueError(reason) if malformed."""
-    if not isinstance(text, str):
-        raise ValueError("text is not a string")
-    head, *chunks = text.split("<|im_start|>")
-    if not chunks:
-        raise ValueError("no ChatML turns (<|im_start|>role ... <|im_end|>)")
-    if head.strip():
-        raise ValueError("text before the first ChatML turn")
-    messages = []
-    for chunk in chunks:
-        body, closed, tail = chunk.partition("<|im_end|>")
-        if not closed:
-            raise ValueError("ChatML turn without <|im_end|>")
-        if tail.strip():
-            raise ValueError("text between ChatML turns")
-        role, newline, content = body.partition("\n")
-        if not newline or not role.strip().isidentifier():
-            raise ValueError("ChatML turn without a role line")
-        messages.append({"role": role.strip(), "content": content})
-    return messages
-
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """Alternating user/assistant turns that start on user and end on assistant; ValueError(reason) if impossible."""
@@ -150,38 +125,28 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
     from datasets import Dataset
 
     dataset, label = read_rows(cfg, split)
-    column, parse = _pick_column(dataset.column_names, cfg.format, label)
+    fmt = formats.sft_format(dataset.column_names, dataset[0] if len(dataset) else None, cfg.format, label)
 
-    report = SourceReport(source=label)
+    report = SourceReport(source=label, format=fmt.describe(), supervised_tokens=0)
     dropped: Counter[str] = Counter()
     rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
-    for value in dataset[column]:
+    for row in dataset.select_columns(list(fmt.columns)):
         report.read += 1
         try:
-            encoded = encode_conversation(parse(value), tokenizer)
+            messages, context_answers = fmt.convert(row)
+            encoded = encode_conversation(messages, tokenizer)
         except ValueError as exc:
             dropped[str(exc)] += 1
             continue
-        ids, mask = encoded["input_ids"][:max_length], encoded["assistant_masks"][:max_length]
+        mask = formats.completion_only(encoded["assistant_masks"], context_answers)[:max_length]
         if 1 not in mask:
             dropped[TRUNCATED] += 1
             continue
-        rows["input_ids"].append(ids)
+        rows["input_ids"].append(encoded["input_ids"][:max_length])
         rows["assistant_masks"].append(mask)
+        report.trailing_user_dropped += formats.ends_on_user(messages)
+        report.supervised_tokens += sum(mask)
     report.kept = len(rows["input_ids"])
     settle(report, dropped, cfg, label, not_bad=TRUNCATED,
            empty_fix=f"fix the data, or raise train.max_length (now {max_length}) if rows are too long")
     return Dataset.from_dict(rows), report
-
-
-def _pick_column(columns: list[str], fmt: str, label: str):
-    message_column = next((c for c in MESSAGE_COLUMNS if c in columns), None)
-    if fmt in ("auto", "messages") and message_column:
-        return message_column, lambda value: value
-    if fmt in ("auto", "chatml") and "text" in columns:
-        return "text", parse_chatml
-    expected = {"auto": ["text", *MESSAGE_COLUMNS], "chatml": ["text"], "messages": list(MESSAGE_COLUMNS)}[fmt]
-    raise UserError(f"data: {label} has columns {columns}, none of {expected} (data.format: {fmt}); "
-                    "rename the conversation column or set data.format")
-
-

@@ -4,6 +4,8 @@ Accepted rows (columns `prompt`, `chosen`, `rejected`):
 - strings: `prompt` is the user's message, `chosen` / `rejected` the assistant's answers;
 - TRL's conversational layout: `prompt` a list of turns ending on a user turn, `chosen` / `rejected` lists
   holding the one answer turn;
+- Anthropic HH-RLHF (`implicit_prompt`, formats.py): `chosen` / `rejected` whole dialogues without a `prompt`,
+  as `\n\nHuman: … \n\nAssistant: …` text or lists of turns; their shared start is the prompt;
 - HuggingFaceH4/ultrafeedback_binarized (and the bundled `builtin:preferences`): `chosen` / `rejected` are
   whole conversations that include the prompt turns; those turns are the prompt, and the `prompt` column,
   which only repeats the question, may be absent.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from mixtral_ft.data import formats
 from mixtral_ft.data.conversations import (
     ROLE_ALIASES,
     _finetuning_tokenizer,
@@ -25,7 +28,6 @@ from mixtral_ft.data.conversations import (
     normalize_messages,
 )
 from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, read_rows, settle
-from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -114,23 +116,21 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, max_pr
     from datasets import Dataset
 
     dataset, label = read_rows(cfg, split)
-    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
-    if "chosen" not in columns or "rejected" not in columns:
-        raise UserError(f"data: {label} has columns {dataset.column_names}; preference data needs 'chosen' and "
-                        "'rejected' (and 'prompt', unless they are whole conversations as in ultrafeedback_binarized)")
+    fmt = formats.preference_format(dataset.column_names, cfg.format, label)
 
-    report = SourceReport(source=label)
+    report = SourceReport(source=label, format=fmt.describe(), supervised_tokens=0)
     dropped: Counter[str] = Counter()
     rows: dict[str, list[list[int]]] = {name: [] for name in PAIR_COLUMNS}
-    for row in dataset.select_columns(columns):
+    for row in dataset.select_columns(list(fmt.columns)):
         report.read += 1
         try:
-            pair = encode_pair(*split_pair(row), tokenizer)
+            pair = encode_pair(*split_pair(fmt.convert(row)), tokenizer)
         except ValueError as exc:
             dropped[str(exc)] += 1
             continue
         for name, ids in zip(PAIR_COLUMNS, fit(*pair, max_length, max_prompt_length)):
             rows[name].append(ids)
+        report.supervised_tokens += len(rows["chosen_ids"][-1]) + len(rows["rejected_ids"][-1])
     report.kept = len(rows["prompt_ids"])
     settle(report, dropped, cfg, label, not_bad=None, empty_fix="fix the data")
     return Dataset.from_dict(rows), report

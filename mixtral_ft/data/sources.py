@@ -32,12 +32,20 @@ class SourceReport:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     sampled: str | None = None  # mixtures: the source's share of the mixed train set
+    format: str | None = None  # e.g. "alpaca (auto-detected)"
+    supervised_tokens: int | None = None  # SFT: tokens the loss is on (after truncation)
+    trailing_user_dropped: int = 0  # kept conversations whose unanswered last user turn was cut
 
     def line(self) -> str:
         total = sum(self.dropped.values())
-        text = f"data: {self.source}: read {self.read}, kept {self.kept}, dropped {total}"
+        text = f"data: {self.source}: " + (f"format {self.format}, " if self.format else "")
+        text += f"read {self.read}, kept {self.kept}, dropped {total}"
         if total:
             text += " (" + ", ".join(f"{r}: {n}" for r, n in _by_count(self.dropped)) + ")"
+        if self.trailing_user_dropped:
+            text += f"; {self.trailing_user_dropped} unanswered last user turn(s) cut"
+        if self.supervised_tokens is not None:
+            text += f"; {self.supervised_tokens:,} supervised tokens"
         if self.sampled:
             text += f"; mixture: {self.sampled}"
         return text
@@ -134,6 +142,10 @@ def settle(report: SourceReport, dropped: Counter, cfg: DataSection, label: str,
     report.dropped = dict(_by_count(dropped))
     bad = report.read - report.kept - dropped[not_bad]
     reasons = ", ".join(f"{r}: {n}" for r, n in _by_count(dropped))
+    read_as = f" (read as {report.format})" if report.format else ""
+    if report.kept == 0 and bad == report.read:  # raising data.max_bad_fraction cannot help: nothing parsed
+        raise UserError(f"data: no row of {label}{read_as} could be used ({reasons}); fix the data, or set "
+                        "data.format if the rows are in another format")
     if bad / report.read > cfg.max_bad_fraction:
         raise UserError(f"data: {100 * bad / report.read:.0f}% of rows in {label} are unparseable "
                         f"(top reasons: {reasons}); fix the data or raise data.max_bad_fraction "
@@ -161,6 +173,8 @@ def _read_source(path: str, split: str):
     if local.is_file():
         raise UserError(f"data: '{path}' has an unsupported extension '{suffix}'; "
                         "use .jsonl, .json or .parquet")
+    if local.is_dir() and saved_kind(local):
+        return _read_saved(local, path, split)
     if local.is_dir():
         where = f"local dataset folder '{path}'"
         fix = "check the folder holds data files (.jsonl/.json/.parquet/.csv) and the split exists"
@@ -174,6 +188,31 @@ def _read_source(path: str, split: str):
         return datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets/hub raise many unrelated types; each means "cannot load this"
         raise UserError(f"data: cannot load {where} (split '{split}'): {_why(exc)}; {fix}") from None
+
+
+def saved_kind(folder: Path) -> str | None:
+    """"dataset" or "dataset_dict" for a `save_to_disk` folder (load_dataset cannot read those), else None."""
+    if (folder / "dataset_dict.json").is_file():
+        return "dataset_dict"
+    return "dataset" if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file() else None
+
+
+def _read_saved(folder: Path, label: str, split: str):
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # a damaged folder: arrow and json errors of many types
+        raise UserError(f"data: cannot read the saved dataset '{label}': {_why(exc)}; save it again") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise UserError(f"data: saved dataset '{label}' has splits {list(saved)}, not '{split}'; "
+                            "set data.split (and data.eval_split) to one of them")
+        return saved[split]
+    if split != "train":
+        raise UserError(f"data: '{label}' was saved from one Dataset, which is read as the 'train' split, not "
+                        f"'{split}'; set data.split: train, and data.test_size (not data.eval_split) for eval")
+    return saved
 
 
 def _read_file(file: Path, label: str, split: str):

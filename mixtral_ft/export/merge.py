@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mixtral_ft.common import say
 from mixtral_ft.errors import UserError
 
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
@@ -40,12 +41,12 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
                   base: str | None = None, dtype: str = "auto", verify: bool = False,
                   device: str | None = None) -> dict:
     """Write the merged model to `out` (new or empty); returns merge.json's content (+ the verify report)."""
-    from mixtral_ft.export.hub import write_card, write_scrubbed
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
     from mixtral_ft.export.verify import verify_merge
     from mixtral_ft.model.load import adapter_base
     from mixtral_ft.model.loader import read_manifest
     from mixtral_ft.model.source import resolve_model_path
+    from mixtral_ft.train.card import write_card, write_scrubbed
 
     adapter, out = Path(adapter_dir), Path(out)
     if not (adapter / "adapter_config.json").is_file():
@@ -66,6 +67,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
     lora = _read_lora(adapter)
 
     with staged_folder(out, "--out") as staging:  # an interrupted merge leaves no half-written model
+        say("merge", f"{len(lora)} LoRA weights from {adapter} into {base_name} ({base_weights} base weights)")
         written = _merge_shards(source, staging, lora, base_weights == "dequantized", quantize_experts,
                                 DTYPES.get(dtype))
         _write_side_files(source, adapter, staging, written)
@@ -76,6 +78,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
                 "dtype": written["dtype"], "lora_tensors": len(lora)}
         write_scrubbed(staging / "merge.json", json.dumps(info, indent=2) + "\n")
         if verify:
+            say("merge", "verifying: merged model vs adapter on the NF4 base")
             report = verify_merge(staging, adapter, source, quantize_experts=quantize_experts, device=device)
             write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
             info["verify"] = report
@@ -124,7 +127,8 @@ def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, qu
     experts = _LegacyExperts(source, shards)
     pending = dict(lora)
     weight_map, total, dtypes = {}, 0, set()
-    for shard in shards:
+    for number, shard in enumerate(shards, 1):
+        say("merge", f"shard {number}/{len(shards)} ({shard.name})")
         tensors = {}
         with safe_open(str(shard), framework="pt", device="cpu") as reader:
             for key in reader.keys():
@@ -215,8 +219,8 @@ def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict)
     from transformers import AutoConfig
 
     from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
-    from mixtral_ft.export.hub import write_scrubbed
     from mixtral_ft.export.serving import write_hf_tokenizer
+    from mixtral_ft.train.card import write_scrubbed
 
     config = AutoConfig.from_pretrained(source)
     if written["dtype"] in DTYPES:

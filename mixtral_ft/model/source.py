@@ -40,14 +40,14 @@ class ModelSource:
                             "id, your network, and HF_TOKEN / `huggingface-cli login` for gated models") from None
 
     def config_dict(self) -> dict:
-        """config.json alone (no weights); for a Hub id, huggingface_hub's exceptions propagate to the caller."""
+        """config.json alone (no weights); for a Hub id the cache or one request (hub_config.ConfigUnavailable)."""
         if self.kind == "tiny":
             return tiny_config().to_dict()
         if self.kind == "local":
             return json.loads((self.local_path() / "config.json").read_text())
-        from huggingface_hub import hf_hub_download
+        from mixtral_ft.model.hub_config import fetch_config
 
-        return json.loads(Path(hf_hub_download(self.name, "config.json", revision=self.revision)).read_text())
+        return fetch_config(self.name, self.revision)
 
 
 def model_source(name: str | Path | ModelSource, revision: str | None = None) -> ModelSource:

@@ -25,6 +25,7 @@ RESERVE_GIB = 1.0  # CUDA context and kernels: on the GPU but outside the alloca
 
 def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None, list[str]]:
     """The model's shape from its config.json (no weights), the manifest's quantize_experts, and notes."""
+    from mixtral_ft.model.hub_config import ConfigUnavailable
     from mixtral_ft.model.loader import read_manifest
     from mixtral_ft.model.source import model_source
 
@@ -34,14 +35,14 @@ def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None
         return Dims.of(source.config_dict()), manifest["quantize_experts"] if manifest else None, []
     try:
         return Dims.of(source.config_dict()), None, []
-    except Exception as exc:  # offline, gated, missing: fall back only where the shape is known
+    except ConfigUnavailable as exc:  # offline, gated, missing: fall back only where the shape is known
         if "mixtral-8x7b" not in name.lower():
-            raise UserError(f"could not fetch {name}'s config.json ({type(exc).__name__}): check the id and your "
+            raise UserError(f"could not fetch {name}'s config.json ({exc}): check the id and your "
                             "network, or set model.name to a local folder with its config.json") from None
         from mixtral_ft.model.shapes import mixtral_config
 
-        return Dims.of(mixtral_config(32)), None, [f"{name}'s config.json could not be fetched "
-                                                    f"({type(exc).__name__}): used Mixtral-8x7B's shape"]
+        return Dims.of(mixtral_config(32)), None, [f"{name}'s config.json could not be fetched ({exc}): "
+                                                    "used the built-in Mixtral-8x7B shape"]
 
 
 def run_for(recipe, num_gpus: int = 1, quantize_experts: bool | None = None) -> Run:
@@ -85,7 +86,7 @@ def advise(d: Dims, run: Run, accumulation: int, usable: float) -> list[str]:
             tries.append((["train.optim=paged_adamw_8bit"], replace(run, optim="paged_adamw_8bit")))
         for keys, r in tries:
             if gib(r) < 0.99 * peak:  # a lever that saves under 1% is not advice
-                out.append(f"{' '.join(keys)}: {gib(r):.1f} GiB{' (fits)' if gib(r) <= usable else ''}")
+                out.append(f"{' '.join(keys)}: {gib(r):.1f} GiB ({'fits' if gib(r) <= usable else 'does not fit'})")
         least = replace(run, checkpointing=True, quantize_experts=True, batch=1, seq=min(S, 256), optim="sgd")
         if gib(least) > usable:  # nothing in the recipe helps: the weights themselves are too big
             est = estimate(d, replace(run, checkpointing=True, quantize_experts=True))
@@ -100,10 +101,10 @@ def advise(d: Dims, run: Run, accumulation: int, usable: float) -> list[str]:
             b = bigger[-1]
             acc = f" train.gradient_accumulation_steps={max(1, B * accumulation // b)}" if accumulation > 1 else ""
             out.append(f"room to spare: train.per_device_train_batch_size={b}{acc}: "
-                       f"{gib(replace(run, batch=b)):.1f} GiB (faster steps)")
+                       f"{gib(replace(run, batch=b)):.1f} GiB (fits; faster steps)")
         if run.checkpointing and gib(replace(run, checkpointing=False)) <= 0.85 * usable:
             out.append(f"train.gradient_checkpointing=false: {gib(replace(run, checkpointing=False)):.1f} GiB "
-                       "(no recompute: about a quarter faster)")
+                       "(fits; no recompute: about a quarter faster)")
     return out
 
 

@@ -7,6 +7,8 @@ YAML → dataclass parsing (unknown keys, types, overrides, secrets).
 from mixtral_ft.recipe.sections import (
     ATTENTION_TARGETS,
     ATTN_IMPLEMENTATIONS,
+    PREFERENCE_FORMATS,
+    SFT_FORMATS,
     DataSection,
     LoraSection,
     MixtureSource,
@@ -17,5 +19,5 @@ from mixtral_ft.recipe.sections import (
     load_recipe,
 )
 
-__all__ = ["ATTENTION_TARGETS", "ATTN_IMPLEMENTATIONS", "DataSection", "LoraSection", "MixtureSource", "Recipe",
+__all__ = ["ATTENTION_TARGETS", "ATTN_IMPLEMENTATIONS", "PREFERENCE_FORMATS", "SFT_FORMATS", "DataSection", "LoraSection", "MixtureSource", "Recipe",
            "TrainSection", "check_trainer_names", "dump_recipe", "load_recipe"]

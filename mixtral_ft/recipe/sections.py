@@ -21,6 +21,8 @@ from mixtral_ft.errors import UserError
 from mixtral_ft.recipe.schema import apply_override, build_dataclass, plain, read_yaml, reject_secrets
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SFT_FORMATS = ("messages", "sharegpt", "chatml", "alpaca", "prompt_completion")  # data.format (data/formats.py)
+PREFERENCE_FORMATS = ("preference", "implicit_prompt")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 # TRL 1.16's DPO losses that need no setting beyond beta (exo_pair and robust need label smoothing; sft is
 # not a preference loss).
@@ -55,7 +57,8 @@ class DataSection:
     split: str = "train"  # split to train on (local files have only `train`)
     eval_split: str | None = None  # split to evaluate on, e.g. `test`; null for none
     test_size: float = 0.0  # fraction of rows held out for eval when the source has no eval split
-    format: str = "auto"  # auto | chatml (`text` column) | messages (`messages`/`conversation` column)
+    # auto | messages | sharegpt | chatml | alpaca | prompt_completion (SFT) | preference | implicit_prompt (DPO)
+    format: str = "auto"  # auto detects it from the columns; README's Data section shows one row of each
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of rows is unparseable
     max_rows: int | None = None  # read at most this many rows (quick experiments)
     # Blend sources instead of data.path: seeded sampling, each source gets weight/sum(weights) of the rows.
@@ -94,8 +97,9 @@ class TrainSection:
     compile: bool = False  # torch.compile each decoder layer (one graph for all; speed: benchmarks/NOTES.md)
     assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
     logging_steps: int = 1  # log every N steps
-    eval_steps: int | None = None  # evaluate every N steps when an eval split exists
+    eval_steps: int | None = None  # evaluate every N steps when there is eval data; null: every save_steps (not with compile)
     overwrite: bool = False  # replace a finished run in output_dir (otherwise that is an error)
+    check_fit: bool = True  # stop before any download if the model cannot train here (no CUDA GPU, or plan: no fit)
     resume: str | bool = "auto"  # auto (newest complete checkpoint, else fresh) | true (must resume) | false | PATH
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight (padding excluded); 0 = off, e.g. 0.01
 
@@ -160,7 +164,8 @@ def check_recipe(recipe: Recipe) -> None:
           "must be auto, bfloat16, float16 or float32")
     _need(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
           "must be sdpa, flash_attention_2 or eager")
-    _need(d.format in ("auto", "chatml", "messages"), "data.format", "must be auto, chatml or messages")
+    known = ("auto", *(PREFERENCE_FORMATS if t.method == "dpo" else SFT_FORMATS))
+    _need(d.format in known, "data.format", f"must be one of {', '.join(known)} (train.method: {t.method})")
     _check_sources(recipe)
     _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
     _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1], e.g. 0.1")
@@ -193,10 +198,6 @@ def check_recipe(recipe: Recipe) -> None:
         _need(0 < recipe.dpo.max_prompt_length < t.max_length, "dpo.max_prompt_length",
               f"must be > 0 and below train.max_length ({t.max_length}) to leave room for the answer")
         _need(not t.packing, "train.packing", "applies to SFT only: DPO compares whole answers; set it to false")
-        _need(d.format == "auto", "data.format", "applies to SFT only: DPO reads prompt/chosen/rejected columns; "
-              "set it to auto")
-        for i, source in enumerate(d.mixture):
-            _need(source.format in (None, "auto"), f"data.mixture[{i}].format", "applies to SFT only: remove it")
     _need(t.router_aux_loss_coef >= 0, "train.router_aux_loss_coef", "must be >= 0 (0 turns it off), e.g. 0.01")
     g = recipe.logging
     _need(set(g.report_to) <= {"wandb", "tensorboard", "none"} and len(g.report_to) > 0, "logging.report_to",
@@ -223,8 +224,9 @@ def _check_sources(recipe: Recipe) -> None:
     for i, source in enumerate(d.mixture):
         key = f"data.mixture[{i}]"
         _need(source.weight > 0, f"{key}.weight", "must be > 0, e.g. 1.0")
-        _need(source.format in (None, "auto", "chatml", "messages"), f"{key}.format",
-              "must be null (data.format), auto, chatml or messages")
+        known = ("auto", *(PREFERENCE_FORMATS if recipe.train.method == "dpo" else SFT_FORMATS))
+        _need(source.format is None or source.format in known, f"{key}.format",
+              f"must be null (data.format) or one of {', '.join(known)}")
         _need(source.max_rows is None or source.max_rows > 0, f"{key}.max_rows", "must be > 0 or null")
 
 

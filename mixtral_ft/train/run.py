@@ -89,7 +89,7 @@ def trainable_model(recipe: Recipe, source):
         print(audit.table(), flush=True)
     if not audit.ok:
         raise UserError(f"audit failed: {audit.failures[0]} (run `mixtral-ft audit` for the full table)")
-    return model
+    return model, audit
 
 
 def train(recipe: Recipe) -> dict:
@@ -117,7 +117,7 @@ def train(recipe: Recipe) -> dict:
     data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
     for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
         print(report.line(), flush=True)
-    model = trainable_model(recipe, source)
+    model, audit = trainable_model(recipe, source)
 
     dtype = model.get_base_model().dtype
     if recipe.train.packing and torch.cuda.is_available() and recipe.model.attn_implementation != "flash_attention_2" \
@@ -140,7 +140,10 @@ def train(recipe: Recipe) -> dict:
             set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
             dump_recipe(recipe, out / "recipe.yaml")
             (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(f"saved adapter, tokenizer, recipe.yaml and run.json to {out}", flush=True)
+            from mixtral_ft.train.outputs import closing_line, write_run_files
+
+            write_run_files(out, audit, data.reports)  # audit.json, data_report.json and our model card
+            print(closing_line(out), flush=True)
         return summary
 
     # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
@@ -171,6 +174,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "final_loss": losses[-1]["loss"] if losses else None,
         "train_loss": result.training_loss,
         "losses": losses,
+        "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
         "train_runtime_s": round(runtime, 2),

@@ -238,7 +238,10 @@ def attach(trainer) -> None:
     The Trainer calls callbacks in order and puts its reporting integrations before the caller's, so a value
     a later callback adds to `logs` in on_log would reach none of them.
     """
+    from mixtral_ft.train.outputs import use_numeric_progress
+
     handler = trainer.callback_handler
+    use_numeric_progress(handler)  # log lines print numbers, not transformers' quoted strings
     first = [cb for cb in handler.callbacks if getattr(cb, "log_first", False)]
     handler.callbacks = first + [cb for cb in handler.callbacks if cb not in first]
     progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None)

@@ -34,7 +34,10 @@ def trainer_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool) -> dic
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no", eval_steps=t.eval_steps,
+        # eval_steps null: at each checkpoint, so the loss plot has an eval curve. Not by default under
+        # train.compile: compiled layers fail in eval (bitsandbytes' fake-kernel strides under no_grad).
+        eval_strategy="steps" if has_eval and (t.eval_steps or not t.compile) else "no",
+        eval_steps=t.eval_steps or t.save_steps,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         report_to=report_to(recipe),  # wandb / tensorboard from logging.report_to; see configure_reporting
         run_name=recipe.logging.run_name or Path(t.output_dir).name,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mixtral_ft.common import bar, say
 from mixtral_ft.errors import UserError
 from mixtral_ft.use.chat import GenerationSettings, Target, generate, load_for_inference
 
@@ -121,6 +122,7 @@ def evaluate(target: str, *, adapter: str | None = None, data: str | None = None
     out_path = Path(out) if out else default_out
     rows, what = held_out_rows(recipe, data, max_rows)
     print(f"eval: {len(rows)} held-out rows from {what}", file=sys.stderr, flush=True)
+    say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''}")
     model, tokenizer = load_for_inference(loaded_target, attn_implementation=attn_implementation)
     device = next(p for p in model.parameters() if p.device.type != "meta").device
 
@@ -130,9 +132,11 @@ def evaluate(target: str, *, adapter: str | None = None, data: str | None = None
     scores, prompts = {}, sample_prompts(rows, tokenizer, samples)
     for name, context in variants.items():
         with context():
-            loss, tokens = assistant_loss(model, rows, device)
+            say("eval", f"{name}: scoring {len(rows)} rows")
+            loss, tokens = assistant_loss(model, bar(rows, f"eval {name}"), device)
             scores[name] = {"loss": round(loss, 6), "perplexity": _perplexity(loss)}
-            for sample in prompts:
+            for i, sample in enumerate(prompts, 1):
+                say("eval", f"{name}: generating sample {i}/{len(prompts)} (up to {settings.max_new_tokens} tokens)")
                 sample[name] = generate(model, tokenizer, sample["prompt_ids"], settings)
 
     report = {"model": loaded_target.base,

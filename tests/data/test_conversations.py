@@ -199,7 +199,8 @@ def test_load_builtin_sample(tokenizer):
     data = load_sft_data(DataSection(path="builtin:oasst_top1"), tokenizer, max_length=2048, seed=0)
     report = data.reports[0]
     assert report.kept >= 50 and report.kept == report.read and report.dropped == {}
-    assert report.line() == f"data: builtin:oasst_top1 [train]: read {report.read}, kept {report.kept}, dropped 0"
+    assert report.line() == (f"data: builtin:oasst_top1 [train]: format chatml (auto-detected), read {report.read}, "
+                             f"kept {report.kept}, dropped 0; {report.supervised_tokens:,} supervised tokens")
     assert data.train.column_names == ["input_ids", "assistant_masks"] and data.eval is None
     for ids, mask in zip(data.train["input_ids"], data.train["assistant_masks"]):
         assert len(ids) == len(mask) and ids[0] == 1 and ids[-1] == EOS and mask[-1] == 1 and mask[0] == 0
@@ -235,7 +236,8 @@ def test_bad_rows_are_counted_and_dropped(tmp_path, tokenizer):
     assert (report.read, report.kept, len(data.train)) == (10, 7, 7)
     assert report.dropped == {"empty assistant turn": 1, "no assistant turn": 1,
                               "no ChatML turns (<|im_start|>role ... <|im_end|>)": 1}
-    assert report.line().startswith(f"data: {path} [train]: read 10, kept 7, dropped 3 (empty assistant turn: 1, ")
+    assert report.line().startswith(f"data: {path} [train]: format chatml (auto-detected), read 10, kept 7, "
+                                    "dropped 3 (empty assistant turn: 1, ")
 
 
 def test_too_many_bad_rows_is_a_user_error(tmp_path, tokenizer):
@@ -300,7 +302,7 @@ def test_hub_id_that_cannot_be_reached_is_a_user_error(monkeypatch, tokenizer):
     ("broken.json", '[{"text": "ok"},\n{"text": ]\n', "cannot read .* as JSON"),
     ("broken.parquet", "not parquet", "cannot read .* as Parquet"),
     ("empty.jsonl", "\n", "has no rows"),
-    ("other.jsonl", '{"prompt": "a", "answer": "b"}\n', r"columns \['prompt', 'answer'\].*'text'.*'messages'"),
+    ("other.jsonl", '{"prompt": "a", "answer": "b"}\n', r"columns \['prompt', 'answer'\].*messages:.*chatml: a text column.*data.format"),
 ])
 def test_bad_sources_are_user_errors(tmp_path, tokenizer, name, content, match):
     path = tmp_path / name
@@ -313,7 +315,7 @@ def test_bad_sources_are_user_errors(tmp_path, tokenizer, name, content, match):
 
 
 def test_wrong_format_or_split_for_a_file_is_a_user_error(tokenizer):
-    with pytest.raises(UserError, match="none of \\['messages'"):
+    with pytest.raises(UserError, match="data.format: messages needs a messages/conversation"):
         load_sft_data(DataSection(path="builtin:oasst_top1", format="messages"), tokenizer, max_length=512, seed=0)
     with pytest.raises(UserError, match="only a 'train' split"):
         load_sft_data(DataSection(path="builtin:oasst_top1", eval_split="test"), tokenizer, max_length=512, seed=0)

@@ -106,8 +106,9 @@ def test_eval_rows_per_source_and_one_report_line_each(tokenizer, sources, tmp_p
     lines = [report.line() for report in data.reports]
     assert [line.split(": ")[1] for line in lines] == [f"{sources['beta']} [train]", f"{folder} [train]",
                                                        f"{folder} [test]", f"{bad} [train]"]
-    assert lines[0].endswith("read 30, kept 30, dropped 0; mixture: weight 0.50, 25 of 51 rows (1.04x)")
-    assert "read 20, kept 19, dropped 1 (empty conversation: 1); mixture: weight 0.25" in lines[3]
+    assert lines[0].endswith("read 30, kept 30, dropped 0; 90 supervised tokens; mixture: weight 0.50, 25 of 51 rows "
+                             "(1.04x)")
+    assert "read 20, kept 19, dropped 1 (empty conversation: 1); " in lines[3] and "; mixture: weight 0.25" in lines[3]
     assert "mixture" not in lines[2]  # eval rows are not resampled
 
 

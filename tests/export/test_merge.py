@@ -322,7 +322,7 @@ def test_dry_run_lists_files_and_needs_no_token(adapter, monkeypatch, capsys):
 
 
 def test_secrets_are_scrubbed_from_the_card_and_block_the_push(adapter, tmp_path, monkeypatch, capsys):
-    from mixtral_ft.export.hub import render_card
+    from mixtral_ft.train.card import render_card
 
     monkeypatch.setenv("HF_TOKEN", HF_SENTINEL)
     folder = tmp_path / "leaky"

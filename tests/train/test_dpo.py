@@ -138,7 +138,7 @@ def test_too_many_bad_rows_stop_the_run(tokenizer, tmp_path):
 
 
 def test_missing_columns_name_the_layout(tokenizer, tmp_path):
-    with pytest.raises(UserError, match="preference data needs 'chosen' and 'rejected'"):
+    with pytest.raises(UserError, match="conversations, not preference pairs .*train.method: sft"):
         load(write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}]), tokenizer)
 
 

@@ -1,0 +1,133 @@
+"""The model card of a run or merged folder: YAML front matter, usage, and what the folder's files record.
+
+Training writes it into its output folder and `push` uploads the same card (titled with the repo id), so a
+folder reads the same on disk and on the Hub. Every card is scrubbed of the secrets in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from mixtral_ft.model.source import HUB_ID
+
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+BUILTIN_DATASETS = {"builtin:oasst_top1": "OpenAssistant/oasst_top1_2023-08-25"}  # what the sample is from
+
+
+def secret_values() -> list[str]:
+    values = [os.environ.get(name) for name in SECRET_ENV]
+    try:
+        from huggingface_hub import get_token
+
+        values.append(get_token())  # the login cache's token, if that is what a push would use
+    except Exception:  # a broken token file must not stop us from scrubbing the others
+        pass
+    return sorted({v.strip() for v in values if v and len(v.strip()) >= 8}, key=len, reverse=True)
+
+
+def scrub(text: str) -> str:
+    for value in secret_values():
+        text = text.replace(value, "***")
+    return text
+
+
+def write_scrubbed(path: Path, text: str) -> None:
+    path.write_text(scrub(text), encoding="utf-8")
+
+
+def _read(folder: Path, name: str, loader):
+    file = folder / name
+    try:
+        return loader(file.read_text(encoding="utf-8")) if file.is_file() else None
+    except (ValueError, yaml.YAMLError):
+        return None
+
+
+def render_card(folder: Path, kind: str, title: str | None = None) -> str:
+    """README.md for the Hub: YAML front matter, usage, and the recipe, metrics and verify report we have."""
+    recipe = _read(folder, "recipe.yaml", yaml.safe_load) or {}
+    run = _read(folder, "run.json", json.loads)
+    merge = _read(folder, "merge.json", json.loads)
+    verify = _read(folder, "verify.json", json.loads)
+    base = (merge or {}).get("base") or (recipe.get("model") or {}).get("name")
+    data_path = (recipe.get("data") or {}).get("path")
+    dataset = BUILTIN_DATASETS.get(data_path, data_path)
+    meta = {}
+    # Hub metadata must name hub repos; local folders and the built-in tiny model are left out.
+    if base and HUB_ID.match(base) and not Path(base).exists():
+        meta["base_model"] = base
+    if dataset and HUB_ID.match(dataset) and not Path(dataset).exists():
+        meta["datasets"] = [dataset]
+    meta["library_name"] = "peft" if kind == "adapter" else "transformers"
+    meta["license"] = "apache-2.0"  # Mixtral-8x7B's license; mixtral-ft fine-tunes nothing else
+    meta["pipeline_tag"] = "text-generation"
+    method = (recipe.get("train") or {}).get("method") or (run or {}).get("method") or "sft"
+    meta["tags"] = ["mixtral", "qlora", "mixtral-ft", str(method)] + (["lora"] if kind == "adapter" else ["merged"])
+    name = title or folder.resolve().name  # the repo id when pushing
+    what = "a LoRA adapter" if kind == "adapter" else "a merged model (LoRA folded into the base weights)"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
+             f"QLoRA fine-tune of `{base or 'Mixtral'}` trained with mixtral-ft: {what}.", "", "## Usage", ""]
+    if kind == "adapter":
+        # On the NF4 base it was trained against (adapter_config's base path is the training machine's).
+        lines += ["```python", "from peft import PeftModel", "from mixtral_ft import load_model", "",
+                  f'model = PeftModel.from_pretrained(load_model("{base or "BASE_MODEL"}"), "{name}")', "```", "",
+                  "`mixtral-ft merge ADAPTER --out DIR` merges it into the NF4-dequantized weights it was trained "
+                  "against; a plain `merge_and_unload()` onto the bf16 base gives a different model.", ""]
+    else:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
+    if merge:
+        how = ("the NF4-dequantized base weights the adapter was trained against, so the merged model "
+               "computes what adapter-on-NF4-base computed in training" if merge.get("base_weights") == "dequantized"
+               else "the original base weights (not the NF4 weights the adapter was trained against)")
+        lines += ["## Merge", "", f"Merged into {how}; written as {merge.get('dtype')}.", ""]
+    if verify:
+        lines += ["## Verification", "", f"{verify.get('samples')} samples ({verify.get('source')}), "
+                  f"{verify.get('tokens')} tokens, {verify.get('compute_dtype')}:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {verify[k]:.6g} |" for k in ("max_abs_logit_diff", "mean_abs_logit_diff", "mean_abs_logit",
+                  "perplexity_adapter_on_base", "perplexity_merged") if isinstance(verify.get(k), (int, float))]
+        lines += [""]
+    if run:
+        keys = ("method", "steps", "world_size", "device", "compute_dtype", "train_loss", "final_loss", "tokens",
+                "tokens_per_s", "train_runtime_s", "peak_memory_gib")
+        lines += ["## Training run", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {run[k]} |" for k in keys if run.get(k) is not None]
+        versions = run.get("versions") or {}
+        if versions:
+            lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
+        lines += [""]
+    lines += _run_sections(folder, run)
+    if recipe:
+        lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
+    return scrub("\n".join(lines))
+
+
+def _run_sections(folder: Path, run: dict | None) -> list[str]:
+    """Eval loss, data report, audit summary and plots, from the files training wrote next to the adapter."""
+    lines = []
+    evals = (run or {}).get("eval_losses") or []
+    if evals:
+        lines += [f"Eval loss at step {evals[-1]['step']}: {evals[-1]['eval_loss']:.4g} "
+                  f"({len(evals)} evaluations).", ""]
+    data = _read(folder, "data_report.json", json.loads)
+    if data:
+        lines += ["## Data", ""] + [f"- {row['line'].removeprefix('data: ')}" for row in data] + [""]
+    audit = _read(folder, "audit.json", json.loads)
+    if audit:
+        lines += ["## Audit", "", "| group | dtype | params | trainable |", "|---|---|---|---|"]
+        lines += [f"| {r['group']} | {'/'.join(r['dtypes'])} | {r['params']:,} | {r['trainable']:,} |"
+                  for r in audit.get("rows", []) if r.get("tensors")]
+        lines += ["", "audit: ok" if audit.get("ok") else f"audit FAILED: {'; '.join(audit.get('failures', []))}", ""]
+    plots = [name for name in ("loss_curve.png", "router_heatmap.png") if (folder / name).is_file()]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name.removesuffix('.png')}]({name})" for name in plots] + [""]
+    return lines
+
+
+def write_card(folder: Path, kind: str, title: str | None = None) -> None:
+    (folder / "README.md").write_text(render_card(folder, kind, title), encoding="utf-8")

@@ -1,0 +1,89 @@
+"""What a training run shows and leaves behind: log lines with numbers as numbers, our model card in the
+output folder (not TRL's default), and a closing line that names every file written, grouped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import ProgressCallback
+
+GROUPS = (  # (group, file names or glob patterns), in the order the closing line lists them
+    ("adapter", ("adapter_model.safetensors", "adapter_config.json")),
+    ("tokenizer", ("tokenizer.model.v*", "tekken.json", "tokenizer_config.json")),
+    ("run", ("README.md", "recipe.yaml", "run.json", "audit.json", "data_report.json")),
+    ("plots", ("*.png",)),
+    ("telemetry", ("router_stats.jsonl",)),
+    ("checkpoints", ("checkpoint-*",)),
+)
+
+
+def number(value):
+    """A float at 4 significant digits that still prints as a number (transformers prints '11.65', a string)."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+class NumericProgress(ProgressCallback):
+    """transformers' progress bar, but the log line keeps numbers as numbers: {'loss': 11.65, ...}."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            shown = {k: number(v) for k, v in (logs or {}).items() if k != "total_flos"}
+            self.training_bar.write(str(shown))
+
+
+def use_numeric_progress(handler) -> None:
+    """Swap the Trainer's ProgressCallback (its bar and log printer) for NumericProgress, in place."""
+    for i, callback in enumerate(handler.callbacks):
+        if type(callback) is ProgressCallback:
+            handler.callbacks[i] = NumericProgress(max_str_len=callback.max_str_len)
+
+
+def write_run_files(out: Path, audit, reports) -> None:
+    """audit.json, data_report.json, then README.md: our card, over the one TRL's save_model wrote."""
+    from mixtral_ft.train.card import write_card
+
+    (out / "audit.json").write_text(audit.to_json() + "\n")
+    rows = [
+        {
+            "source": r.source,
+            "format": r.format,
+            "read": r.read,
+            "kept": r.kept,
+            "dropped": r.dropped,
+            "supervised_tokens": r.supervised_tokens,
+            "trailing_user_dropped": r.trailing_user_dropped,
+            "line": r.line(),
+        }
+        for r in reports
+    ]
+    (out / "data_report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_card(out, "adapter")
+
+
+def written_files(out: Path) -> dict[str, list[str]]:
+    """The output folder's files by group (the closing line's content)."""
+    seen: set[str] = set()
+    groups: dict[str, list[str]] = {}
+    for group, patterns in GROUPS:
+        names = sorted(
+            {p.name for pattern in patterns for p in out.glob(pattern)} - seen,
+            key=lambda n: (len(n), n) if group == "checkpoints" else n,
+        )
+        seen.update(names)
+        if names:
+            groups[group] = names
+    others = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in out.iterdir()
+        if p.name not in seen and not p.name.startswith(".")
+    )
+    if others:
+        groups["other"] = others
+    return groups
+
+
+def closing_line(out: Path) -> str:
+    groups = "; ".join(f"{group}: {', '.join(names)}" for group, names in written_files(out).items())
+    return f"saved to {out}: {groups}"

@@ -1,0 +1,138 @@
+"""The CLI's habits: --version, did-you-mean, the GPU pre-check before any download, plan's offline look-up and marks."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral_ft import __version__
+from mixtral_ft.cli import main
+from mixtral_ft.errors import UserError
+from mixtral_ft.plan.fit_check import check_can_train, verdict
+from mixtral_ft.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+OASST = str(ROOT / "recipes" / "oasst.yaml")
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"mixtral-ft {__version__}"
+
+
+def test_mistyped_command_suggests_the_right_one(capsys):
+    assert main(["trian", "recipes/tiny.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: unknown command 'trian'; did you mean `mixtral-ft train recipes/tiny.yaml`? (commands: "
+        "train, validate, audit, tiny, quantize, merge, push, chat, eval, plan, bench)"
+    )
+    assert main(["xyzzy"]) == 2 and "see `mixtral-ft --help`" in capsys.readouterr().err
+
+
+# --- GPU pre-check -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
+def test_full_mixtral_without_gpu_stops_before_any_download(tmp_path, capsys):
+    out = tmp_path / "runs" / "oasst"
+    assert main(["train", OASST, f"train.output_dir={out}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0] and "stopped before any download" in err[0]
+    assert "recipes/tiny.yaml" in err[0] and "mixtral-ft plan" in err[0] and "--force" in err[0]
+    assert not (tmp_path / "runs").exists()  # no empty output folder left behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
+@pytest.mark.parametrize("extra", [["--force"], ["train.check_fit=false"]])
+def test_force_or_the_recipe_key_skip_the_check(tmp_path, capsys, extra):
+    # Past the check, the offline download is what fails (HF_HUB_OFFLINE, conftest): proof the check was skipped.
+    assert main(["train", OASST, f"train.output_dir={tmp_path / 'run'}", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" not in err and "could not fetch model" in err
+
+
+def test_plan_verdicts_for_a_gpu():
+    recipe = load_recipe(OASST)
+    small = verdict(recipe, "recipes/oasst.yaml", 24.0)
+    assert "does not fit this GPU" in small and "mixtral-ft plan recipes/oasst.yaml --gpu-mem 24" in small
+    assert verdict(recipe, "recipes/oasst.yaml", 141.0) is None  # an H200
+    assert "needs a CUDA GPU" in verdict(recipe, "recipes/oasst.yaml", None)
+
+
+def test_small_models_pass_on_cpu(tiny_dir):
+    assert verdict(load_recipe(TINY), "recipes/tiny.yaml", None) is None
+    assert verdict(load_recipe(TINY, [f"model.name={tiny_dir}"]), "r.yaml", None) is None
+    check_can_train(load_recipe(TINY), TINY)  # no error
+
+
+def test_launched_workers_skip_the_check(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_can_train(load_recipe(OASST), OASST)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError):
+            check_can_train(load_recipe(OASST), OASST)
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+
+class CountingHub(http.server.BaseHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        CountingHub.requests.append(self.path)
+        self.send_response(503)
+        self.end_headers()
+
+    def do_HEAD(self):  # noqa: N802
+        self.do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CountingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    CountingHub.requests = []
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield CountingHub.requests
+    server.shutdown()
+
+
+def test_plan_tries_the_hub_once_then_uses_the_builtin_shape(hub, monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["plan", OASST, "--gpu-mem", "80"]) == 0
+    assert len(hub) == 1 and hub[0].endswith(
+        "/config.json"
+    )  # huggingface_hub itself would retry a 503 5 times
+    out = capsys.readouterr()
+    assert out.out.count("could not be fetched (HTTP 503): used the built-in Mixtral-8x7B shape") == 1
+    assert "one try" in out.err
+
+
+def test_plan_offline_makes_no_request(hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["plan", OASST]) == 0
+    assert hub == [] and capsys.readouterr().out.count("HF_HUB_OFFLINE is set") == 1
+
+
+def test_plan_marks_each_suggestion(capsys):
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        assert main(["plan", OASST, "--gpu-mem", "24"]) == 1
+    finally:
+        monkeypatch.undo()
+    advice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("advice: train.")]
+    assert advice and all(line.endswith(("(fits)", "(does not fit)")) for line in advice)
+    assert any(line.endswith("(does not fit)") for line in advice)
