@@ -225,9 +225,11 @@ def chat(model: str, *, adapter: str | None = None, prompt: str | None = None, s
     if prompt is not None and not prompt.strip():
         raise UserError("--prompt is empty: pass some text, or leave it out for interactive chat")
     target = resolve_target(model, adapter)
-    from mixtral_ft.model import check_attn_implementation
+    from mixtral_ft.model import HUB_ID, check_attn_implementation, resolve_model_path
 
     check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
+    if not HUB_ID.match(str(target.base)):  # a bad local name fails before the status line: one line on stderr
+        resolve_model_path(str(target.base))
     what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
     # Status goes to stderr, so stdout holds only the conversation (one-shot output can be piped).
     print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)
