@@ -25,6 +25,7 @@ def v4_site(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.numeric
 def test_bench_smoke_measures_us_and_both_peers(tmp_path, v4_site, capsys):
     assert main(["bench", "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--seq", "64",
                  "--out-dir", str(tmp_path), "--peer-v4-site", str(v4_site), "--tag", "smoke"]) == 0

@@ -73,6 +73,7 @@ def test_existing_run_is_not_overwritten(repeated_run, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.numeric
 def test_packing_is_padding_free_and_keeps_conversations_apart(tmp_path):
     """train.packing: TRL packs rows best-fit and flattens each batch (no padding, no attention mask). Every
     assistant token is still supervised once, and attention stays inside each conversation (position_ids)."""
