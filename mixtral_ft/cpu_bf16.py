@@ -43,8 +43,9 @@ def reported() -> bool:
 def apply_forcing() -> None:
     """Make torch's and bitsandbytes' bf16 detection answer `MIXTRAL_FT_CPU_BF16`, if it is set.
 
-    bitsandbytes reads its answer at import (which kernels it registers) and in `Linear4bit.__init__`
-    (`support_avx512bf16_for_cpu`); patching the function covers every layer built afterwards.
+    bitsandbytes reads its answer in `Linear4bit.__init__` (`support_avx512bf16_for_cpu`): patching the
+    function covers every layer built afterwards. Its import-time choice of CPU kernels (and the log line
+    about `kernels`) follows the real CPU; those kernels run only on repacked weights, and ours never are.
     """
     answer = forced()
     if answer is None:

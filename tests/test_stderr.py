@@ -33,11 +33,19 @@ def test_bad_commands_print_one_line_on_stderr(tmp_path):
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     env = {k: v for k, v in os.environ.items() if k != "MIXTRAL_FT_VERBOSE"}
-    env["PYTHONWARNINGS"] = "default"  # warnings shown as a user's Python shows them, not as pytest filters them
+    env["PYTHONWARNINGS"] = (
+        "default"  # warnings shown as a user's Python shows them, not as pytest filters them
+    )
     for argv, expected in BAD:
         argv = [a.format(tmp=tmp_path, full=full) for a in argv]
-        proc = subprocess.run([sys.executable, "-m", "mixtral_ft.cli", *argv], capture_output=True, text=True,
-                              timeout=300, env=env, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mixtral_ft.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=tmp_path,
+        )
         lines = proc.stderr.splitlines()
         assert proc.returncode == 2, (argv, proc.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, lines)
