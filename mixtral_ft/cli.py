@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from mixtral_ft import commands
 from mixtral_ft.errors import UserError
+from mixtral_ft.quiet import quiet_third_party
 
 
 def _add_attn_flag(p) -> None:
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             args.overrides = [*args.overrides, *extra]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Upstream deprecation chatter (e.g. peft calling is_gradient_checkpointing) is not the user's to fix.
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_third_party()  # before the commands import the libraries: stderr is ours (errors, progress)
     try:
         return args.func(args)
     except UserError as exc:

@@ -124,6 +124,9 @@ def cmd_merge(args) -> int:
     info = merge_adapter(args.adapter, args.out, base_weights=args.base_weights, base=args.base,
                          dtype=args.dtype, verify=args.verify, device=args.device)
     print(f"wrote merged model ({info['base_weights']} base weights, {info['dtype']}) to {args.out}")
+    if info.get("verify", {}).get("verdict") == "FAILED":  # the folder stays, with verify.json saying why
+        print(f"merge --verify FAILED: see {args.out}/verify.json", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mixtral_ft"
 # Lowest first: a module may import its own stage and the stages before it, never one after it.
 STAGES = ["errors", "common", "recipe", "data", "model", "distributed", "train", "export", "use", "plan", "bench",
-          "commands", "cli"]
+          "commands", "quiet", "cli"]
 MAX_LINES = 300
 
 

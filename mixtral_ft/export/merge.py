@@ -78,8 +78,8 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
                 "dtype": written["dtype"], "lora_tensors": len(lora)}
         write_scrubbed(staging / "merge.json", json.dumps(info, indent=2) + "\n")
         if verify:
-            say("merge", "verifying: merged model vs adapter on the NF4 base")
-            report = verify_merge(staging, adapter, source, quantize_experts=quantize_experts, device=device)
+            report = verify_merge(staging, adapter, source, quantize_experts=quantize_experts, device=device,
+                                  weights_dtype=written["dtype"])
             write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
             info["verify"] = report
         write_card(staging, "model", title=out.name)

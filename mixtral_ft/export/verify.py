@@ -2,7 +2,13 @@
 
 The merged model is loaded the way users will load it (plain transformers), the reference the way training
 ran it (`load_model` + peft), and both score the same held-out rows: logit differences and the perplexity
-of the assistant tokens go to verify.json and the model card.
+of the assistant tokens go to verify.json and the model card, with a verdict.
+
+Both sides compute in fp32 whatever dtype the merge wrote, so the check measures the merge, not the compute
+dtype: the merged weights are dequant(NF4(W)) + scale·B·A, so with fp32 weights only summation order
+differs (mean |Δlogit| ~2e-6 of mean |logit|), and with bf16/fp16 weights their rounding (bf16 moves each
+weight by up to 2^-9: ~1-2% of mean |logit| on the tiny model; merging into the original weights instead of
+the NF4 ones: ~60%). The verdict is `ok` when mean |Δlogit| <= REL_TOL[dtype] x mean |logit|.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 
 from mixtral_ft.errors import UserError
 
+REL_TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}  # of mean |logit|, on mean |Δlogit|
 BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has no recipe to take data from
     ("What is the capital of France?", "The capital of France is Paris."),
     ("Write a haiku about autumn.", "Red leaves drift and fall,\ncold wind hums through empty trees,\nthe year exhales."),
@@ -22,21 +29,25 @@ BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has
 
 
 def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: bool = True,
-                 device: str | None = None, samples: int = 8, max_length: int = 256) -> dict:
-    """Merged model (plain transformers) vs adapter-on-NF4-base (`load_model` + peft) on held-out rows."""
+                 device: str | None = None, samples: int = 8, max_length: int = 256,
+                 weights_dtype: str = "bfloat16") -> dict:
+    """Merged model (plain transformers) vs adapter-on-NF4-base (`load_model` + peft) on held-out rows.
+
+    `weights_dtype` is what the merge wrote (its rounding sets the tolerance; "mixed": bf16's).
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import default_device, load_model, resolve_compute_dtype
+    from mixtral_ft.model.load import default_device, load_model
 
     device = torch.device(device) if device else default_device()
-    # fp32 on CPU even where bf16 runs: this is an accuracy check, and bf16 noise would hide merge errors.
-    dtype = torch.float32 if device.type == "cpu" else resolve_compute_dtype("auto", device)
+    dtype = torch.float32  # both sides, on any device: an accuracy check, where bf16 noise would hide errors
     rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
     base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
     reference = _logits(PeftModel.from_pretrained(base_model, str(adapter)), rows, device)
     del base_model
+    # fp32 Mixtral (~190 GB) exceeds one GPU: device_map="auto" offloads what does not fit to host memory.
     merged_model = AutoModelForCausalLM.from_pretrained(
         str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None)
     got = _logits(merged_model, rows, device)
@@ -51,12 +62,26 @@ def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: b
         "perplexity_adapter_on_base": _perplexity(reference, rows),
         "perplexity_merged": _perplexity(got, rows),
     }
+    report.update(_verdict(report, weights_dtype))
     print(f"verify: {report['samples']} samples ({source}), {report['tokens']} tokens, {report['compute_dtype']}")
     print(f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
           f"mean {report['mean_abs_logit_diff']:.3g} (mean |logit| {report['mean_abs_logit']:.3g})")
     print(f"verify: perplexity (assistant tokens): adapter-on-base {report['perplexity_adapter_on_base']:.4f}, "
           f"merged {report['perplexity_merged']:.4f}")
+    print(f"verify: {report['verdict']}: mean |Δlogit| {report['mean_abs_logit_diff']:.3g} "
+          f"{'<=' if report['verdict'] == 'ok' else '>'} tolerance {report['tolerance']:.3g} "
+          f"({report['relative_tolerance']:g} x mean |logit|, for {weights_dtype} weights)")
     return report
+
+
+def _verdict(report: dict, weights_dtype: str) -> dict:
+    """`ok` when the mean logit difference is within what the written dtype's rounding explains."""
+    rel = REL_TOL.get(weights_dtype, REL_TOL["bfloat16"])
+    tolerance = rel * report["mean_abs_logit"]
+    diff = report["mean_abs_logit_diff"]
+    ok = diff == diff and diff <= tolerance  # NaN fails
+    return {"weights_dtype": weights_dtype, "relative_tolerance": rel, "tolerance": tolerance,
+            "verdict": "ok" if ok else "FAILED"}
 
 
 def _held_out(adapter: Path, tokenizer, samples: int, max_length: int) -> tuple[list, str]:

@@ -26,14 +26,17 @@ def default_device() -> torch.device:
 
 
 def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware runs it natively, fp32 otherwise (most CPUs lack bf16 matmuls)."""
+    """`auto`: bf16 (fp16 where bf16 is missing) on a CUDA GPU, fp32 on every CPU.
+
+    Not bf16 on a CPU even where it has avx512_bf16/AMX: it trains the tiny recipe no faster there, and the
+    results would depend on the CPU (see cpu_bf16.py). A recipe that says `bfloat16` gets it anywhere.
+    """
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return torch.bfloat16 if cpu_bf16 else torch.float32
+        return torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 

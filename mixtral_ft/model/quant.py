@@ -25,6 +25,9 @@ from torch import nn
 
 from mixtral_ft.common import fsdp_enabled
 from mixtral_ft.errors import UserError
+from mixtral_ft.model.cpu_bf16 import apply_forcing, keep_layout
+
+apply_forcing()  # before any Linear4bit is built: MIXTRAL_FT_CPU_BF16 decides what bitsandbytes believes
 
 BLOCKSIZE = 64
 STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -218,8 +221,13 @@ def configure_experts(model, *, grouped_mm: bool = True, reuse_dequantized: bool
 
 
 def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Linear4bit:
-    """An empty bitsandbytes NF4 Linear with `linear`'s shape; its weight is set while loading."""
-    return bnb.nn.Linear4bit(
+    """An empty bitsandbytes NF4 Linear with `linear`'s shape; its weight is set while loading.
+
+    Its weight keeps our layout on every CPU (no bf16 repacking in eval, see `cpu_bf16.keep_layout`).
+    """
+    layer = bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
         compress_statistics=True, quant_type="nf4", quant_storage=quant_storage_dtype(), device="meta",
     )
+    keep_layout(layer)
+    return layer

@@ -37,7 +37,15 @@ def write_tiny(out_dir: str | os.PathLike, *, layout: str = "legacy", seed: int 
     config = tiny_config()
     model = MixtralForCausalLM(config).to(torch.bfloat16)
     if layout == "legacy":
-        model.save_pretrained(out)
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar for a 10 MB model, often right before a user's error line
+        try:
+            model.save_pretrained(out)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
     elif layout == "fused":
         config.save_pretrained(out)
         GenerationConfig.from_model_config(config).save_pretrained(out)

@@ -35,7 +35,7 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 class ModelSection:
     name: str  # hub id (mistralai/Mixtral-8x7B-v0.1), local folder, or `tiny` (built-in random model)
     quantize_experts: bool = True  # NF4 experts; false keeps them bf16 (needs ~90 GB, e.g. an H200)
-    compute_dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bfloat16 | float16 | float32
+    compute_dtype: str = "auto"  # auto (bf16/fp16 on a CUDA GPU, fp32 on a CPU) | bfloat16 | float16 | float32
     revision: str | None = None  # hub revision (branch, tag or commit) for a hub id
     adapter: str | None = None  # existing LoRA adapter folder to keep training (SFT -> DPO chains)
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (CUDA + flash-attn package) | eager

@@ -90,7 +90,10 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
         lines += ["## Verification", "", f"{verify.get('samples')} samples ({verify.get('source')}), "
                   f"{verify.get('tokens')} tokens, {verify.get('compute_dtype')}:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {verify[k]:.6g} |" for k in ("max_abs_logit_diff", "mean_abs_logit_diff", "mean_abs_logit",
-                  "perplexity_adapter_on_base", "perplexity_merged") if isinstance(verify.get(k), (int, float))]
+                  "tolerance", "perplexity_adapter_on_base", "perplexity_merged") if isinstance(verify.get(k), (int, float))]
+        if verify.get("verdict"):
+            lines += ["", f"Verdict: **{verify['verdict']}** (mean |Δlogit| against the tolerance for "
+                          f"{verify.get('weights_dtype')} weights)."]
         lines += [""]
     if run:
         keys = ("method", "steps", "world_size", "device", "compute_dtype", "train_loss", "final_loss", "tokens",

@@ -220,9 +220,11 @@ def repl(model, tokenizer, system: str | None, settings: GenerationSettings, std
 def load_announced(model: str, adapter: str | None, *, quantize: bool, attn_implementation: str | None):
     """(model, tokenizer, what) for `mixtral-ft chat`, terminal or web: checked first, the load announced."""
     from mixtral_ft.model.load import check_attn_implementation
+    from mixtral_ft.model.source import model_source
 
     target = resolve_target(model, adapter)
     check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
+    model_source(target.base, target.revision)  # a bad name fails before the status line: one line on stderr
     what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
     # Status goes to stderr, so stdout holds only the conversation (one-shot output can be piped).
     print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)

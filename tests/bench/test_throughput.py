@@ -51,6 +51,7 @@ def v4_site(tmp_path_factory):
     return site
 
 
+@pytest.mark.numeric
 def test_bench_writes_our_figures_into_out_dir_only(tmp_path, monkeypatch, capsys):
     work, out = tmp_path / "work", tmp_path / "results" / "new"  # --out-dir is created, parents too
     work.mkdir()
@@ -90,6 +91,7 @@ def test_python_m_bench_leaves_the_source_tree_untouched(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.numeric
 def test_compare_smoke_measures_us_and_both_peers(tmp_path, v4_site):
     before = source_tree_state()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

@@ -13,6 +13,8 @@ from mixtral_ft.model.load import load_model
 from mixtral_ft.model.quant import NF4Experts, dequantize_nf4, is_4bit
 from tests.conftest import requires_cuda
 
+pytestmark = pytest.mark.numeric  # .ci/run runs these again with the CPU bf16 detection forced the other way
+
 
 @pytest.fixture(scope="module")
 def nf4_model(tiny_dir):

@@ -216,7 +216,7 @@ def test_one_model_in_memory(tokenizer, tmp_path):
     recipe = load_recipe(TINY_DPO, [f"train.output_dir={tmp_path / 'run'}", "logging.router_stats_steps=0"])
     data = load(write_jsonl(tmp_path / "p.jsonl", [PAIR] * 4), tokenizer)
     before, models = live_tensor_bytes(), models_alive()
-    model = apply_lora(load_model("tiny"), recipe.lora)
+    model = apply_lora(load_model("tiny", compute_dtype="float32"), recipe.lora)
     model_bytes = live_tensor_bytes() - before
     trainer = build_trainer(recipe, model, tokenizer, data.train, None, [])
     assert trainer.ref_model is None and trainer.model is model

@@ -1,0 +1,38 @@
+"""Third-party chatter off the user's stderr, at the CLI's entry: what reaches it is ours, or an error.
+
+Libraries log and warn about their own internals (bitsandbytes 0.50 logs, at import, that it found no
+`kernels` package for a CPU kernel we never use; transformers, TRL, datasets and torch warn about
+deprecations and defaults). None of it is the user's to act on, and it made a bad command's one-line error
+several lines. We raise those libraries' loggers to ERROR and ignore their warnings by category and
+module, so their errors, and our own output and progress bars, still show. `MIXTRAL_FT_VERBOSE=1` keeps
+everything, for debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# Plain `logging` loggers: their level is ours to set (no library resets it).
+LOGGERS = ("bitsandbytes", "trl", "torch", "accelerate", "peft", "datasets", "transformers")
+# Libraries that configure their own root logger on import read these instead (a user's setting wins).
+VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
+WARNING_MODULES = r"(bitsandbytes|transformers|trl|datasets|torch|accelerate|peft)(\.|$)"
+WARNING_CATEGORIES = (UserWarning, DeprecationWarning, FutureWarning, RuntimeWarning)
+
+
+def quiet_third_party() -> None:
+    """Call before the libraries are imported (some log at import)."""
+    if os.environ.get("MIXTRAL_FT_VERBOSE", "") not in ("", "0"):
+        return
+    for name, value in VERBOSITY_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in WARNING_CATEGORIES:
+        warnings.filterwarnings("ignore", category=category, module=WARNING_MODULES)
+    # Deprecations raised on a library's behalf (stacklevel points at its caller, e.g. peft calling
+    # transformers) are not the user's to fix either.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

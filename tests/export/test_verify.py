@@ -1,0 +1,73 @@
+"""`mixtral-ft merge --verify` measures the merge: fp32 on both sides, a stated tolerance, a verdict, exit 1."""
+
+import json
+
+import pytest
+
+from mixtral_ft.cli import main
+from mixtral_ft.export import merge as export
+from tests.test_chat import trained_adapter
+
+pytestmark = [pytest.mark.slow, pytest.mark.numeric]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    return trained_adapter(tmp_path_factory)
+
+
+def merge(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main(["merge", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_fp32_merge_verifies_ok_and_states_its_tolerance(adapter_run, tmp_path, capsys):
+    out = tmp_path / "m32"
+    code, printed, err = merge(
+        [str(adapter_run), "--out", str(out), "--dtype", "float32", "--verify"], capsys
+    )
+    assert code == 0, err
+    report = json.loads((out / "verify.json").read_text())
+    assert report["verdict"] == "ok" and report["compute_dtype"] == "float32"
+    assert report["weights_dtype"] == "float32" and report["relative_tolerance"] == 1e-5
+    assert report["mean_abs_logit_diff"] < 1e-4 and report["mean_abs_logit_diff"] <= report["tolerance"]
+    assert report["tolerance"] == pytest.approx(1e-5 * report["mean_abs_logit"])
+    assert "verify: ok: mean |Δlogit|" in printed and "tolerance" in printed and "float32 weights" in printed
+    assert "Verdict: **ok**" in (out / "README.md").read_text()
+
+
+def test_bf16_merge_is_judged_by_bf16_rounding_and_still_computed_in_fp32(adapter_run, tmp_path, capsys):
+    out = tmp_path / "mbf16"
+    code, printed, err = merge(
+        [str(adapter_run), "--out", str(out), "--dtype", "bfloat16", "--verify"], capsys
+    )
+    assert code == 0, err
+    report = json.loads((out / "verify.json").read_text())
+    assert report["verdict"] == "ok" and report["compute_dtype"] == "float32"
+    assert report["weights_dtype"] == "bfloat16" and report["relative_tolerance"] == 5e-2
+    assert (
+        report["mean_abs_logit_diff"] > 1e-5 * report["mean_abs_logit"]
+    )  # bf16 rounding shows, and is allowed
+
+
+def test_merge_with_the_lora_scale_doubled_fails_verify_and_exits_1(
+    adapter_run, tmp_path, capsys, monkeypatch
+):
+    """A deliberately wrong merge: W + 2·scale·B·A written, adapter-on-base (scale·B·A) as the reference."""
+    read_lora = export._read_lora
+
+    def doubled(adapter):
+        return {key: (a, b, 2 * scale) for key, (a, b, scale) in read_lora(adapter).items()}
+
+    monkeypatch.setattr(export, "_read_lora", doubled)
+    out = tmp_path / "wrong"
+    code, printed, err = merge(
+        [str(adapter_run), "--out", str(out), "--dtype", "float32", "--verify"], capsys
+    )
+    assert code == 1
+    report = json.loads((out / "verify.json").read_text())
+    assert report["verdict"] == "FAILED" and report["mean_abs_logit_diff"] > report["tolerance"]
+    assert "verify: FAILED: mean |Δlogit|" in printed
+    errors = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # progress bars aside
+    assert errors == [f"merge --verify FAILED: see {out}/verify.json"]

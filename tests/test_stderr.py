@@ -1,0 +1,52 @@
+"""A bad command prints exactly one line on stderr, with the locked library versions: nothing from them.
+
+Each command runs in a fresh process, as a user runs it, so import-time logging (bitsandbytes 0.50 logs a
+missing `kernels` package on a CPU with avx512_bf16) and warnings are counted too.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+# (arguments, expected part of the one line); {tmp} is a scratch folder, {full} a folder with a file in it.
+BAD = [
+    (["train", TINY, "lora.rank=3", "train.output_dir={tmp}/o1"], "unknown key 'lora.rank'"),
+    (["train", TINY, "data.path={tmp}/none.jsonl", "train.output_dir={tmp}/o2"], "data: file"),
+    (["train", TINY, "model.name={full}", "train.output_dir={tmp}/o3"], "has no config.json"),
+    (["audit", "{tmp}/missing"], "neither a local folder nor a hub id"),
+    (["quantize", "tiny", "{full}"], "already exists and is not empty"),
+    (["merge", "{tmp}/missing", "--out", "{tmp}/o4"], "not found or has no adapter_config.json"),
+    (["chat", "{tmp}/missing", "--prompt", "hi"], "neither a local folder nor a hub id"),
+    (["eval", "{tmp}/missing"], "neither a training output folder nor a .yaml recipe"),
+]
+
+
+@pytest.mark.slow
+def test_bad_commands_print_one_line_on_stderr(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    env = {k: v for k, v in os.environ.items() if k != "MIXTRAL_FT_VERBOSE"}
+    env["PYTHONWARNINGS"] = (
+        "default"  # warnings shown as a user's Python shows them, not as pytest filters them
+    )
+    for argv, expected in BAD:
+        argv = [a.format(tmp=tmp_path, full=full) for a in argv]
+        proc = subprocess.run(
+            [sys.executable, "-m", "mixtral_ft.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=tmp_path,
+        )
+        lines = proc.stderr.splitlines()
+        assert proc.returncode == 2, (argv, proc.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, lines)
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
