@@ -13,21 +13,40 @@ from mixtral_ft.errors import UserError
 
 
 def cmd_train(args) -> int:
-    from mixtral_ft.launch import launch, needs_launcher
+    from mixtral_ft.fsio import EXIT_IO, io_message
+    from mixtral_ft.outdir import claimed
+    from mixtral_ft.precheck import precheck
     from mixtral_ft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    precheck(recipe)  # data files, adapter folder: fast, before torch and transformers load
+    if args.num_processes is not None or args.accelerate_config is not None:
+        from mixtral_ft.launch import launch, needs_launcher
+
+        if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+
+            try:
+                return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
+            except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
+                return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
+    try:
+        with claimed(recipe.train.output_dir):  # one run per folder (rank 0 locks); a failed run leaves no empty one
+            return _train(recipe)
+    except Exception as exc:  # a full disk, a read-only mount: one line, exit 74 (fsio.py)
+        message = io_message(exc, recipe.train.output_dir)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_IO
+
+
+def _train(recipe) -> int:
+    from mixtral_ft.guards import Preempted, TrainingError
     from mixtral_ft.train import train
 
-    if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-
-        try:
-            return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
-        except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
-            return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
-    from mixtral_ft.guards import Preempted, TrainingError
-
     try:
-        train(load_recipe(args.recipe, args.overrides))
+        train(recipe)
     except TrainingError as exc:  # the run diverged: not bad input, so exit 1 rather than 2
         print(f"error: {exc}", file=sys.stderr)
         return 1

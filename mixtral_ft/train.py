@@ -187,6 +187,9 @@ def train(recipe: Recipe) -> dict:
             and is_main_process():  # correct either way (position_ids); only the speed differs
         print("note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
               "flash_attention_2 keeps the flash kernel", flush=True)
+    from mixtral_ft.outdir import replace_deferred
+
+    replace_deferred(out)  # train.overwrite: the previous run goes only now that nothing can fail with exit 2
     callbacks = make_callbacks(recipe, out)
     configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
     if recipe.train.method == "dpo":  # TRL's DPOTrainer on the same LoRA model; reference = starting adapter
@@ -226,11 +229,13 @@ def train(recipe: Recipe) -> dict:
 
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
+    from mixtral_ft.carry import carried_runtime
     from mixtral_ft.steps import peak_gib
 
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
     runtime = result.metrics.get("train_runtime", time.time() - started)
+    runtime += carried_runtime(trainer)  # a resumed run's throughput covers the whole run
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     device = trainer.args.device
     return {
