@@ -88,12 +88,20 @@ def _train_and_eval(cfg: DataSection, load_split, seed: int):
 
 def mixture_counts(weights: list[float], total: int) -> list[int]:
     """Rows per source: weight/sum(weights) of `total`, rounded so that they add up to `total` exactly."""
-    shares = [w / sum(weights) * total for w in weights]
+    weights = _normalized(weights)
+    shares = [w * total for w in weights]
     counts = [int(share) for share in shares]
     by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
     for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def _normalized(weights: list[float]) -> list[float]:
+    # Scaled by the largest first: 1e308 + 1e308 would overflow to inf and turn every share into 0 or nan.
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    return [w / sum(scaled) for w in scaled]
 
 
 def mix(parts: list[tuple], weights: list[float], size: int | None, seed: int) -> SFTData:
@@ -105,12 +113,12 @@ def mix(parts: list[tuple], weights: list[float], size: int | None, seed: int) -
     rng = np.random.default_rng(seed)
     total = size or sum(len(train) for train, _, _ in parts)
     chosen = []
-    for (train, _, reports), weight, n in zip(parts, weights, mixture_counts(weights, total)):
+    for (train, _, reports), weight, n in zip(parts, _normalized(weights), mixture_counts(weights, total)):
         repeats, rest = divmod(n, len(train))
         indices = np.concatenate([np.tile(np.arange(len(train)), repeats),
                                   rng.choice(len(train), rest, replace=False)]).astype(int)
         chosen.append(train.select(indices))
-        reports[0].sampled = f"weight {weight / sum(weights):.2f}, {n} of {total} rows ({n / len(train):.2f}x)"
+        reports[0].sampled = f"weight {weight:.2f}, {n} of {total} rows ({n / len(train):.2f}x)"
     mixed = concatenate_datasets(chosen)
     mixed = mixed.select(rng.permutation(len(mixed)))  # interleave the sources, reproducibly
     evals = [eval_set for _, eval_set, _ in parts if eval_set is not None]
