@@ -70,11 +70,15 @@ class CarryState(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         metrics = getattr(t, "_metrics", {}).get("train", {})
-        saved = {"global_step": state.global_step, "total_loss": t._total_loss_scalar,
-                 "window_start": t._globalstep_last_logged, "window_loss": partials,
-                 "tokens": getattr(t, "_total_train_tokens", None),
-                 "metrics": {k: list(v) for k, v in metrics.items()},
-                 "runtime_s": self.previous_runtime + time.time() - self.started}
+        saved = {
+            "global_step": state.global_step,
+            "total_loss": t._total_loss_scalar,
+            "window_start": t._globalstep_last_logged,
+            "window_loss": partials,
+            "tokens": getattr(t, "_total_train_tokens", None),
+            "metrics": {k: list(v) for k, v in metrics.items()},
+            "runtime_s": self.previous_runtime + time.time() - self.started,
+        }
         (folder / STATE).write_text(json.dumps(saved) + "\n")
         write_manifest(folder)
 
@@ -86,7 +90,9 @@ def restore(trainer, saved: dict) -> None:
     trainer._tr_loss.fill_(window[rank] if len(window) == world else sum(window) / len(window))
     trainer._total_loss_scalar = saved["total_loss"]
     trainer._globalstep_last_logged = saved["window_start"]
-    trainer._initial_global_step = 0  # HF's train_loss divides by the steps of this call; the total spans the run
+    trainer._initial_global_step = (
+        0  # HF's train_loss divides by the steps of this call; the total spans the run
+    )
     if saved.get("tokens") is not None and hasattr(trainer, "_total_train_tokens"):
         trainer._total_train_tokens = saved["tokens"]
     if hasattr(trainer, "_metrics"):
@@ -139,7 +145,9 @@ def train_or_finish(trainer, resume_from: Path | None):
     trainer.log(dict(metrics))  # the closing entry train() writes (with TRL's final token count)
     from transformers import ProgressCallback
 
-    for callback in trainer.callback_handler.callbacks:  # plots and reporters close as after train(); no bar opened
+    for (
+        callback
+    ) in trainer.callback_handler.callbacks:  # plots and reporters close as after train(); no bar opened
         if not isinstance(callback, ProgressCallback):
             callback.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
     return TrainOutput(steps, total / steps, metrics)

@@ -25,8 +25,11 @@ def file_digest(path: Path) -> str:
 
 def write_manifest(folder: Path) -> Path:
     """`sha256  name` per file (sha256sum's format, so `sha256sum -c` checks it too), renamed into place."""
-    lines = [f"{file_digest(p)}  {p.name}\n" for p in sorted(folder.iterdir())
-             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+    lines = [
+        f"{file_digest(p)}  {p.name}\n"
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    ]
     tmp = folder / f".{MANIFEST}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
@@ -42,7 +45,9 @@ def manifest_problem(folder: Path) -> str | None:
     if not manifest.is_file():
         return f"no {MANIFEST} (the save was cut short)"
     try:
-        entries = [line.rstrip("\n").split("  ", 1) for line in manifest.read_text(encoding="utf-8").splitlines()]
+        entries = [
+            line.rstrip("\n").split("  ", 1) for line in manifest.read_text(encoding="utf-8").splitlines()
+        ]
     except (OSError, UnicodeDecodeError):
         return f"{MANIFEST} is unreadable"
     if not entries or any(len(e) != 2 or len(e[0]) != 64 for e in entries):

@@ -51,5 +51,7 @@ def io_message(exc: BaseException, output_dir: str | Path | None) -> str | None:
         except OSError:
             last = None
         kept = f"; the last complete checkpoint is {last}" if last else "; no complete checkpoint was saved"
-    return (f"cannot write '{where}': {cause}{kept}. Free space (or fix the mount or permissions) and run the "
-            "same command again: it resumes, or finishes the outputs of a run that completed")
+    return (
+        f"cannot write '{where}': {cause}{kept}. Free space (or fix the mount or permissions) and run the "
+        "same command again: it resumes, or finishes the outputs of a run that completed"
+    )

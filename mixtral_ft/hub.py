@@ -164,8 +164,8 @@ def _refuse_leaks(folder: Path, files: list[Path]) -> None:
     for rel in files:
         path = folder / rel
         if _holds_secret(path, secrets):
-            raise UserError(f"'{path}' contains a token (the value of HF_TOKEN or WANDB_API_KEY, or an hf_... "
-                            "token): remove it before pushing")
+            raise UserError(f"'{path}' contains the value of HF_TOKEN or WANDB_API_KEY (or another hf_... token): "
+                            "remove it before pushing")
 
 
 def _holds_secret(path: Path, secrets: list[bytes]) -> bool:

@@ -44,14 +44,18 @@ def lock(out: Path) -> None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
+            raise UserError(
+                f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(f"train.output_dir '{out}' is in use by another run (PID {holder}): wait for it to end, "
-                            "or choose another folder") from None
+            raise UserError(
+                f"train.output_dir '{out}' is in use by another run (PID {holder}): wait for it to end, "
+                "or choose another folder"
+            ) from None
         try:  # the holder may have removed the file between our open and our lock: then lock the new file
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
@@ -68,7 +72,9 @@ def unlock(out: Path) -> None:
     if fd is None:
         return
     try:
-        (Path(out) / LOCK).unlink(missing_ok=True)  # while still locked, so no one locks a file about to vanish
+        (Path(out) / LOCK).unlink(
+            missing_ok=True
+        )  # while still locked, so no one locks a file about to vanish
     finally:
         os.close(fd)
 
@@ -92,7 +98,9 @@ def claimed(output_dir: str | Path) -> Iterator[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
+        raise UserError(
+            f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder"
+        ) from None
     try:
         if _rank_zero():
             lock(out)
@@ -134,8 +142,12 @@ def replace_deferred(out: Path) -> None:
                 path.rename(aside / path.name)
         shutil.rmtree(aside)
     except OSError as exc:
-        raise UserError(f"train.overwrite: cannot clear the previous run in '{out}' ({exc.strerror}): "
-                        "choose another train.output_dir") from None
+        raise UserError(
+            f"train.overwrite: cannot clear the previous run in '{out}' ({exc.strerror}): "
+            "choose another train.output_dir"
+        ) from None
     checkpoints = sum(p.name.startswith("checkpoint-") for p in paths)
     if checkpoints:
-        print(f"train.overwrite: removed {checkpoints} checkpoint(s) of the previous run in {out}", flush=True)
+        print(
+            f"train.overwrite: removed {checkpoints} checkpoint(s) of the previous run in {out}", flush=True
+        )

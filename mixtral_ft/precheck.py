@@ -30,21 +30,29 @@ def precheck(recipe: Recipe) -> None:
 def _check_source(path: str, split: str) -> None:
     if path.startswith("builtin:"):
         if path.removeprefix("builtin:") not in BUILTIN:
-            raise UserError(f"data: unknown built-in dataset '{path.removeprefix('builtin:')}'; use one of "
-                            f"{[f'builtin:{n}' for n in BUILTIN]}")
+            raise UserError(
+                f"data: unknown built-in dataset '{path.removeprefix('builtin:')}'; use one of "
+                f"{[f'builtin:{n}' for n in BUILTIN]}"
+            )
         return
     local = Path(path).expanduser()
     suffix = local.suffix.lower()
     if suffix in LOCAL_LOADERS:
         if not local.is_file():
-            raise UserError(f"data: file '{path}' not found; fix data.path (relative paths are from the "
-                            "current directory) or use builtin:oasst_top1 for the bundled sample")
+            raise UserError(
+                f"data: file '{path}' not found; fix data.path (relative paths are from the "
+                "current directory) or use builtin:oasst_top1 for the bundled sample"
+            )
         if split != "train":
-            raise UserError(f"data: {path} is a single file with only a 'train' split, not '{split}'; "
-                            "set data.split: train, and data.test_size (not data.eval_split) for eval")
+            raise UserError(
+                f"data: {path} is a single file with only a 'train' split, not '{split}'; "
+                "set data.split: train, and data.test_size (not data.eval_split) for eval"
+            )
         if LOCAL_LOADERS[suffix] == "json":
             check_json_text(local, path, max_bytes=FIRST_PASS_BYTES)
     elif local.is_file():
-        raise UserError(f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet")
+        raise UserError(
+            f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet"
+        )
     elif not local.is_dir() and path.startswith((".", "/", "~")):
         raise UserError(f"data: '{path}' not found; fix data.path")

@@ -24,8 +24,16 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_fails_on_its_data(tmp
     data = tmp_path / "data.jsonl"
     data.write_text(jsonl(*[convo(("wizard", "Hi"), ("assistant", "Yo"))] * 5))
     before = snapshot(tmp_path)
-    code = main(["train", TINY, f"train.output_dir={out}", "train.overwrite=true", f"data.path={data}",
-                 "data.test_size=0"])
+    code = main(
+        [
+            "train",
+            TINY,
+            f"train.output_dir={out}",
+            "train.overwrite=true",
+            f"data.path={data}",
+            "data.test_size=0",
+        ]
+    )
     assert code == 2 and "unknown role 'wizard'" in capsys.readouterr().err
     assert snapshot(tmp_path) == before  # checkpoints, run.json and adapter all still there; no .lock left
 
@@ -34,9 +42,18 @@ def test_a_second_run_into_a_locked_folder_exits_2_naming_the_holder(tmp_path, c
     # Case 4: another process holds the folder; its lock dies with it.
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from mixtral_ft.outdir import lock; lock(Path(sys.argv[1])); print('locked', "
-                               "flush=True); time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from mixtral_ft.outdir import lock; lock(Path(sys.argv[1])); print('locked', "
+            "flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code = main(["train", TINY, f"train.output_dir={out}", "train.max_steps=2"])
@@ -63,8 +80,10 @@ def test_a_failed_run_removes_the_output_dir_it_created(tmp_path, capsys):
 
 def run_cli(*args: str) -> tuple[int, str, bool]:
     """The CLI in a fresh interpreter: (exit code, stderr, whether torch was imported)."""
-    code = ("import sys; from mixtral_ft.cli import main; rc = main(sys.argv[1:]); "
-            "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    code = (
+        "import sys; from mixtral_ft.cli import main; rc = main(sys.argv[1:]); "
+        "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     *lines, imported = proc.stderr.strip().splitlines()
     return proc.returncode, "\n".join(lines), imported == "True"

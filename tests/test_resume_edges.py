@@ -62,6 +62,7 @@ def test_run_json_after_a_resume_equals_the_uninterrupted_one(reference5, tmp_pa
 
 def fill_disk_at(step: int, limit: int):
     """From the end of `step` on, no file may grow past `limit` bytes: what a full disk does to the next save."""
+
     class Fill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == step:
@@ -70,7 +71,9 @@ def fill_disk_at(step: int, limit: int):
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
     make = mixtral_ft.callbacks.make_callbacks
     mixtral_ft.callbacks.make_callbacks = lambda recipe, out: [Fill(), *make(recipe, out)]
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    previous = signal.signal(
+        signal.SIGXFSZ, signal.SIG_IGN
+    )  # the write fails with EFBIG instead of killing us
     return make, previous, hard
 
 
