@@ -13,24 +13,44 @@ from mixtral_ft.errors import UserError
 
 
 def cmd_train(args) -> int:
-    from mixtral_ft.common import is_main_process
-    from mixtral_ft.distributed import launch, needs_launcher
-    from mixtral_ft.recipe import load_recipe
-    from mixtral_ft.train.run import check_output_dir, train
-
-    if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-
-        try:
-            check_output_dir(load_recipe(args.recipe, args.overrides))  # once here, not in every worker
-            return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
-        except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
-            return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
     from mixtral_ft.plan.fit_check import check_can_train
-    from mixtral_ft.train.guards import Preempted, TrainingError
+    from mixtral_ft.recipe import load_recipe
+    from mixtral_ft.train.fsio import EXIT_IO, io_message
+    from mixtral_ft.train.outdir import claimed
+    from mixtral_ft.train.precheck import precheck
 
     recipe = load_recipe(args.recipe, args.overrides)
+    precheck(recipe)  # data files, adapter folder: fast, before torch and transformers load
+    if args.num_processes is not None or args.accelerate_config is not None:
+        from mixtral_ft.distributed import launch, needs_launcher
+
+        if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+
+            from mixtral_ft.train.run import check_output_dir
+
+            try:
+                check_output_dir(recipe)  # once here, not in every worker after N model loads
+                return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
+            except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
+                return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
     check_can_train(recipe, args.recipe, force=getattr(args, "force", False))  # before any download or folder
+    try:
+        with claimed(recipe.train.output_dir):  # one run per folder (rank 0 locks); a failed run leaves no empty one
+            return _train(recipe)
+    except Exception as exc:  # a full disk, a read-only mount: one line, exit 74 (train/fsio.py)
+        message = io_message(exc, recipe.train.output_dir)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_IO
+
+
+def _train(recipe) -> int:
+    from mixtral_ft.common import is_main_process
+    from mixtral_ft.train.guards import Preempted, TrainingError
+    from mixtral_ft.train.run import train
+
     try:
         train(recipe)
         if recipe.hub.push and is_main_process():  # the adapter is saved; export is the next stage's job

@@ -7,6 +7,7 @@ modules (data.py for conversations, prefs.py for preference pairs) supply how on
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 from collections import Counter
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 BUILTIN = {"oasst_top1": str(Path(__file__).parent / "sample_data" / "oasst_top1.jsonl"),
            "preferences": str(Path(__file__).parent / "sample_data" / "preferences.jsonl")}
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MAX_ROW_BYTES = 8 * 2**20  # one JSON Lines row; a 32k-token conversation is well under 1 MiB
 
 
 @dataclass
@@ -94,12 +96,20 @@ def _train_and_eval(cfg: DataSection, load_split, seed: int):
 
 def mixture_counts(weights: list[float], total: int) -> list[int]:
     """Rows per source: weight/sum(weights) of `total`, rounded so that they add up to `total` exactly."""
-    shares = [w / sum(weights) * total for w in weights]
+    weights = _normalized(weights)
+    shares = [w * total for w in weights]
     counts = [int(share) for share in shares]
     by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
     for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def _normalized(weights: list[float]) -> list[float]:
+    # Scaled by the largest first: 1e308 + 1e308 would overflow to inf and turn every share into 0 or nan.
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    return [w / sum(scaled) for w in scaled]
 
 
 def mix(parts: list[tuple], weights: list[float], size: int | None, seed: int) -> SFTData:
@@ -111,12 +121,12 @@ def mix(parts: list[tuple], weights: list[float], size: int | None, seed: int) -
     rng = np.random.default_rng(seed)
     total = size or sum(len(train) for train, _, _ in parts)
     chosen = []
-    for (train, _, reports), weight, n in zip(parts, weights, mixture_counts(weights, total)):
+    for (train, _, reports), weight, n in zip(parts, _normalized(weights), mixture_counts(weights, total)):
         repeats, rest = divmod(n, len(train))
         indices = np.concatenate([np.tile(np.arange(len(train)), repeats),
                                   rng.choice(len(train), rest, replace=False)]).astype(int)
         chosen.append(train.select(indices))
-        reports[0].sampled = f"weight {weight / sum(weights):.2f}, {n} of {total} rows ({n / len(train):.2f}x)"
+        reports[0].sampled = f"weight {weight:.2f}, {n} of {total} rows ({n / len(train):.2f}x)"
     mixed = concatenate_datasets(chosen)
     mixed = mixed.select(rng.permutation(len(mixed)))  # interleave the sources, reproducibly
     evals = [eval_set for _, eval_set, _ in parts if eval_set is not None]
@@ -223,7 +233,7 @@ def _read_file(file: Path, label: str, split: str):
                         "set data.split: train, and data.test_size (not data.eval_split) for eval")
     loader = LOCAL_LOADERS[file.suffix.lower()]
     if loader == "json":
-        _check_json_text(file, label)
+        check_json_text(file, label)
     try:
         return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as exc:  # malformed JSON and broken Parquet arrive as assorted wrapped errors
@@ -231,25 +241,34 @@ def _read_file(file: Path, label: str, split: str):
         raise UserError(f"data: cannot read '{label}' as {kind}: {_why(exc)}; fix the file") from None
 
 
-def _check_json_text(file: Path, label: str) -> None:
-    # pyarrow accepts invalid UTF-8 and fails later, mid-iteration, and its JSON errors name no line:
-    # one streaming pass here gives the user a line number instead.
+def check_json_text(file: Path, label: str, max_bytes: int | None = None) -> None:
+    """One streaming pass (the first `max_bytes` only, if given): UTF-8, one JSON value per line, rows of at most
+    MAX_ROW_BYTES. pyarrow accepts invalid UTF-8 and fails later, mid-iteration, its JSON errors name no line, and
+    it would tokenize a giant row for minutes before max_length drops it: here each gets a line number instead."""
     json_list = None
+    read = 0
+    decoder = codecs.getincrementaldecoder("utf-8")()  # a JSON list's long line arrives in chunks
     with open(file, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_ROW_BYTES + 1), b""), 1):
+            if json_list is None and raw.strip():
+                json_list = raw.lstrip().startswith(b"[")  # one JSON list of rows: left to datasets' parser
+            if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES and not json_list:
+                raise UserError(f"data: line {number} of '{label}' is longer than {MAX_ROW_BYTES // 2**20} MiB: "
+                                "a row that size cannot fit train.max_length; remove or split it")
             try:
-                line = raw.decode("utf-8").strip()
+                line = decoder.decode(raw).strip()
             except UnicodeDecodeError:
                 raise UserError(f"data: line {number} of '{label}' is not UTF-8 text; "
                                 "re-save the file as UTF-8") from None
-            if json_list is None and line:
-                json_list = line.startswith("[")  # one JSON list of rows: left to datasets' parser
             if line and not json_list:
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise UserError(f"data: line {number} of '{label}' is not valid JSON ({exc.msg}); "
                                     "each line of a .jsonl file must be one JSON object") from None
+            read += len(raw)
+            if max_bytes is not None and read >= max_bytes:
+                return
     if json_list is None:
         raise UserError(f"data: '{label}' has no rows; check data.path")
 

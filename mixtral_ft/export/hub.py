@@ -17,9 +17,8 @@ from mixtral_ft.common import human_bytes
 from mixtral_ft.errors import UserError
 from mixtral_ft.train.card import render_card, scrub, secret_values
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 SKIP_NAMES = {"training_args.bin", "README.md"}  # trainer pickles stay local; the card is regenerated
-SCANNED = (".json", ".yaml", ".yml", ".md", ".txt", ".jinja")
+HF_TOKEN_BYTES = re.compile(rb"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}")  # real ones: hf_ and 34 letters/digits
 
 
 def folder_kind(folder: Path) -> str:
@@ -36,14 +35,9 @@ def folder_kind(folder: Path) -> str:
 
 
 def check_repo_id(repo_id: str | None) -> str:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from mixtral_ft.recipe.sections import is_repo_id
 
-    try:
-        validate_repo_id(repo_id)
-        ok = bool(repo_id and REPO_ID.match(repo_id))
-    except HFValidationError:
-        ok = False
-    if not ok:
+    if not is_repo_id(repo_id):
         raise UserError(f"bad repo id '{repo_id}': use ORG/NAME with letters, digits, '-', '_' or '.', "
                         "e.g. my-org/mixtral-8x7b-sft")
     return repo_id
@@ -63,13 +57,26 @@ def upload_files(folder: Path) -> list[Path]:
 
 
 def _refuse_leaks(folder: Path, files: list[Path]) -> None:
+    """Every file to upload, binary ones too (tfevents, .wandb, .log, safetensors metadata), by byte search for the
+    environment's tokens and for Hugging Face token shapes; streamed, so a 10 GB shard costs a read, not memory."""
     secrets = [s.encode() for s in secret_values()]
     for rel in files:
         path = folder / rel
-        if secrets and path.suffix in SCANNED and path.stat().st_size < 50 * 2**20:
-            data = path.read_bytes()
-            if any(s in data for s in secrets):
-                raise UserError(f"'{path}' contains the value of HF_TOKEN or WANDB_API_KEY: remove it before pushing")
+        if _holds_secret(path, secrets):
+            raise UserError(f"'{path}' contains the value of HF_TOKEN or WANDB_API_KEY (or another hf_... token): "
+                            "remove it before pushing")
+
+
+def _holds_secret(path: Path, secrets: list[bytes]) -> bool:
+    overlap = max([len(s) for s in secrets] + [64])
+    tail = b""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            window = tail + block
+            if any(s in window for s in secrets) or HF_TOKEN_BYTES.search(window):
+                return True
+            tail = window[-overlap:]
+    return False
 
 
 def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = True, dry_run: bool = False) -> dict:

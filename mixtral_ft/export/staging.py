@@ -2,13 +2,17 @@
 
 A `quantize` or `merge` stopped halfway (an error, Ctrl-C, a full disk) would otherwise leave a folder that
 looks like a model and fails to load, or loads wrong. The staging folder is a sibling so the final rename
-stays on one filesystem, where it is atomic. A destination that already holds files is never touched.
+stays on one filesystem, where it is atomic. A destination that already holds files is never touched. SIGTERM
+unwinds too (the staging folder goes); what a kill -9 leaves, the next run for the same OUT removes.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,17 +26,68 @@ def refuse_nonempty(path: Path, what: str) -> None:
         raise UserError(f"{what} '{path}' already exists and is not empty: choose a new folder")
 
 
+STAGING = "-staging-"  # .NAME-staging-PID-xxxx: the PID tells a later run whether its owner is gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Staging folders for `out` whose process is gone (killed with -9, or a machine that went down)."""
+    prefix = f".{out.name}{STAGING}"
+    removed = []
+    for folder in out.parent.glob(f"{prefix}*") if out.parent.is_dir() else ():
+        pid = folder.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) inside the block, so the cleanup below runs (the default just dies)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
-    """Yield an empty staging folder; on a clean exit it becomes `out`, on an exception it is deleted."""
+    """Yield an empty staging folder; on a clean exit it becomes `out`, on an exception or SIGTERM it is deleted."""
     out = Path(out)
     refuse_nonempty(out, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    remove_stale(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{os.getpid()}-", dir=out.parent))
     try:
-        yield staging
-        if out.exists():
-            out.rmdir()  # empty, checked above; rmdir refuses if something was written there since
-        staging.rename(out)
+        with _sigterm_unwinds():
+            yield staging
+            staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the model private to its writer
+            if out.exists():
+                out.rmdir()  # empty, checked above; rmdir refuses if something was written there since
+            staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after the rename there is nothing left to remove

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,9 +20,15 @@ from typing import Any
 import yaml
 
 from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import safeyaml
 
 SECRET_KEYS = {"token", "hf_token", "hub_token", "access_token", "auth_token", "api_key", "apikey",
                "wandb_api_key", "password", "passwd", "secret", "secret_key"}
+
+WANDB = "a wandb API key"
+TOKEN_PATTERNS = ((re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"), "a Hugging Face token (hf_...)"),
+                  (re.compile(r"(?<![A-Za-z0-9])(?:sk|sk-proj|sk-ant)-[A-Za-z0-9_-]{20,}"), "an API key (sk-...)"),
+                  (re.compile(r"^(?:local-)?[0-9a-f]{40}$"), WANDB))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -27,7 +36,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe file '{path}' not found: pass the path of a YAML recipe, e.g. recipes/tiny.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safeyaml.load(path.read_text(encoding="utf-8"))
+    except safeyaml.YamlBound as exc:
+        raise UserError(f"recipe '{path}' {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -42,7 +53,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise UserError(f"override '{item}' is not key=value: write it like lora.r=8")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = safeyaml.load(text) if text.strip() else None
+    except safeyaml.YamlBound as exc:
+        raise UserError(f"override '{key.strip()}': the value {exc}") from None
     except yaml.YAMLError:
         raise UserError(f"override '{item}': the value is not valid YAML; quote it") from None
     parts = key.strip().split(".")
@@ -117,7 +130,13 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"'{dotted}' must be a number, got {_kind(value)}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            value = float("inf")
+        if not math.isfinite(value):  # .inf / .nan pass YAML and fail deep inside torch or the scheduler
+            raise UserError(f"'{dotted}' must be a finite number, got {value}")
+        return value
     if hint is str:
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"'{dotted}' must be a non-empty string, got {_kind(value)}")
@@ -145,6 +164,18 @@ def _suggest(key: str, fields: dict, prefix: str) -> str:
 
 
 def reject_secrets(raw: Any, prefix: str) -> None:
+    """Secret-named keys, and token-shaped values under any key: recipes are copied into every run and checkpoint,
+    and run names reach tensorboard and wandb files, so a token in one would spread everywhere."""
+    if isinstance(raw, list):
+        for i, item in enumerate(raw):
+            reject_secrets(item, f"{prefix.rstrip('.')}[{i}].")
+        return
+    if isinstance(raw, str):
+        what = token_kind(raw, prefix.rstrip("."))
+        if what:
+            raise UserError(f"'{prefix.rstrip('.')}' holds what looks like {what}: recipes are saved with every "
+                            "run, so never put tokens in them; set HF_TOKEN / WANDB_API_KEY in the environment")
+        return
     if not isinstance(raw, dict):
         return
     for key, value in raw.items():
@@ -152,6 +183,17 @@ def reject_secrets(raw: Any, prefix: str) -> None:
         if str(key).lower() in SECRET_KEYS:
             _secret_error(dotted)
         reject_secrets(value, dotted + ".")
+
+
+def token_kind(value: str, dotted: str = "") -> str | None:
+    """What kind of token `value` looks like (None: none). A 40-hex model.revision is a commit, not a wandb key."""
+    for pattern, what in TOKEN_PATTERNS:
+        if pattern.search(value) and not (what == WANDB and dotted.endswith("revision")):
+            return what
+    secrets = [os.environ.get(name, "").strip() for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")]
+    if any(len(s) >= 8 and s in value for s in secrets):
+        return "the value of HF_TOKEN or WANDB_API_KEY"
+    return None
 
 
 def _secret_error(dotted: str) -> None:

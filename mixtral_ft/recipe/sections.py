@@ -190,7 +190,7 @@ def check_recipe(recipe: Recipe) -> None:
     _need(t.max_length >= 16, "train.max_length", "must be >= 16 tokens, e.g. 2048")
     _need(t.logging_steps > 0, "train.logging_steps", "must be > 0")
     _need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", "must be > 0 or null")
-    _need(t.seed >= 0, "train.seed", "must be >= 0")
+    _need(0 <= t.seed < 2**32, "train.seed", "must be >= 0 and below 2**32 (numpy's seed range), e.g. 42")
     _need(t.method in ("sft", "dpo"), "train.method", "must be sft or dpo")
     if t.method == "dpo":
         _need(recipe.dpo.beta > 0, "dpo.beta", "must be > 0, e.g. 0.1")
@@ -206,8 +206,22 @@ def check_recipe(recipe: Recipe) -> None:
     _need(g.router_stats_steps >= 0, "logging.router_stats_steps", "must be >= 0 (0 turns telemetry off), e.g. 10")
     h = recipe.hub
     _need(not h.push or h.repo_id is not None, "hub.repo_id", "is required when hub.push is true: e.g. my-org/mixtral-sft")
-    _need(h.repo_id is None or HUB_REPO_ID.match(h.repo_id) is not None, "hub.repo_id",
+    _need(h.repo_id is None or is_repo_id(h.repo_id), "hub.repo_id",
           f"must be ORG/NAME (letters, digits, '-', '_', '.'), e.g. my-org/mixtral-sft; got '{h.repo_id}'")
+
+
+def is_repo_id(repo_id: str | None) -> bool:
+    """ORG/NAME, and huggingface_hub's own rule ('..', '--', a '.git' ending): checked at validation and at push,
+    so a push never refuses after training what the recipe accepted."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not (repo_id and HUB_REPO_ID.match(repo_id)):
+        return False
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _check_sources(recipe: Recipe) -> None:

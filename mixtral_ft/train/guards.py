@@ -84,7 +84,8 @@ class PreemptionGuard(TrainerCallback):
             self.stopped = (signum, state.global_step)
             control.should_save = True
             control.should_training_stop = True
-            control.should_log = True  # this step's loss goes into the checkpoint's log history
+            # No extra log entry: carry.CarryState saves the open logging window's loss with the checkpoint, so
+            # the resumed run logs the same windows as an uninterrupted one.
             control.should_evaluate = False  # the grace period is for saving
             if state.is_world_process_zero:
                 print(f"received {signal.Signals(signum).name}: saving checkpoint-{state.global_step} and stopping",
@@ -149,15 +150,17 @@ def run_trainer(trainer, resume_from: Path | None, finish) -> tuple:
     Raises `Preempted` once a mid-run signal's checkpoint is saved. A signal after the last step does not cut
     the final save short: it completes, and `(finish's value, signum)` tells the caller (0: no signal).
     """
+    from mixtral_ft.train.carry import train_or_finish
+
     guard = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionGuard)), None)
     try:
         with guard.installed() if guard else _nothing():
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            result = train_or_finish(trainer, resume_from)  # from the last step's checkpoint: no extra step
             if not (guard and guard.stopped):
                 value = finish(result)
                 # ranks may see a late signal or not: agree, so that all exit alike
                 late = int(_all_reduce(guard.received if guard else 0, trainer.args.device, "max"))
-    except TrainingError:
+    except Exception:  # diverged, or a full disk (fsio.py)
         for callback in trainer.callback_handler.callbacks:  # end the progress bar's line, so that the
             bar = getattr(callback, "training_bar", None)  # error line the CLI prints starts a line of its own
             if bar is not None:

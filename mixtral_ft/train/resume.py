@@ -12,14 +12,14 @@ The HF Trainer's `get_last_checkpoint` trusts the folder name, so a save cut sho
 disk becomes the one it resumes from. Here a checkpoint is complete only when everything a resume reads is there
 and intact: trainer_state.json parses; the adapter's safetensors header parses and the file holds all the data the
 header promises; optimizer.pt, scheduler.pt and rng_state*.pth are whole zip archives (torch.save's format; a
-truncated one loses its central directory, a corrupted one fails its CRC). Incomplete ones are skipped with a note.
+truncated one loses its central directory, a corrupted one fails its CRC); and every file matches the SHA-256 in
+the checkpoint's `checksums.sha256`, which is written last (checksums.py). Incomplete ones are skipped with a note.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -29,6 +29,7 @@ import yaml
 from mixtral_ft.common import is_main_process, world_size
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe
+from mixtral_ft.train.checksums import manifest_problem
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
@@ -77,18 +78,20 @@ def checkpoint_problem(folder: Path) -> str | None:
         problem = _torch_file_problem(folder / name)
         if problem:
             return problem
-    return None
+    return manifest_problem(folder)  # written last by carry.CarryState: complete, and every byte as saved
 
 
 def _safetensors_problem(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > path.stat().st_size - 8:  # a damaged length field: never allocate what it claims
+                return f"{path.name} has a corrupt header"
             header = json.loads(f.read(length))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if path.stat().st_size < 8 + length + end:
             return f"{path.name} is truncated"
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, MemoryError, struct.error):
         return f"{path.name} is unreadable"
     return None
 
@@ -117,7 +120,7 @@ def newest_complete(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
 
 
 def check_existing_run(recipe: Recipe, out: Path) -> None:
-    """Refuse to replace a finished run or to ignore an unfinished one; clear what `train.overwrite` replaces."""
+    """Refuse to replace a finished run or to ignore an unfinished one; note what `train.overwrite` replaces."""
     t = recipe.train
     finished = (out / "run.json").exists()
     checkpoints = list_checkpoints(out)
@@ -141,19 +144,11 @@ def check_existing_run(recipe: Recipe, out: Path) -> None:
 
 
 def _clear(out: Path, checkpoints: list[Path]) -> None:
-    # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up.
-    if not is_main_process():
-        return  # every rank runs this check; one deletes
-    try:
-        for folder in checkpoints:
-            shutil.rmtree(folder)
-        # run.json goes last: a rank looking meanwhile still sees a finished run, and so also starts fresh.
-        (out / "run.json").unlink(missing_ok=True)
-    except OSError as exc:
-        raise UserError(f"train.overwrite: cannot clear the previous run in '{out}' ({exc.strerror}): "
-                        "choose another train.output_dir") from None
-    if checkpoints:
-        _say(f"train.overwrite: removed {len(checkpoints)} checkpoint(s) of the previous run in {out}")
+    # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up. They go only
+    # once the new run has passed every check that can fail with exit 2 (outdir.replace_deferred, from train.py).
+    from mixtral_ft.train.outdir import defer_replace
+
+    defer_replace(out, [*checkpoints, out / "run.json"])
 
 
 def _say(line: str) -> None:
@@ -173,7 +168,10 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
             raise UserError(f"train.resume '{resume}' is not a complete checkpoint ({problem}): pass a "
                             "checkpoint-N folder written by a run, or train.resume=auto")
     else:
-        folder, skipped = newest_complete(out)
+        from mixtral_ft.train.outdir import deferred
+
+        replacing = any(p.name.startswith("checkpoint-") for p in deferred(out))  # train.overwrite replaces them
+        folder, skipped = (None, []) if replacing else newest_complete(out)
         for bad, why in skipped:
             _say(f"resume: skipping incomplete {bad}: {why}")
         if folder is None:

@@ -101,6 +101,7 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.model.load import set_adapter_base
     from mixtral_ft.train.callbacks import make_callbacks
     from mixtral_ft.train.guards import Preempted, run_trainer
+    from mixtral_ft.train.outdir import replace_deferred
     from mixtral_ft.train.resume import find_resume_checkpoint
     from mixtral_ft.train.telemetry import attach, configure_reporting
     from mixtral_ft.train.trainers import METHODS, build_trainer
@@ -124,6 +125,7 @@ def train(recipe: Recipe) -> dict:
             and is_main_process():  # correct either way (position_ids); only the speed differs
         print("note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
               "flash_attention_2 keeps the flash kernel", flush=True)
+    replace_deferred(out)  # train.overwrite: the previous run goes only now that nothing can fail with exit 2
     callbacks = make_callbacks(recipe, out)
     configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
     trainer = build_trainer(recipe, model, tokenizer, data.train, data.eval, callbacks)
@@ -157,10 +159,12 @@ def train(recipe: Recipe) -> dict:
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
     from mixtral_ft.common import peak_gib
+    from mixtral_ft.train.carry import carried_runtime
 
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
     runtime = result.metrics.get("train_runtime", time.time() - started)
+    runtime += carried_runtime(trainer)  # a resumed run's throughput covers the whole run
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     device = trainer.args.device
     return {

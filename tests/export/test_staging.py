@@ -57,3 +57,43 @@ def test_files_that_appear_in_the_destination_meanwhile_are_not_replaced(tmp_pat
             (out / "theirs.txt").write_text("theirs")  # e.g. another run started on the same folder
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+# --- issue 16, case 12: no leftovers from a killed merge, normal permissions -------------------------------
+
+def test_stale_staging_of_a_dead_process_is_removed_by_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".model-staging-{dead}-abcd"  # what a kill -9 mid-merge leaves
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    with staged_folder(tmp_path / "model", "OUT") as staging:
+        (staging / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_sigterm_inside_removes_the_staging_folder(tmp_path):
+    import os
+    import signal
+
+    with pytest.raises(SystemExit) as stopped:
+        with staged_folder(tmp_path / "model", "OUT") as staging:
+            (staging / "shard").write_bytes(b"x")
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 143 and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_model_folder_gets_normal_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with staged_folder(tmp_path / "model", "OUT") as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 before

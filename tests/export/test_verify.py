@@ -6,7 +6,7 @@ import pytest
 
 from mixtral_ft.cli import main
 from mixtral_ft.export import merge as export
-from tests.test_chat import trained_adapter
+from tests.conftest import trained_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.numeric]
 

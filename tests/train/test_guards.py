@@ -27,6 +27,8 @@ import mixtral_ft.train.callbacks
 from mixtral_ft.cli import main
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import load_recipe
+from mixtral_ft.train.checksums import write_manifest
+from mixtral_ft.train.outdir import replace_deferred
 from mixtral_ft.train.resume import (
     check_existing_run,
     checkpoint_problem,
@@ -204,6 +206,7 @@ def make_checkpoint(out: Path, step: int, recipe_overrides: tuple[str, ...] = ()
     torch.save({"cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
     recipe = load_recipe(TINY, [f"train.output_dir={out}", *recipe_overrides])
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    write_manifest(folder)  # last, as carry.CarryState does
     return folder
 
 
@@ -291,6 +294,8 @@ def test_output_dir_rules(tmp_path):
         check_existing_run(recipe_for(out, "train.resume=true", "train.overwrite=true"), out)
     # overwrite replaces a finished run: its checkpoints go too, or a later resume would pick them up.
     check_existing_run(recipe_for(out, "train.overwrite=true"), out)
+    assert (out / "run.json").exists() and (out / "checkpoint-2").is_dir()  # nothing goes before the run starts
+    replace_deferred(out)
     assert list(out.iterdir()) == []
 
 
@@ -371,4 +376,5 @@ def test_only_rank_zero_clears_a_replaced_run(tmp_path, monkeypatch):
     (out / "run.json").write_text("{}")
     monkeypatch.setenv("RANK", "1")
     check_existing_run(recipe_for(out, "train.overwrite=true"), out)
+    replace_deferred(out)
     assert (out / "checkpoint-1").is_dir() and (out / "run.json").exists()

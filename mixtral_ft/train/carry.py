@@ -1,0 +1,153 @@
+"""What a resume needs beyond the Trainer's checkpoint, so an interrupted run logs and reports like an uninterrupted one.
+
+The Trainer restores the weights, optimizer, scheduler, RNG and step, but starts its loss bookkeeping afresh: the
+loss summed since the last log (the logging window that spans the resume point), the run's loss total (hence
+`train_loss`), TRL's token count and its per-window metrics. `CarryState.on_save` writes them, exactly, into each
+checkpoint (`mixtral_ft_state.json`), then seals the folder with its checksum manifest (checksums.py), last.
+`on_train_begin` puts them back when a run resumes from such a checkpoint.
+
+A checkpoint at the run's last step means training is done: `train_or_finish` then loads its weights and log
+history and returns a TrainOutput without another step (the Trainer would run one: it checks the step count only
+after a step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from mixtral_ft.train.checksums import write_manifest
+
+STATE = "mixtral_ft_state.json"
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _per_rank(value: float, device) -> list[float]:
+    """`value` from every rank (float64 holds the fp32 loss sum exactly); a collective when distributed."""
+    if not _distributed():
+        return [value]
+    mine = torch.tensor([value], dtype=torch.float64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, mine)
+    return [float(t.item()) for t in every]
+
+
+def read_state(folder: Path | None) -> dict | None:
+    try:
+        return json.loads((Path(folder) / STATE).read_text()) if folder else None
+    except (OSError, ValueError):
+        return None  # a checkpoint of an older version or a plain Trainer: resume as the Trainer does
+
+
+class CarryState(TrainerCallback):
+    """Saves and restores the run-level bookkeeping; append it last, so its manifest is the last file written."""
+
+    def __init__(self, trainer, resume_from: Path | None):
+        self.trainer, self.resume_from = trainer, resume_from
+        self.previous_runtime = 0.0  # seconds of training before this process resumed
+        self.started = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+        saved = read_state(self.resume_from)
+        if saved and saved.get("global_step") == state.global_step:
+            restore(self.trainer, saved)
+            self.previous_runtime = float(saved.get("runtime_s", 0.0))
+
+    def on_save(self, args, state, control, **kwargs):
+        t = self.trainer
+        partials = _per_rank(float(t._tr_loss), args.device)  # every rank: a collective
+        if _distributed():
+            torch.distributed.barrier()  # every rank's files (rng_state_N.pth) are written before rank 0 seals
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        metrics = getattr(t, "_metrics", {}).get("train", {})
+        saved = {
+            "global_step": state.global_step,
+            "total_loss": t._total_loss_scalar,
+            "window_start": t._globalstep_last_logged,
+            "window_loss": partials,
+            "tokens": getattr(t, "_total_train_tokens", None),
+            "metrics": {k: list(v) for k, v in metrics.items()},
+            "runtime_s": self.previous_runtime + time.time() - self.started,
+        }
+        (folder / STATE).write_text(json.dumps(saved) + "\n")
+        write_manifest(folder)
+
+
+def restore(trainer, saved: dict) -> None:
+    rank = torch.distributed.get_rank() if _distributed() else 0
+    window = saved["window_loss"]
+    world = torch.distributed.get_world_size() if _distributed() else 1
+    trainer._tr_loss.fill_(window[rank] if len(window) == world else sum(window) / len(window))
+    trainer._total_loss_scalar = saved["total_loss"]
+    trainer._globalstep_last_logged = saved["window_start"]
+    trainer._initial_global_step = (
+        0  # HF's train_loss divides by the steps of this call; the total spans the run
+    )
+    if saved.get("tokens") is not None and hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = saved["tokens"]
+    if hasattr(trainer, "_metrics"):
+        trainer._metrics["train"].clear()
+        trainer._metrics["train"].update({k: list(v) for k, v in saved.get("metrics", {}).items()})
+
+
+def attach(trainer, resume_from: Path | None) -> CarryState:
+    carry = CarryState(trainer, resume_from)
+    trainer.add_callback(carry)  # appended: after guards.CheckpointRecipe writes recipe.yaml into the folder
+    return carry
+
+
+def carried_runtime(trainer) -> float:
+    """Training seconds spent before this process resumed (0 for a fresh run)."""
+    carry = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CarryState)), None)
+    return carry.previous_runtime if carry else 0.0
+
+
+def is_done(folder: Path | None) -> bool:
+    """Whether `folder` is the checkpoint of the run's last step (its trainer_state knows the planned total)."""
+    if folder is None:
+        return False
+    try:
+        state = json.loads((Path(folder) / "trainer_state.json").read_text())
+        return 0 < int(state.get("max_steps") or 0) <= int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def train_or_finish(trainer, resume_from: Path | None):
+    """trainer.train(), or, from the last step's checkpoint, the TrainOutput that train() would have ended with."""
+    carry = attach(trainer, resume_from)
+    if not is_done(resume_from):
+        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(resume_from))
+    trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+    trainer._tr_loss = torch.tensor(0.0, device=trainer.args.device)
+    saved = read_state(resume_from) or {}
+    if saved:
+        restore(trainer, saved)
+        carry.previous_runtime = float(saved.get("runtime_s", 0.0))
+    total = trainer._total_loss_scalar + float(trainer._tr_loss) if saved else float("nan")
+    steps = trainer.state.global_step
+    metrics = {"train_runtime": 0.0, "total_flos": trainer.state.total_flos, "train_loss": total / steps}
+    trainer.model.train()  # TRL's log() files its metrics under "train" by the model's mode
+    trainer.log(dict(metrics))  # the closing entry train() writes (with TRL's final token count)
+    from transformers import ProgressCallback
+
+    for (
+        callback
+    ) in trainer.callback_handler.callbacks:  # plots and reporters close as after train(); no bar opened
+        if not isinstance(callback, ProgressCallback):
+            callback.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    return TrainOutput(steps, total / steps, metrics)

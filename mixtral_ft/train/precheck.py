@@ -1,0 +1,58 @@
+"""The checks `train` can make in a fraction of a second, before torch and transformers load (seconds).
+
+load_recipe has checked the recipe; this checks what the recipe points at that needs no library: each local data
+file exists, has a supported extension and, for JSON Lines, starts with valid UTF-8 JSON rows of bounded size (a
+first pass over at most `FIRST_PASS_BYTES`: the full pass comes when the data loads); a model.adapter folder holds
+an adapter. The output folder is checked and locked by outdir.claimed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixtral_ft.data.sources import BUILTIN, LOCAL_LOADERS, check_json_text
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import Recipe
+
+FIRST_PASS_BYTES = 64 * 2**20
+
+
+def precheck(recipe: Recipe) -> None:
+    d = recipe.data
+    sources = [(d.path, d.split)] if d.path is not None else [(s.path, s.split) for s in d.mixture]
+    for path, split in sources:
+        _check_source(path, split)
+    adapter = recipe.model.adapter
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+
+
+def _check_source(path: str, split: str) -> None:
+    if path.startswith("builtin:"):
+        if path.removeprefix("builtin:") not in BUILTIN:
+            raise UserError(
+                f"data: unknown built-in dataset '{path.removeprefix('builtin:')}'; use one of "
+                f"{[f'builtin:{n}' for n in BUILTIN]}"
+            )
+        return
+    local = Path(path).expanduser()
+    suffix = local.suffix.lower()
+    if suffix in LOCAL_LOADERS:
+        if not local.is_file():
+            raise UserError(
+                f"data: file '{path}' not found; fix data.path (relative paths are from the "
+                "current directory) or use builtin:oasst_top1 for the bundled sample"
+            )
+        if split != "train":
+            raise UserError(
+                f"data: {path} is a single file with only a 'train' split, not '{split}'; "
+                "set data.split: train, and data.test_size (not data.eval_split) for eval"
+            )
+        if LOCAL_LOADERS[suffix] == "json":
+            check_json_text(local, path, max_bytes=FIRST_PASS_BYTES)
+    elif local.is_file():
+        raise UserError(
+            f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet"
+        )
+    elif not local.is_dir() and path.startswith((".", "/", "~")):
+        raise UserError(f"data: '{path}' not found; fix data.path")

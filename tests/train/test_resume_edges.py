@@ -1,0 +1,116 @@
+"""Issue 16, cases 1, 2, 5 and 6 on the tiny recipe, CPU: resuming is exact in run.json too, a run that reached its
+last step only finishes its outputs, a full disk is one line and exit 74, and a checkpoint is checked byte by byte.
+"""
+
+import json
+import resource
+import shutil
+import signal
+import struct
+
+import pytest
+from transformers import TrainerCallback
+
+import mixtral_ft.train.callbacks
+from mixtral_ft.train.checksums import MANIFEST
+from mixtral_ft.train.resume import checkpoint_problem, newest_complete
+from tests.test_reliability import adapter_bytes, make_checkpoint, signal_at, train
+
+TIMINGS = {"tokens_per_s", "train_runtime_s", "wall_s", "peak_memory_gib"}
+
+
+def run_json(out) -> dict:
+    return {k: v for k, v in json.loads((out / "run.json").read_text()).items() if k not in TIMINGS}
+
+
+@pytest.fixture(scope="module")
+def reference5(tmp_path_factory):
+    # Logged every 5 steps: the window 1-5 spans the interruption at step 3 below.
+    out = tmp_path_factory.mktemp("edges") / "reference5"
+    assert train(out, "train.logging_steps=5")[0] == 0
+    return out
+
+
+@pytest.mark.slow
+def test_resume_from_the_last_steps_checkpoint_only_finishes_the_outputs(tmp_path, capsys):
+    # Case 1: a kill during the final save leaves checkpoint-6 complete and no run.json.
+    ref = tmp_path / "ref"
+    assert train(ref, "train.lr_scheduler_type=constant")[0] == 0
+    assert (ref / "checkpoint-6").is_dir()
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    (out / "run.json").unlink()
+    capsys.readouterr()
+    assert train(out, "train.lr_scheduler_type=constant")[0] == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert run_json(out)["steps"] == 6
+    assert adapter_bytes(out) == adapter_bytes(ref)
+    assert run_json(out) == run_json(ref)
+
+
+@pytest.mark.slow
+def test_run_json_after_a_resume_equals_the_uninterrupted_one(reference5, tmp_path):
+    # Case 2: the window spanning the resume point, train_loss and tokens are carried across the resume.
+    out = tmp_path / "resumed"
+    with signal_at(3, signal.SIGINT):
+        assert train(out, "train.logging_steps=5")[0] == 130
+    assert train(out, "train.logging_steps=5")[0] == 0
+    assert adapter_bytes(out) == adapter_bytes(reference5)
+    assert run_json(out) == run_json(reference5)  # losses (step 5's window), train_loss, tokens: all equal
+    assert json.loads((out / "run.json").read_text())["tokens_per_s"] > 0
+
+
+def fill_disk_at(step: int, limit: int):
+    """From the end of `step` on, no file may grow past `limit` bytes: what a full disk does to the next save."""
+
+    class Fill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    make = mixtral_ft.callbacks.make_callbacks
+    mixtral_ft.callbacks.make_callbacks = lambda recipe, out: [Fill(), *make(recipe, out)]
+    previous = signal.signal(
+        signal.SIGXFSZ, signal.SIG_IGN
+    )  # the write fails with EFBIG instead of killing us
+    return make, previous, hard
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_run_is_one_line_exit_74_and_the_last_checkpoint_survives(reference5, tmp_path):
+    # Case 5: checkpoint-2 saves; at checkpoint-4 the disk is "full" (optimizer.pt cannot be written).
+    out = tmp_path / "full"
+    make, previous, hard = fill_disk_at(3, 100_000)
+    try:
+        code, err = train(out, "train.logging_steps=5", "train.save_steps=2")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+        mixtral_ft.callbacks.make_callbacks = make
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error:")]
+    assert code == 74, err[-2000:]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert str(out) in lines[0] and "File too large" in lines[0]
+    assert f"the last complete checkpoint is {out / 'checkpoint-2'}" in lines[0]
+    assert newest_complete(out)[0] == out / "checkpoint-2" and checkpoint_problem(out / "checkpoint-4")
+    assert train(out, "train.logging_steps=5", "train.save_steps=2")[0] == 0  # space freed: the same command
+    assert adapter_bytes(out) == adapter_bytes(reference5) and run_json(out) == run_json(reference5)
+
+
+def test_checkpoint_checksums_catch_flipped_bytes_and_a_huge_header(tmp_path):
+    # Case 6: same size, different bytes; and a header length field of 10**12 (no MemoryError, no traceback).
+    out = tmp_path / "run"
+    good = make_checkpoint(out, 2)
+    bad = make_checkpoint(out, 4)
+    weights = bad / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x7f\x7f\x7f\x7f"  # inside the tensor data
+    weights.write_bytes(bytes(data))
+    assert checkpoint_problem(bad) == "adapter_model.safetensors does not match its checksum (corrupted)"
+    assert newest_complete(out)[0] == good
+    data[:8] = struct.pack("<Q", 10**12)
+    weights.write_bytes(bytes(data))
+    assert checkpoint_problem(bad) == "adapter_model.safetensors has a corrupt header"
+    (good / MANIFEST).unlink()
+    assert checkpoint_problem(good) == f"no {MANIFEST} (the save was cut short)"
