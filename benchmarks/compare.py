@@ -21,47 +21,78 @@ from pathlib import Path
 import peers  # beside this script: its folder is the first on the path
 import torch
 
+from mixtral_ft.bench import args as bench_args
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.errors import UserError
 
 
 def parse_args(argv: list[str] | None):
-    parser = bench.build_parser(prog="python benchmarks/compare.py", description=__doc__.splitlines()[0])
+    parser = bench_args.build_parser(prog="python benchmarks/compare.py", description=__doc__.splitlines()[0])
     peer = parser.add_argument_group("peers (measured in the same run)")
-    peer.add_argument("--peer-v4-site", type=Path, metavar="DIR",
-                      help="folder holding transformers 4.57 (pip install --no-deps --target DIR transformers==4.57.6 "
-                           "huggingface_hub==0.36.2 tokenizers==0.22.1)")
-    peer.add_argument("--peer-v5-layers", type=int, default=2, metavar="N",
-                      help="depth for stock transformers 5 load_in_4bit, whose experts stay bf16 (0: skip)")
-    args = bench.check_args(parser.parse_args(argv))
+    peer.add_argument(
+        "--peer-v4-site",
+        type=Path,
+        metavar="DIR",
+        help="folder holding transformers 4.57 (pip install --no-deps --target DIR transformers==4.57.6 "
+        "huggingface_hub==0.36.2 tokenizers==0.22.1)",
+    )
+    peer.add_argument(
+        "--peer-v5-layers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="depth for stock transformers 5 load_in_4bit, whose experts stay bf16 (0: skip)",
+    )
+    args = bench_args.check_args(parser.parse_args(argv))
     if args.peer_v5_layers < 0:
         raise UserError("--peer-v5-layers must be 0 (skip the stock v5 peer) or more")
     if args.peer_v4_site and not (args.peer_v4_site / "transformers").is_dir():
-        raise UserError(f"--peer-v4-site {args.peer_v4_site} holds no transformers package: create it with "
-                        "pip install --no-deps --target DIR transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1")
+        raise UserError(
+            f"--peer-v4-site {args.peer_v4_site} holds no transformers package: create it with "
+            "pip install --no-deps --target DIR transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1"
+        )
     return args
 
 
 def run_peers(args, config, batch: int, device: torch.device, dtype: torch.dtype, ours: dict, v5_folder: Path) -> dict:
     """Each peer's figures at this batch, with our speed-up over it (at the v5 peer's reduced depth, ours again)."""
     found = {}
-    common = {"batch": batch, "seq": args.seq, "steps_": args.steps, "warmup": args.warmup, "device": device,
-              "dtype": dtype}
+    common = {
+        "batch": batch,
+        "seq": args.seq,
+        "steps_": args.steps,
+        "warmup": args.warmup,
+        "device": device,
+        "dtype": dtype,
+    }
     if args.peer_v4_site:
         v4 = peers.run_v4(args.peer_v4_site, config, **common)
         if "tok_per_s" in v4:
             v4["our_speedup"] = round(ours["tok_per_s"] / v4["tok_per_s"], 3)
         found["v4"] = v4
     else:
-        found["v4"] = {"name": peers.V4_NAME, "skipped": "no --peer-v4-site (a pip --target folder of transformers 4.57)"}
+        found["v4"] = {
+            "name": peers.V4_NAME,
+            "skipped": "no --peer-v4-site (a pip --target folder of transformers 4.57)",
+        }
     if args.peer_v5_layers:
         small = bench.bench_config(args, min(args.peer_v5_layers, config.num_hidden_layers))
         v5 = peers.run_stock_v5(small, full_depth=config.num_hidden_layers, folder=v5_folder, **common)
         bench.free_memory(device)
-        ours_small = bench.run_benchmark(layers=small.num_hidden_layers, batch=batch, seq=args.seq, steps_=args.steps,
-                                         warmup=args.warmup, device=device, tiny=args.tiny, levers=args.levers)
-        v5 |= {"ours_at_same_depth": {k: ours_small[k] for k in ("tok_per_s", "peak_gib", "weights_gib")},
-               "our_speedup": round(ours_small["tok_per_s"] / v5["tok_per_s"], 3)}
+        ours_small = bench.run_benchmark(
+            layers=small.num_hidden_layers,
+            batch=batch,
+            seq=args.seq,
+            steps_=args.steps,
+            warmup=args.warmup,
+            device=device,
+            tiny=args.tiny,
+            levers=args.levers,
+        )
+        v5 |= {
+            "ours_at_same_depth": {k: ours_small[k] for k in ("tok_per_s", "peak_gib", "weights_gib")},
+            "our_speedup": round(ours_small["tok_per_s"] / v5["tok_per_s"], 3),
+        }
         found["v5"] = v5
     bench.free_memory(device)
     return found
@@ -71,8 +102,10 @@ def summary(ours: dict, found: dict) -> str:
     line = bench.summary(ours)
     for figures in (history[-1] for history in found.values()):
         if "our_speedup" in figures:
-            line += (f" | {figures['name']} at {figures['layers']} layers: {figures['tok_per_s']:,.0f} tok/s, "
-                     f"peak {figures['peak_gib']:.2f} GiB, ours {figures['our_speedup']:.2f}x")
+            line += (
+                f" | {figures['name']} at {figures['layers']} layers: {figures['tok_per_s']:,.0f} tok/s, "
+                f"peak {figures['peak_gib']:.2f} GiB, ours {figures['our_speedup']:.2f}x"
+            )
         else:
             line += f" | {figures['name']}: {figures.get('error') or figures.get('skipped')}"
     return line

@@ -34,11 +34,19 @@ def build_v4_nf4(shape: dict, device: torch.device, dtype: torch.dtype, seed: in
         model = MixtralForCausalLM(config).to(dtype)
 
     def nf4(linear: nn.Linear) -> nn.Module:
-        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
-                                      quant_type="nf4", compress_statistics=True, device="meta")
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            compute_dtype=dtype,
+            quant_type="nf4",
+            compress_statistics=True,
+            device="meta",
+        )
         weight = torch.randn(linear.out_features, linear.in_features, device=device, dtype=dtype) * std
-        quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True).to(device)
+        quantized.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type="nf4", compress_statistics=True
+        ).to(device)
         return quantized
 
     for layer in model.model.layers:
@@ -70,13 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model = build_v4_nf4(shape, device, dtype)
     steps.sync(device)
-    result = {"transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
-              "layers": shape["num_hidden_layers"], "batch": args.batch, "seq": args.seq,
-              "build_s": round(time.perf_counter() - started, 2), "weights_gib": steps.allocated_gib(device)}
+    result = {
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "layers": shape["num_hidden_layers"],
+        "batch": args.batch,
+        "seq": args.seq,
+        "build_s": round(time.perf_counter() - started, 2),
+        "weights_gib": steps.allocated_gib(device),
+    }
     steps.enable_checkpointing(model)
     model = steps.add_lora(model)
-    result |= steps.time_qlora_steps(model, batch=args.batch, seq=args.seq, vocab_size=shape["vocab_size"],
-                                     steps=args.steps, warmup=args.warmup, device=device)
+    result |= steps.time_qlora_steps(
+        model,
+        batch=args.batch,
+        seq=args.seq,
+        vocab_size=shape["vocab_size"],
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+    )
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

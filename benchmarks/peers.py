@@ -24,9 +24,20 @@ from mixtral_ft.bench import steps
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # the checkout: where the subprocess finds mixtral_ft when it is not installed
-SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "max_position_embeddings",
-              "rope_theta", "rms_norm_eps", "initializer_range")
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "initializer_range",
+)
 V4_NAME = "transformers-4.57 Linear4bit experts"
 V5_NAME = "transformers-5 load_in_4bit (bf16 experts)"
 
@@ -39,12 +50,28 @@ def shape_of(config) -> dict:
     return shape
 
 
-def run_v4(site: Path, config, *, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
-           dtype: torch.dtype) -> dict:
+def run_v4(
+    site: Path, config, *, batch: int, seq: int, steps_: int, warmup: int, device: torch.device, dtype: torch.dtype
+) -> dict:
     """The v4 peer in a subprocess with `site` (holding transformers 4.57) ahead of our environment."""
-    command = [sys.executable, str(HERE / "peer_v4.py"), "--shape", json.dumps(shape_of(config)),
-               "--batch", str(batch), "--seq", str(seq), "--steps", str(steps_), "--warmup", str(warmup),
-               "--device", str(device), "--dtype", str(dtype).removeprefix("torch.")]
+    command = [
+        sys.executable,
+        str(HERE / "peer_v4.py"),
+        "--shape",
+        json.dumps(shape_of(config)),
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        "--steps",
+        str(steps_),
+        "--warmup",
+        str(warmup),
+        "--device",
+        str(device),
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+    ]
     # A script's own folder (benchmarks/) comes first on its path, then these: the side folder's transformers 4.57
     # shadows ours, and the checkout gives mixtral_ft.bench.steps.
     path = [str(site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -60,8 +87,18 @@ def run_v4(site: Path, config, *, batch: int, seq: int, steps_: int, warmup: int
     return {"name": V4_NAME} | result
 
 
-def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
-                 dtype: torch.dtype, full_depth: int, folder: Path) -> dict:
+def run_stock_v5(
+    config,
+    *,
+    batch: int,
+    seq: int,
+    steps_: int,
+    warmup: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    full_depth: int,
+    folder: Path,
+) -> dict:
     """Stock transformers 5: a random bf16 checkpoint of `config` in `folder` (written once, then reused for each
     batch), loaded with `load_in_4bit` and timed."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralForCausalLM
@@ -69,8 +106,9 @@ def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, devi
 
     logging.disable_progress_bar()
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
     # grouped_mm is the fastest stock expert kernel on a GPU (../shared/bench: 29 vs 37 ms a layer).
     experts = "grouped_mm" if device.type == "cuda" else "eager"
     if not (folder / "config.json").is_file():
@@ -81,16 +119,26 @@ def run_stock_v5(config, *, batch: int, seq: int, steps_: int, warmup: int, devi
             torch.cuda.empty_cache()
     steps.reset_peak(device)
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=dtype,
-                                                 device_map=str(device), experts_implementation=experts)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization, dtype=dtype, device_map=str(device), experts_implementation=experts
+    )
     build_s = time.perf_counter() - started
     groups = steps.weight_gib_by_group(model)
     layers = config.num_hidden_layers
     steps.enable_checkpointing(model)
     model = steps.add_lora(model)
-    result = steps.time_qlora_steps(model, batch=batch, seq=seq, vocab_size=config.vocab_size, steps=steps_,
-                                    warmup=warmup, device=device)
+    result = steps.time_qlora_steps(
+        model, batch=batch, seq=seq, vocab_size=config.vocab_size, steps=steps_, warmup=warmup, device=device
+    )
     per_layer = (groups["experts"] + groups["attention"]) / layers
-    return {"name": V5_NAME, "layers": layers, "batch": batch, "seq": seq, "experts_implementation": experts,
-            "build_s": round(build_s, 2), "weights_gib": groups, "expert_gib_per_layer": round(groups["experts"] / layers, 3),
-            "weights_gib_at_full_depth": round(groups["other"] + per_layer * full_depth, 2)} | result
+    return {
+        "name": V5_NAME,
+        "layers": layers,
+        "batch": batch,
+        "seq": seq,
+        "experts_implementation": experts,
+        "build_s": round(build_s, 2),
+        "weights_gib": groups,
+        "expert_gib_per_layer": round(groups["experts"] / layers, 3),
+        "weights_gib_at_full_depth": round(groups["other"] + per_layer * full_depth, 2),
+    } | result

@@ -26,8 +26,12 @@ from mixtral_ft.quiet import quiet_third_party
 
 
 def _add_attn_flag(p) -> None:
-    p.add_argument("--attn-implementation", default=None, choices=["sdpa", "flash_attention_2", "eager"],
-                   help="attention kernel (default: the run's model.attn_implementation, else sdpa)")
+    p.add_argument(
+        "--attn-implementation",
+        default=None,
+        choices=["sdpa", "flash_attention_2", "eager"],
+        help="attention kernel (default: the run's model.attn_implementation, else sdpa)",
+    )
 
 
 def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
@@ -47,18 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a recipe says")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lora.r=8 train.max_steps=5")
-    p.add_argument("--num-processes", type=int, default=None, metavar="N",
-                   help="processes (GPUs) to train on through accelerate (default: 1, or the config's)")
-    p.add_argument("--accelerate-config", default=None, metavar="PATH",
-                   help="accelerate config, e.g. accelerate_configs/fsdp_qlora.yaml")
-    p.add_argument("--force", action="store_true",
-                   help="train even if the model looks too big for this machine (no CUDA GPU, or plan: no fit)")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes (GPUs) to train on through accelerate (default: 1, or the config's)",
+    )
+    p.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="PATH",
+        help="accelerate config, e.g. accelerate_configs/fsdp_qlora.yaml",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train even if the model looks too big for this machine (no CUDA GPU, or plan: no fit)",
+    )
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("validate", help="check recipes without loading a model")
     p.add_argument("recipes", nargs="+", help="YAML recipes")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every recipe (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every recipe (repeatable)",
+    )
     p.set_defaults(func=commands.cmd_validate)
 
     p = sub.add_parser("audit", help="show what is 4-bit, what trains, what it weighs; exit 1 on failure")
@@ -70,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="write the built-in tiny random Mixtral and tokenizer")
     p.add_argument("dir", help="output folder (new or empty)")
-    p.add_argument("--layout", choices=["legacy", "fused"], default="legacy",
-                   help="legacy: the Hub's per-expert tensors; fused: transformers 5 3-D experts")
+    p.add_argument(
+        "--layout",
+        choices=["legacy", "fused"],
+        default="legacy",
+        help="legacy: the Hub's per-expert tensors; fused: transformers 5 3-D experts",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=commands.cmd_tiny)
 
@@ -85,22 +111,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights (streamed, shard by shard)")
     p.add_argument("adapter", help="adapter folder (a training output_dir)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
-    p.add_argument("--base-weights", choices=["dequantized", "original"], default="dequantized",
-                   help="dequantized: the NF4 weights the adapter was trained against (default); "
-                        "original: the checkpoint's bf16 weights")
+    p.add_argument(
+        "--base-weights",
+        choices=["dequantized", "original"],
+        default="dequantized",
+        help="dequantized: the NF4 weights the adapter was trained against (default); "
+        "original: the checkpoint's bf16 weights",
+    )
     p.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="dtype of the written weights (auto: the checkpoint's)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare with adapter-on-NF4-base on held-out rows; writes verify.json")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="dtype of the written weights (auto: the checkpoint's)",
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="compare with adapter-on-NF4-base on held-out rows; writes verify.json"
+    )
     p.add_argument("--device", default=None, help="device for --verify (default: cuda if available, else cpu)")
     p.set_defaults(func=commands.cmd_merge)
 
     p = sub.add_parser("push", help="upload an adapter or merged model folder to the Hub, with a model card")
     p.add_argument("dir", help="adapter folder or merged model folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=True,
-                   help="create the repo private (default) or public (--no-private)")
+    p.add_argument(
+        "--private",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="create the repo private (default) or public (--no-private)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no token")
     p.set_defaults(func=commands.cmd_push)
 
@@ -109,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="LoRA adapter folder to put on MODEL")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
     p.add_argument("--system", default=None, help="system prompt, folded into the first user turn")
-    p.add_argument("--no-quantize", action="store_true",
-                   help="load a plain transformers model (e.g. a merged folder) instead of the NF4 one")
+    p.add_argument(
+        "--no-quantize",
+        action="store_true",
+        help="load a plain transformers model (e.g. a merged folder) instead of the NF4 one",
+    )
     _add_generation_flags(p, max_new_tokens=256, temperature=0.7)
     _add_attn_flag(p)
     p.add_argument("--web", action="store_true", help="serve a browser chat UI (gradio; pip install 'mixtral-ft[web]')")
@@ -128,16 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p, max_new_tokens=128, temperature=0.0)
     _add_attn_flag(p)
     p.set_defaults(func=commands.cmd_eval)
-    p = sub.add_parser("plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if "
-                                    "it does not fit")
+    p = sub.add_parser(
+        "plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if it does not fit"
+    )
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/oasst.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.per_device_train_batch_size=8")
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default: 80)")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs the run is spread over (DDP)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=commands.cmd_plan)
-    p = sub.add_parser("bench", help="throughput and memory of full-width Mixtral in NF4 (see --help)",
-                       add_help=False)
+    p = sub.add_parser("bench", help="throughput and memory of full-width Mixtral in NF4 (see --help)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of mixtral_ft.bench")
     p.set_defaults(func=commands.cmd_bench)
     return parser
@@ -170,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would
         # leave `k=v` unrecognized: key=value leftovers are overrides too, in the order given.
         args, extra = parser.parse_known_args(argv)
-        if extra and (getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra)):
+        if extra and (
+            getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra)
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if extra:
             args.overrides = [*args.overrides, *extra]

@@ -141,8 +141,15 @@ def cmd_quantize(args) -> int:
 def cmd_merge(args) -> int:
     from mixtral_ft.export.merge import merge_adapter
 
-    info = merge_adapter(args.adapter, args.out, base_weights=args.base_weights, base=args.base,
-                         dtype=args.dtype, verify=args.verify, device=args.device)
+    info = merge_adapter(
+        args.adapter,
+        args.out,
+        base_weights=args.base_weights,
+        base=args.base,
+        dtype=args.dtype,
+        verify=args.verify,
+        device=args.device,
+    )
     print(f"wrote merged model ({info['base_weights']} base weights, {info['dtype']}) to {args.out}")
     if info.get("verify", {}).get("verdict") == "FAILED":  # the folder stays, with verify.json saying why
         print(f"merge --verify FAILED: see {args.out}/verify.json", file=sys.stderr)
@@ -160,8 +167,9 @@ def cmd_push(args) -> int:
 def _generation(args):
     from mixtral_ft.use.chat import GenerationSettings
 
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
 
 
 def cmd_chat(args) -> int:
@@ -172,20 +180,42 @@ def cmd_chat(args) -> int:
 
         if args.prompt is not None:
             raise UserError("--prompt and --web do not mix: --web serves an interactive chat page")
-        serve_web(args.model, adapter=args.adapter, system=args.system, settings=_generation(args),
-                  quantize=not args.no_quantize, attn_implementation=args.attn_implementation,
-                  host=args.host, port=args.port)
+        serve_web(
+            args.model,
+            adapter=args.adapter,
+            system=args.system,
+            settings=_generation(args),
+            quantize=not args.no_quantize,
+            attn_implementation=args.attn_implementation,
+            host=args.host,
+            port=args.port,
+        )
         return 0
-    chat(args.model, adapter=args.adapter, prompt=args.prompt, system=args.system,
-         settings=_generation(args), quantize=not args.no_quantize, attn_implementation=args.attn_implementation)
+    chat(
+        args.model,
+        adapter=args.adapter,
+        prompt=args.prompt,
+        system=args.system,
+        settings=_generation(args),
+        quantize=not args.no_quantize,
+        attn_implementation=args.attn_implementation,
+    )
     return 0
 
 
 def cmd_eval(args) -> int:
     from mixtral_ft.use.evaluate import evaluate
 
-    evaluate(args.target, adapter=args.adapter, data=args.data, samples=args.samples, out=args.out,
-             max_rows=args.max_rows, settings=_generation(args), attn_implementation=args.attn_implementation)
+    evaluate(
+        args.target,
+        adapter=args.adapter,
+        data=args.data,
+        samples=args.samples,
+        out=args.out,
+        max_rows=args.max_rows,
+        settings=_generation(args),
+        attn_implementation=args.attn_implementation,
+    )
     return 0
 
 

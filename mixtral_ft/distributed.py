@@ -39,11 +39,14 @@ def needs_launcher(num_processes: int | None, config_file: str | None) -> bool:
         raise UserError(f"--num-processes must be >= 1, got {num_processes}: pass the number of GPUs (processes)")
     wants = config_file is not None or (num_processes or 1) > 1
     if wants and under_launcher():  # we are a worker already: launching again would nest jobs
-        raise UserError("--num-processes / --accelerate-config are for the launching command: under "
-                        "accelerate launch or torchrun, pass only the recipe and overrides")
+        raise UserError(
+            "--num-processes / --accelerate-config are for the launching command: under "
+            "accelerate launch or torchrun, pass only the recipe and overrides"
+        )
     if config_file is not None and not Path(config_file).is_file():
-        raise UserError(f"--accelerate-config '{config_file}' not found: pass a file such as "
-                        "accelerate_configs/multi_gpu.yaml")
+        raise UserError(
+            f"--accelerate-config '{config_file}' not found: pass a file such as accelerate_configs/multi_gpu.yaml"
+        )
     return wants
 
 
@@ -57,12 +60,15 @@ def read_config(config_file: str | None) -> dict:
         return load_config_from_file(config_file).to_dict()
     except Exception as exc:  # YAML errors, unknown keys: accelerate's message is the useful part
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--accelerate-config '{config_file}' is not a valid accelerate config ({first}): "
-                        "start from one in accelerate_configs/") from None
+        raise UserError(
+            f"--accelerate-config '{config_file}' is not a valid accelerate config ({first}): "
+            "start from one in accelerate_configs/"
+        ) from None
 
 
-def launch_args(num_processes: int | None, config_file: str | None, *, cuda: bool | None = None,
-                env: dict | None = None) -> list[str]:
+def launch_args(
+    num_processes: int | None, config_file: str | None, *, cuda: bool | None = None, env: dict | None = None
+) -> list[str]:
     """`accelerate launch` flags for this machine; also sets what the workers must inherit in `env`."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     env = os.environ if env is None else env
@@ -77,15 +83,20 @@ def launch_args(num_processes: int | None, config_file: str | None, *, cuda: boo
         args += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if not cuda:
         if kind in GPU_ONLY:
-            raise UserError(f"--accelerate-config '{config_file}' uses {kind}, which needs CUDA GPUs (on CPU "
-                            "accelerate would quietly run DDP instead): drop the config to run CPU DDP")
+            raise UserError(
+                f"--accelerate-config '{config_file}' uses {kind}, which needs CUDA GPUs (on CPU "
+                "accelerate would quietly run DDP instead): drop the config to run CPU DDP"
+            )
         if config.get("use_cpu") and n > 1:
-            raise UserError(f"--accelerate-config '{config_file}' sets use_cpu: true, which starts extra processes "
-                            "only through MPI: set use_cpu: false (mixtral-ft runs CPU jobs over gloo)")
+            raise UserError(
+                f"--accelerate-config '{config_file}' sets use_cpu: true, which starts extra processes "
+                "only through MPI: set use_cpu: false (mixtral-ft runs CPU jobs over gloo)"
+            )
         env["ACCELERATE_USE_CPU"] = "true"  # the workers (and the HF Trainer in them) pick CPU + gloo
     elif machines == 1 and n > torch.cuda.device_count():
-        raise UserError(f"--num-processes {n} but this machine has {torch.cuda.device_count()} GPU(s): "
-                        "use one process per GPU")
+        raise UserError(
+            f"--num-processes {n} but this machine has {torch.cuda.device_count()} GPU(s): use one process per GPU"
+        )
     if n > 1 and kind in ("NO", "MULTI_CPU"):
         args.append("--multi_gpu")  # accelerate's name for its torchrun launcher; on CPU it runs gloo
     if not config.get("main_process_port"):
@@ -113,6 +124,7 @@ def launch(recipe: str, overrides: list[str], num_processes: int | None, config_
 
 
 # --- inside each process ---------------------------------------------------------------------------
+
 
 def prepare_for_distributed(model: nn.Module) -> nn.Module:
     """Make the PEFT-wrapped NF4 model safe to wrap in DDP or FSDP; harmless in a single process.
@@ -149,8 +161,10 @@ def prepare_for_fsdp(model: nn.Module) -> None:
     storage = quant_storage_dtype()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not storage.is_floating_point or base.dtype != storage:
-        raise UserError(f"FSDP needs the 4-bit weights stored as the compute dtype (storage {storage}, compute "
-                        f"{base.dtype}): set model.compute_dtype=bfloat16 and leave MIXTRAL_FT_QUANT_STORAGE unset")
+        raise UserError(
+            f"FSDP needs the 4-bit weights stored as the compute dtype (storage {storage}, compute "
+            f"{base.dtype}): set model.compute_dtype=bfloat16 and leave MIXTRAL_FT_QUANT_STORAGE unset"
+        )
     for module in base.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.quant_state = module.weight.quant_state

@@ -1,5 +1,8 @@
 """Shared fixtures: a private cache for the tiny model, tiny checkpoints in both layouts, one trained adapter."""
 
+import contextlib
+import io
+import json
 import os
 from pathlib import Path
 
@@ -44,7 +47,96 @@ def trained_adapter(tmp_path_factory) -> Path:
     from mixtral_ft.cli import main
 
     if not (out / "adapter_model.safetensors").exists():
-        code = main(["train", TINY_RECIPE, f"train.output_dir={out}", "train.max_steps=2", "train.save_steps=2",
-                     "train.logging_steps=1"])
+        code = main(
+            [
+                "train",
+                TINY_RECIPE,
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "train.save_steps=2",
+                "train.logging_steps=1",
+            ]
+        )
         assert code == 0
     return out
+
+
+# --- helpers shared by several test files (plain functions: import them from tests.conftest) ---------------
+
+# 6 cosine-scheduled steps with warmup and LoRA dropout 0.05; save_steps high so only stops save checkpoints.
+RUN = ["data.test_size=0", "train.max_length=128", "train.max_steps=6", "train.logging_steps=1", "train.save_steps=100"]
+TINY = TINY_RECIPE
+
+
+def chatml(*turns: tuple[str, str]) -> str:
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+
+
+def jsonl(*rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def convo(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train(out: Path, *extra: str) -> tuple[int, str]:
+    from mixtral_ft.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", TINY, *RUN, f"train.output_dir={out}", *extra])
+    return code, err.getvalue()
+
+
+def adapter_bytes(out: Path) -> bytes:
+    return (out / "adapter_model.safetensors").read_bytes()
+
+
+@contextlib.contextmanager
+def signal_at(step: int | str, signum: int):
+    """A real signal to this process at the end of `step` (or "end": of training), from a callback before the guards."""
+    from transformers import TrainerCallback
+
+    import mixtral_ft.train.callbacks
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), signum)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if step == "end":  # after the last step, just before the final save
+                os.kill(os.getpid(), signum)
+
+    make = mixtral_ft.train.callbacks.make_callbacks
+    mixtral_ft.train.callbacks.make_callbacks = lambda recipe, out: [Kill(), *make(recipe, out)]
+    try:
+        yield
+    finally:
+        mixtral_ft.train.callbacks.make_callbacks = make
+
+
+def make_checkpoint(out: Path, step: int, recipe_overrides: tuple[str, ...] = ()) -> Path:
+    """The files a resume reads, in the formats the HF Trainer writes them."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from mixtral_ft.recipe import load_recipe
+    from mixtral_ft.train.checksums import write_manifest
+
+    folder = out / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    save_file({"lora_A": torch.zeros(4, 8)}, str(folder / "adapter_model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
+    recipe = load_recipe(TINY, [f"train.output_dir={out}", *recipe_overrides])
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    write_manifest(folder)  # last, as carry.CarryState does
+    return folder

@@ -1,11 +1,11 @@
 """Worker scripts for tests/test_distributed.py, run under torchrun on CPU (gloo), one per rank.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_helpers.py dump OUT RECIPE [k=v ...]
-        trains through the real `mixtral-ft train` path; each rank writes its LoRA weights after the
-        last step to OUT/rank{R}.safetensors (and rank 0 the initial ones to OUT/init.safetensors).
-    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_helpers.py fsdp OUT CONFIG
-        wraps the tiny NF4 model in FSDP the way accelerate + the HF Trainer do for CONFIG (accelerate
-        itself enables FSDP only on GPUs), trains one step, and writes OUT/fsdp_rank{R}.json.
+python -m torch.distributed.run --nproc-per-node 2 tests/distributed_helpers.py dump OUT RECIPE [k=v ...]
+    trains through the real `mixtral-ft train` path; each rank writes its LoRA weights after the
+    last step to OUT/rank{R}.safetensors (and rank 0 the initial ones to OUT/init.safetensors).
+python -m torch.distributed.run --nproc-per-node 2 tests/distributed_helpers.py fsdp OUT CONFIG
+    wraps the tiny NF4 model in FSDP the way accelerate + the HF Trainer do for CONFIG (accelerate
+    itself enables FSDP only on GPUs), trains one step, and writes OUT/fsdp_rank{R}.json.
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def fsdp(out: Path, config_file: str) -> int:
             p.data = p.data.to(torch.bfloat16)
     experts = model.get_base_model().model.layers[0].mlp.experts
     storage = str(experts.gate_up_proj.dtype)
-    packed_numel = sum(m.gate_up_proj.numel() + m.down_proj.numel()
-                       for m in model.modules() if isinstance(m, NF4Experts))
+    packed_numel = sum(
+        m.gate_up_proj.numel() + m.down_proj.numel() for m in model.modules() if isinstance(m, NF4Experts)
+    )
     ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(100 + rank))
     with torch.no_grad():
         # FSDP's bf16 mixed precision also casts buffers (the rotary frequencies): do the same unsharded.
@@ -94,27 +95,40 @@ def fsdp(out: Path, config_file: str) -> int:
     full_numel = sum(p.numel() for p in model.parameters())  # every rank holds all of it before wrapping
 
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=cfg["fsdp_version"], reshard_after_forward=cfg["fsdp_reshard_after_forward"],
-        backward_prefetch=cfg["fsdp_backward_prefetch"], forward_prefetch=cfg["fsdp_forward_prefetch"],
-        use_orig_params=cfg["fsdp_use_orig_params"], sync_module_states=cfg["fsdp_sync_module_states"],
+        fsdp_version=cfg["fsdp_version"],
+        reshard_after_forward=cfg["fsdp_reshard_after_forward"],
+        backward_prefetch=cfg["fsdp_backward_prefetch"],
+        forward_prefetch=cfg["fsdp_forward_prefetch"],
+        use_orig_params=cfg["fsdp_use_orig_params"],
+        sync_module_states=cfg["fsdp_sync_module_states"],
         cpu_ram_efficient_loading=cfg["fsdp_cpu_ram_efficient_loading"],
-        state_dict_type=cfg["fsdp_state_dict_type"], auto_wrap_policy=cfg["fsdp_auto_wrap_policy"].lower(),
+        state_dict_type=cfg["fsdp_state_dict_type"],
+        auto_wrap_policy=cfg["fsdp_auto_wrap_policy"].lower(),
         transformer_cls_names_to_wrap=[cfg["fsdp_transformer_layer_cls_to_wrap"]],
         mixed_precision_policy=config.mixed_precision,
     )
     update_fsdp_plugin_peft(model, SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))  # as the Trainer
     plugin.set_auto_wrap_policy(model)  # as Accelerator.prepare_model, with its FSDP1 arguments
-    wrapped = FSDP(model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
-                   cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
-                   mixed_precision=plugin.mixed_precision_policy, sync_module_states=plugin.sync_module_states,
-                   backward_prefetch=plugin.backward_prefetch, forward_prefetch=plugin.forward_prefetch,
-                   use_orig_params=plugin.use_orig_params, limit_all_gathers=plugin.limit_all_gathers,
-                   device_id=torch.device("cpu"))
+    wrapped = FSDP(
+        model,
+        sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+        cpu_offload=plugin.cpu_offload,
+        auto_wrap_policy=plugin.auto_wrap_policy,
+        mixed_precision=plugin.mixed_precision_policy,
+        sync_module_states=plugin.sync_module_states,
+        backward_prefetch=plugin.backward_prefetch,
+        forward_prefetch=plugin.forward_prefetch,
+        use_orig_params=plugin.use_orig_params,
+        limit_all_gathers=plugin.limit_all_gathers,
+        device_id=torch.device("cpu"),
+    )
     local_numel = sum(p.numel() for p in wrapped.parameters())  # this rank's shards of every flat parameter
     # The flat parameters holding NF4 experts (FSDP1 internals, test only): [local numel, unsharded numel].
-    expert_units = [[u._flat_param.numel(), u._flat_param._unpadded_unsharded_size.numel()]
-                    for u in FSDP.fsdp_modules(wrapped)
-                    if u._flat_param is not None and any(".experts." in f for f in u._flat_param._fqns)]
+    expert_units = [
+        [u._flat_param.numel(), u._flat_param._unpadded_unsharded_size.numel()]
+        for u in FSDP.fsdp_modules(wrapped)
+        if u._flat_param is not None and any(".experts." in f for f in u._flat_param._fqns)
+    ]
 
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     loss = wrapped(input_ids=ids, labels=ids).loss
@@ -127,11 +141,21 @@ def fsdp(out: Path, config_file: str) -> int:
         state = wrapped.state_dict()
     lora = {k: v.float().sum().item() for k, v in state.items() if "lora_" in k}
     nf4_stats = sorted(k for k in state if k.endswith("gate_up_proj.absmax"))
-    report = {"rank": rank, "world_size": dist.get_world_size(), "storage": storage, "reference_loss": reference,
-              "fsdp_loss": loss.item(), "loss_after_step": after, "local_numel": local_numel,
-              "full_numel": full_numel, "packed_expert_numel": packed_numel,
-              "expert_units": expert_units, "lora_sums": lora,
-              "expert_stats_in_state_dict": nf4_stats, "mixed_precision": str(plugin.mixed_precision_policy)}
+    report = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "storage": storage,
+        "reference_loss": reference,
+        "fsdp_loss": loss.item(),
+        "loss_after_step": after,
+        "local_numel": local_numel,
+        "full_numel": full_numel,
+        "packed_expert_numel": packed_numel,
+        "expert_units": expert_units,
+        "lora_sums": lora,
+        "expert_stats_in_state_dict": nf4_stats,
+        "mixed_precision": str(plugin.mixed_precision_policy),
+    }
     (out / f"fsdp_rank{rank}.json").write_text(json.dumps(report, indent=1))
     dist.destroy_process_group()
     return 0

@@ -72,8 +72,15 @@ def test_fsdp_shards_packed_weights_as_bfloat16():
     assert "ignored_modules" not in yaml.safe_load((CONFIGS / "fsdp_qlora.yaml").read_text())["fsdp_config"]
     text = header(CONFIGS / "fsdp_qlora.yaml")
     # The header documents the storage dtype, what sets it, and the decision to shard the experts.
-    for needle in ("ACCELERATE_USE_FSDP", "MIXTRAL_FT_QUANT_STORAGE", "bfloat16", "compute_dtype",
-                   "Experts are SHARDED", "#1092", "#1854"):
+    for needle in (
+        "ACCELERATE_USE_FSDP",
+        "MIXTRAL_FT_QUANT_STORAGE",
+        "bfloat16",
+        "compute_dtype",
+        "Experts are SHARDED",
+        "#1092",
+        "#1854",
+    ):
         assert needle in text
 
 

@@ -5,29 +5,17 @@ in it; afterwards every file under the scratch folder must be byte-for-byte what
 have their own unit tests (test_recipe.py, test_data.py); this table checks what a user sees.
 """
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
 from mixtral_ft.cli import main
+from tests.conftest import chatml, convo, jsonl, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 PROGRESS = re.compile(r"\d+%\||[?\d.]+ ?\w+/s\]")  # tqdm bars (datasets, model shards): not the message
-
-
-def chatml(*turns: tuple[str, str]) -> str:
-    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
-
-
-def jsonl(*rows) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
-def convo(*turns: tuple[str, str]) -> dict:
-    return {"messages": [{"role": role, "content": content} for role, content in turns]}
 
 
 GOOD = {"text": chatml(("user", "Hi"), ("assistant", "Hello!"))}
@@ -55,8 +43,12 @@ RECIPES = [
     ("bad fraction > 1", ["data.max_bad_fraction=2"], {}, "'data.max_bad_fraction' must be in [0, 1]"),
     ("unknown compute dtype", ["model.compute_dtype=fp16"], {}, "'model.compute_dtype' must be auto, bfloat16"),
     ("unknown optimizer", ["train.optim=adamw"], {}, "'train.optim' must be a transformers name, e.g. adamw_torch"),
-    ("unknown scheduler", ["train.lr_scheduler_type=cosin"], {}, "'train.lr_scheduler_type' must be a "
-                                                                  "transformers name, e.g. cosine"),
+    (
+        "unknown scheduler",
+        ["train.lr_scheduler_type=cosin"],
+        {},
+        "'train.lr_scheduler_type' must be a transformers name, e.g. cosine",
+    ),
     ("unknown dataset format", ["data.format=csv"], {}, "'data.format' must be one of auto, messages, sharegpt"),
     ("secret in the recipe", ["model.hf_token=hf_abcdefgh"], {}, "looks like a secret"),
     ("push without a repo", ["hub.push=true"], {}, "'hub.repo_id' is required when hub.push is true"),
@@ -67,23 +59,42 @@ RECIPES = [
     ("missing data file", ["data.path={tmp}/missing.jsonl"], {}, "data: file '{tmp}/missing.jsonl' not found"),
     ("missing data folder", ["data.path={tmp}/no/such/dir"], {}, "data: '{tmp}/no/such/dir' not found"),
     ("data file of another type", ["data.path={tmp}/rows.csv"], {"rows.csv": "a,b\n"}, "unsupported extension"),
-    ("split a file lacks", ["data.path={tmp}/d.jsonl", "data.split=test"], {"d.jsonl": jsonl(GOOD)},
-     "only a 'train' split"),
+    (
+        "split a file lacks",
+        ["data.path={tmp}/d.jsonl", "data.split=test"],
+        {"d.jsonl": jsonl(GOOD)},
+        "only a 'train' split",
+    ),
     ("missing model folder", ["model.name={tmp}/no_model"], {}, "is neither a local folder nor a hub id"),
-    ("model folder without config", ["model.name={tmp}/empty_model"], {"empty_model/notes.txt": "x"},
-     "has no config.json"),
-    ("missing adapter folder", ["model.adapter={tmp}/no_adapter"], {},
-     "model.adapter '{tmp}/no_adapter' is not an adapter folder"),
+    (
+        "model folder without config",
+        ["model.name={tmp}/empty_model"],
+        {"empty_model/notes.txt": "x"},
+        "has no config.json",
+    ),
+    (
+        "missing adapter folder",
+        ["model.adapter={tmp}/no_adapter"],
+        {},
+        "model.adapter '{tmp}/no_adapter' is not an adapter folder",
+    ),
     ("output_dir is a file", ["train.output_dir={tmp}/afile"], {"afile": "x"}, "is a file: choose a folder"),
     ("output_dir under a file", ["train.output_dir={tmp}/afile/sub"], {"afile": "x"}, "is not writable"),
-    ("output_dir holds a run", [], {"out/run.json": "{}", "out/adapter_model.safetensors": "x"},
-     "already holds a run"),
-    ("unfinished run, resume off", ["train.resume=false"], {"out/checkpoint-2/trainer_state.json": "{}"},
-     "holds checkpoints of an unfinished run: set train.resume=auto"),
+    ("output_dir holds a run", [], {"out/run.json": "{}", "out/adapter_model.safetensors": "x"}, "already holds a run"),
+    (
+        "unfinished run, resume off",
+        ["train.resume=false"],
+        {"out/checkpoint-2/trainer_state.json": "{}"},
+        "holds checkpoints of an unfinished run: set train.resume=auto",
+    ),
     ("resume=true, nothing to resume", ["train.resume=true"], {}, "holds no complete checkpoint"),
     ("resume from a missing folder", ["train.resume={tmp}/ckpt"], {}, "is not a complete checkpoint (not a folder)"),
-    ("resume from a partial checkpoint", ["train.resume={tmp}/out/checkpoint-9"],
-     {"out/checkpoint-9/trainer_state.json": '{"global_step": 9}'}, "(no adapter_model.safetensors)"),
+    (
+        "resume from a partial checkpoint",
+        ["train.resume={tmp}/out/checkpoint-9"],
+        {"out/checkpoint-9/trainer_state.json": '{"global_step": 9}'},
+        "(no adapter_model.safetensors)",
+    ),
 ]
 
 # The data file is {tmp}/data.jsonl unless the content's key names another.
@@ -94,31 +105,63 @@ DATA = [
     ("JSON, then garbage", {"data.jsonl": jsonl(GOOD) + "{'text': 'single quotes'}\n"}, [], "line 2 of"),
     ("truncated JSON list", {"data.json": '[{"text": "a"}, {"te'}, ["data.path={tmp}/data.json"], "cannot read"),
     ("non-UTF-8 bytes", {"data.jsonl": b'{"text": "caf\xe9"}\n'}, [], "is not UTF-8"),
-    ("missing fields", {"data.jsonl": jsonl({"prompt": "a", "response": "b"})}, [],
-     "has columns ['prompt', 'response'], which match no format we know"),
-    ("unknown roles", {"data.jsonl": jsonl(*[convo(("wizard", "Hi"), ("assistant", "Yo"))] * 5)}, [],
-     "unknown role 'wizard'"),
-    ("same role twice", {"data.jsonl": jsonl(*[convo(("user", "a"), ("user", "b"), ("assistant", "c"))] * 5)}, [],
-     "two user turns in a row"),
-    ("empty assistant turn", {"data.jsonl": jsonl(*[convo(("user", "Hi"), ("assistant", "  "))] * 5)}, [],
-     "empty assistant turn"),
-    ("assistant speaks first", {"data.jsonl": jsonl(*[convo(("assistant", "Hi"), ("user", "?"))] * 5)}, [],
-     "first turn is assistant"),
+    (
+        "missing fields",
+        {"data.jsonl": jsonl({"prompt": "a", "response": "b"})},
+        [],
+        "has columns ['prompt', 'response'], which match no format we know",
+    ),
+    (
+        "unknown roles",
+        {"data.jsonl": jsonl(*[convo(("wizard", "Hi"), ("assistant", "Yo"))] * 5)},
+        [],
+        "unknown role 'wizard'",
+    ),
+    (
+        "same role twice",
+        {"data.jsonl": jsonl(*[convo(("user", "a"), ("user", "b"), ("assistant", "c"))] * 5)},
+        [],
+        "two user turns in a row",
+    ),
+    (
+        "empty assistant turn",
+        {"data.jsonl": jsonl(*[convo(("user", "Hi"), ("assistant", "  "))] * 5)},
+        [],
+        "empty assistant turn",
+    ),
+    (
+        "assistant speaks first",
+        {"data.jsonl": jsonl(*[convo(("assistant", "Hi"), ("user", "?"))] * 5)},
+        [],
+        "first turn is assistant",
+    ),
     ("turns as a string", {"data.jsonl": jsonl(*[{"messages": "user: hi"}] * 5)}, [], "not a list of turns"),
     ("text as a number", {"data.jsonl": jsonl(*[{"text": 42}] * 5)}, [], "text is not a string"),
-    ("unclosed ChatML", {"data.jsonl": jsonl(*[{"text": "<|im_start|>user\nHi"}] * 5)}, [],
-     "ChatML turn without <|im_end|>"),
-    ("too many bad rows", {"data.jsonl": jsonl(*[GOOD] * 7, *[{"text": "plain"}] * 3)}, [],
-     "30% of rows in {tmp}/data.jsonl [train] are unparseable"),
-    ("over-long rows", {"data.jsonl": jsonl(*[convo(("user", "word " * 60), ("assistant", "ok"))] * 3)},
-     ["train.max_length=16"], "no usable rows"),
-    ("folder without data", {"dataset/notes.md": "# nothing"}, ["data.path={tmp}/dataset"],
-     "cannot load local dataset folder"),
+    (
+        "unclosed ChatML",
+        {"data.jsonl": jsonl(*[{"text": "<|im_start|>user\nHi"}] * 5)},
+        [],
+        "ChatML turn without <|im_end|>",
+    ),
+    (
+        "too many bad rows",
+        {"data.jsonl": jsonl(*[GOOD] * 7, *[{"text": "plain"}] * 3)},
+        [],
+        "30% of rows in {tmp}/data.jsonl [train] are unparseable",
+    ),
+    (
+        "over-long rows",
+        {"data.jsonl": jsonl(*[convo(("user", "word " * 60), ("assistant", "ok"))] * 3)},
+        ["train.max_length=16"],
+        "no usable rows",
+    ),
+    (
+        "folder without data",
+        {"dataset/notes.md": "# nothing"},
+        ["data.path={tmp}/dataset"],
+        "cannot load local dataset folder",
+    ),
 ]
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def run_bad(tmp_path, capsys, overrides, files, extra=()):
@@ -131,8 +174,9 @@ def run_bad(tmp_path, capsys, overrides, files, extra=()):
     before = snapshot(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in [*overrides, *extra]]
     recipe = next((a.split("=", 1)[1] for a in args if a.startswith("recipe=")), TINY)
-    args = [f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2"] + [a for a in args
-                                                                             if not a.startswith("recipe=")]
+    args = [f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2"] + [
+        a for a in args if not a.startswith("recipe=")
+    ]
     capsys.readouterr()
     code = main(["train", recipe, *args])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The CLI's habits: --version, did-you-mean, the GPU pre-check before any download, plan's offline look-up and marks."""
+"""The CLI's habits: --version, did-you-mean, the GPU pre-check before any download, plan's offline look-up, marks."""
 
 from __future__ import annotations
 
@@ -112,9 +112,7 @@ def hub(monkeypatch):
 def test_plan_tries_the_hub_once_then_uses_the_builtin_shape(hub, monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert main(["plan", OASST, "--gpu-mem", "80"]) == 0
-    assert len(hub) == 1 and hub[0].endswith(
-        "/config.json"
-    )  # huggingface_hub itself would retry a 503 5 times
+    assert len(hub) == 1 and hub[0].endswith("/config.json")  # huggingface_hub itself would retry a 503 5 times
     out = capsys.readouterr()
     assert out.out.count("could not be fetched (HTTP 503): used the built-in Mixtral-8x7B shape") == 1
     assert "one try" in out.err

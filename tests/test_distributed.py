@@ -49,17 +49,32 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(free_port()), str(HELPERS), *args])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            str(HELPERS),
+            *args,
+        ]
+    )
 
 
 # --- flags -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num-processes", "0"], "--num-processes must be >= 1"),
-    (["--num-processes", "-3"], "--num-processes must be >= 1"),
-    (["--accelerate-config", "accelerate_configs/nope.yaml"], "not found"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-processes", "0"], "--num-processes must be >= 1"),
+        (["--num-processes", "-3"], "--num-processes must be >= 1"),
+        (["--accelerate-config", "accelerate_configs/nope.yaml"], "not found"),
+    ],
+)
 def test_bad_launch_flags_are_one_line_errors(flags, message, capsys):
     assert main(["train", "recipes/tiny.yaml", *flags, "train.max_steps=1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -70,8 +85,17 @@ def test_gpu_only_configs_are_refused_on_cpu(tmp_path, capsys, monkeypatch):
     # accelerate would quietly run DDP for an FSDP config on CPU; we say so instead.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name in ("fsdp_qlora", "deepspeed_zero3"):
-        code = main(["train", "recipes/tiny.yaml", "--accelerate-config", f"accelerate_configs/{name}.yaml",
-                     "--num-processes", "2", f"train.output_dir={tmp_path / name}"])
+        code = main(
+            [
+                "train",
+                "recipes/tiny.yaml",
+                "--accelerate-config",
+                f"accelerate_configs/{name}.yaml",
+                "--num-processes",
+                "2",
+                f"train.output_dir={tmp_path / name}",
+            ]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 2 and "needs CUDA GPUs" in err and "\n" not in err
 
@@ -99,13 +123,28 @@ def test_launch_flags_for_cpu_and_gpu():
 
 # --- DDP on CPU ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_two_process_ddp_through_the_cli(tmp_path):
     out = tmp_path / "run"
-    proc = run([sys.executable, "-m", "mixtral_ft.cli", "train", "recipes/tiny.yaml", "--num-processes", "2",
-                f"train.output_dir={out}", "train.max_steps=4", "train.save_steps=4", "train.logging_steps=1"],
-               # torch's own per-rank DDP log: proves both ranks built a DDP model and ran backward.
-               TORCH_DISTRIBUTED_DEBUG="INFO", TORCH_CPP_LOG_LEVEL="INFO")
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "mixtral_ft.cli",
+            "train",
+            "recipes/tiny.yaml",
+            "--num-processes",
+            "2",
+            f"train.output_dir={out}",
+            "train.max_steps=4",
+            "train.save_steps=4",
+            "train.logging_steps=1",
+        ],
+        # torch's own per-rank DDP log: proves both ranks built a DDP model and ran backward.
+        TORCH_DISTRIBUTED_DEBUG="INFO",
+        TORCH_CPP_LOG_LEVEL="INFO",
+    )
     log = proc.stdout + proc.stderr
     for rank in (0, 1):
         assert f"[Rank {rank}]: DDP Initialized with:" in log
@@ -131,8 +170,15 @@ def test_ranks_hold_identical_adapters_after_training(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "dump"
-    proc = torchrun("dump", str(out), "recipes/tiny.yaml", f"train.output_dir={tmp_path / 'run'}",
-                    "train.max_steps=2", "train.save_steps=2", "train.logging_steps=1")
+    proc = torchrun(
+        "dump",
+        str(out),
+        "recipes/tiny.yaml",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "train.logging_steps=1",
+    )
     assert "rank 0 of 2 trained 2 steps" in proc.stdout and "rank 1 of 2 trained 2 steps" in proc.stdout
     init, rank0, rank1 = (load_file(out / f"{name}.safetensors") for name in ("init", "rank0", "rank1"))
     assert rank0.keys() == rank1.keys() == init.keys() and len(rank0) == 16
@@ -143,6 +189,7 @@ def test_ranks_hold_identical_adapters_after_training(tmp_path):
 
 
 # --- FSDP ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_fsdp_shards_nf4_experts_on_cpu(tmp_path):
@@ -167,10 +214,24 @@ def test_fsdp_shards_nf4_experts_on_cpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through accelerate needs 2 CUDA GPUs")
 def test_fsdp_through_the_cli_on_gpus(tmp_path):
     out = tmp_path / "run"
-    proc = run([sys.executable, "-m", "mixtral_ft.cli", "train", "recipes/tiny.yaml",
-                "--accelerate-config", "accelerate_configs/fsdp_qlora.yaml", "--num-processes", "2",
-                f"train.output_dir={out}", "train.max_steps=4", "train.save_steps=4", "train.logging_steps=1",
-                "model.compute_dtype=bfloat16"])
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "mixtral_ft.cli",
+            "train",
+            "recipes/tiny.yaml",
+            "--accelerate-config",
+            "accelerate_configs/fsdp_qlora.yaml",
+            "--num-processes",
+            "2",
+            f"train.output_dir={out}",
+            "train.max_steps=4",
+            "train.save_steps=4",
+            "train.logging_steps=1",
+            "model.compute_dtype=bfloat16",
+        ]
+    )
     summary = json.loads((out / "run.json").read_text())
     assert summary["world_size"] == 2 and len(summary["losses"]) == 4
     assert (out / "adapter_model.safetensors").is_file() and proc.stdout.count("saved to ") == 1

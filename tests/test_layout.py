@@ -13,8 +13,22 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mixtral_ft"
 # Lowest first: a module may import its own stage and the stages before it, never one after it.
-STAGES = ["errors", "common", "recipe", "data", "model", "distributed", "train", "export", "use", "plan", "bench",
-          "commands", "quiet", "cli"]
+STAGES = [
+    "errors",
+    "common",
+    "recipe",
+    "data",
+    "model",
+    "distributed",
+    "train",
+    "export",
+    "use",
+    "plan",
+    "bench",
+    "commands",
+    "quiet",
+    "cli",
+]
 MAX_LINES = 300
 
 
@@ -31,13 +45,24 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
     """Every mixtral_ft module that `path` imports, resolved to a module (not a name inside one)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {  # `if TYPE_CHECKING:` imports never run: annotations, not dependencies
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", "") == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return {m for m in found if m in known}
@@ -57,7 +82,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()

@@ -36,9 +36,7 @@ def test_every_locked_version_satisfies_pyproject():
     for req in project_requirements():
         name = canonicalize_name(req.name)
         assert name in locked, f"{req.name} is in pyproject.toml but not locked: refresh the lock (README)"
-        assert req.specifier.contains(locked[name], prereleases=True), (
-            f"locked {name}=={locked[name]} vs {req}"
-        )
+        assert req.specifier.contains(locked[name], prereleases=True), f"locked {name}=={locked[name]} vs {req}"
 
 
 def test_lock_holds_no_cuda_packages_and_readme_installs_with_it():
@@ -46,11 +44,7 @@ def test_lock_holds_no_cuda_packages_and_readme_installs_with_it():
     assert "torch" not in names  # pinned by requirements/torch.txt and README: the CPU build in CI
     assert not [n for n in names if n.startswith("nvidia-") or n == "triton"]
     torch_pin = f"torch=={pins(TORCH)['torch']}"
-    commands = [
-        line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")
-    ]
+    commands = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")]
     assert len(commands) == 2
     for command in commands:
-        assert re.search(rf"pip install {re.escape(torch_pin)} .* -c requirements/lock\.txt", command), (
-            command
-        )
+        assert re.search(rf"pip install {re.escape(torch_pin)} .* -c requirements/lock\.txt", command), command

@@ -26,15 +26,29 @@ def read(name: str):
 def overrides(name: str, tmp: Path, adapter: Path) -> dict:
     """CPU-sized parameters per notebook; a shared tiny adapter spares 03 and 04 a training run."""
     return {
-        "01_quickstart_tiny": {"OUTPUT_DIR": str(tmp / "quickstart"), "MAX_STEPS": 2, "MAX_NEW_TOKENS": 4,
-                               "EVAL_ROWS": 3},
+        "01_quickstart_tiny": {
+            "OUTPUT_DIR": str(tmp / "quickstart"),
+            "MAX_STEPS": 2,
+            "MAX_NEW_TOKENS": 4,
+            "EVAL_ROWS": 3,
+        },
         # 02 trains its own 2 steps: the training cell must run, not take the "already trained" branch.
-        "02_sft_oasst_mixtral": {"MODEL": "tiny", "RECIPE": "recipes/tiny.yaml", "OUTPUT_DIR": str(tmp / "sft"),
-                                 "MAX_STEPS": 2, "EVAL_ROWS": 3, "SAMPLES": 1, "MAX_NEW_TOKENS": 4},
-        "03_dpo": {"SFT_ADAPTER": str(adapter), "OUTPUT_ROOT": str(tmp / "dpo"), "MAX_STEPS": 2,
-                   "MAX_NEW_TOKENS": 4},
-        "04_merge_and_push": {"ADAPTER": str(adapter), "MERGED_DIR": str(tmp / "merged"),
-                              "REPO_ID": "example-org/tiny-mixtral-sft", "MAX_NEW_TOKENS": 4},
+        "02_sft_oasst_mixtral": {
+            "MODEL": "tiny",
+            "RECIPE": "recipes/tiny.yaml",
+            "OUTPUT_DIR": str(tmp / "sft"),
+            "MAX_STEPS": 2,
+            "EVAL_ROWS": 3,
+            "SAMPLES": 1,
+            "MAX_NEW_TOKENS": 4,
+        },
+        "03_dpo": {"SFT_ADAPTER": str(adapter), "OUTPUT_ROOT": str(tmp / "dpo"), "MAX_STEPS": 2, "MAX_NEW_TOKENS": 4},
+        "04_merge_and_push": {
+            "ADAPTER": str(adapter),
+            "MERGED_DIR": str(tmp / "merged"),
+            "REPO_ID": "example-org/tiny-mixtral-sft",
+            "MAX_NEW_TOKENS": 4,
+        },
     }[name]
 
 
@@ -49,8 +63,13 @@ def inject(nb, values: dict) -> None:
 
 
 def stream_text(nb, name: str = "stdout") -> str:
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                   if o.get("output_type") == "stream" and o.get("name") == name)
+    return "".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") == "stream" and o.get("name") == name
+    )
 
 
 def images(nb) -> int:
@@ -84,8 +103,9 @@ def test_notebook_executes_on_cpu(name, tmp_path, tmp_path_factory):
     nb = read(name)
     inject(nb, overrides(name, tmp_path, adapter))
     # Run from notebooks/, as Jupyter would; the notebooks move to the repository root themselves.
-    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     text = stream_text(nb)
     # On CPU with the tiny model every section has its real path: nothing may print a "skipped" note.
     # (Only 03's SFT section is spared a run: it is handed the shared adapter, and says which one.)

@@ -19,8 +19,9 @@ def first_screen_commands() -> list[list[str]]:
     first_screen = README.split("\n## ", 1)[0]
     assert len(first_screen.splitlines()) <= 30, "the set-up commands must stay on README's first screen"
     blocks = re.findall(r"^```bash\n(.*?)^```", first_screen, flags=re.M | re.S)
-    return [[line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-            for block in blocks]
+    return [
+        [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")] for block in blocks
+    ]
 
 
 def test_first_screen_has_the_two_commands():
@@ -60,19 +61,32 @@ def test_ci_runs_the_extracted_command_not_a_copy(tmp_path):
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     (tmp_path / "README.md").write_text(
         "# stand-in\n\n```bash\npython3 -m venv --help > /dev/null && echo trained\n```\n\n"
-        "```bash\npython3 -m venv --help > /dev/null && echo 'ran pytest' > ran.txt\n```\n")
+        "```bash\npython3 -m venv --help > /dev/null && echo 'ran pytest' > ran.txt\n```\n"
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "chromium").write_text("#!/bin/sh\n")  # present, so the script installs nothing
     (bin_dir / "chromium").chmod(0o755)
-    result = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=60)
+    result = subprocess.run(
+        ["bash", str(tmp_path / ".ci" / "run")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ran.txt").read_text() == "ran pytest\n"
     # A README without a test command fails CI instead of passing vacuously.
     (tmp_path / "README.md").write_text("# stand-in\n")
-    result = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, timeout=60)
+    result = subprocess.run(
+        ["bash", str(tmp_path / ".ci" / "run")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        timeout=60,
+    )
     assert result.returncode != 0 and "lost its test command" in result.stderr
 
 

@@ -33,9 +33,7 @@ def test_bad_commands_print_one_line_on_stderr(tmp_path):
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     env = {k: v for k, v in os.environ.items() if k != "MIXTRAL_FT_VERBOSE"}
-    env["PYTHONWARNINGS"] = (
-        "default"  # warnings shown as a user's Python shows them, not as pytest filters them
-    )
+    env["PYTHONWARNINGS"] = "default"  # warnings shown as a user's Python shows them, not as pytest filters them
     for argv, expected in BAD:
         argv = [a.format(tmp=tmp_path, full=full) for a in argv]
         proc = subprocess.run(

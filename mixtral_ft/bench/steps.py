@@ -1,6 +1,6 @@
 """The timing harness every benchmark shares: ours and the peers run the same QLoRA steps, timed the same way.
 
-It imports only torch and peft, so the transformers 4.57 peer (`peer_v4.py`, run in a side environment)
+It imports torch, peft and none of transformers, so the transformers 4.57 peer (`peer_v4.py`, run in a side environment)
 measures through exactly this code: LoRA r16 on q/k/v/o, non-reentrant gradient checkpointing, AdamW,
 random tokens as input and labels, `warmup` untimed steps, then the median of the timed ones. Peak memory
 counts from the first step, after the model is built (as ../shared/bench measured the peers).
@@ -14,8 +14,9 @@ import time
 import torch
 
 from mixtral_ft.common import peak_gib, reset_peak  # noqa: F401  (re-exported: the peers measure through steps)
+from mixtral_ft.recipe import ATTENTION_TARGETS
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_TARGETS = list(ATTENTION_TARGETS)
 
 
 def sync(device: torch.device) -> None:
@@ -51,8 +52,7 @@ def add_lora(model, dropout: float = 0.0):
     """peft LoRA r16 / alpha 32 on the attention projections, the adapter every benchmark trains."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=LORA_TARGETS,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -63,7 +63,7 @@ def enable_checkpointing(model, skip_layers: int = 0) -> None:
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     layers = model.model.layers
-    for layer in layers[len(layers) - min(skip_layers, len(layers)):] if skip_layers else []:
+    for layer in layers[len(layers) - min(skip_layers, len(layers)) :] if skip_layers else []:
         layer.gradient_checkpointing = False
 
 
@@ -74,8 +74,11 @@ def fill_meta_params(model, device: torch.device, dtype: torch.dtype, std: float
     for module_name, module in model.named_modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_meta:
-                value = (torch.ones(param.shape, device=device, dtype=dtype) if "norm" in f"{module_name}.{name}"
-                         else torch.randn(param.shape, device=device, dtype=dtype) * std)
+                value = (
+                    torch.ones(param.shape, device=device, dtype=dtype)
+                    if "norm" in f"{module_name}.{name}"
+                    else torch.randn(param.shape, device=device, dtype=dtype) * std
+                )
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
@@ -90,12 +93,15 @@ def weight_gib_by_group(model) -> dict:
     rows = {row.group: row.storage_bytes for row in audit_model(model, quantize_experts=False).rows}
     experts, attention = rows.pop("experts"), rows.pop("attention")
     # to 1 KiB: the tiny CPU model's groups must not round to zero
-    return {group: round(size / 2**30, 6) for group, size in
-            (("experts", experts), ("attention", attention), ("other", sum(rows.values())))}
+    return {
+        group: round(size / 2**30, 6)
+        for group, size in (("experts", experts), ("attention", attention), ("other", sum(rows.values())))
+    }
 
 
-def time_qlora_steps(model, *, batch: int, seq: int, vocab_size: int, steps: int, warmup: int,
-                     device: torch.device, profile_to=None) -> dict:
+def time_qlora_steps(
+    model, *, batch: int, seq: int, vocab_size: int, steps: int, warmup: int, device: torch.device, profile_to=None
+) -> dict:
     """Train `model` (LoRA already applied) for warmup + steps AdamW steps on random tokens; time the last `steps`.
 
     `profile_to`, a path, gets the op table of one more step recorded with torch.profiler.
@@ -118,8 +124,12 @@ def time_qlora_steps(model, *, batch: int, seq: int, vocab_size: int, steps: int
             sync(device)
         _write_profile(profiler, device, profile_to)
     step_s = statistics.median(times)
-    return {"step_s": round(step_s, 4), "tok_per_s": round(batch * seq / step_s, 1),
-            "peak_gib": round(peak_gib(device), 3), "loss": round(float(loss.detach()), 4)}
+    return {
+        "step_s": round(step_s, 4),
+        "tok_per_s": round(batch * seq / step_s, 1),
+        "peak_gib": round(peak_gib(device), 3),
+        "loss": round(float(loss.detach()), 4),
+    }
 
 
 def _step(model, optimizer, ids) -> torch.Tensor:

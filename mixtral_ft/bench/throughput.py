@@ -14,10 +14,8 @@ benchmarks/compare.py, outside the package, which reuses these functions.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gc
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -25,15 +23,22 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.bench import steps
+from mixtral_ft.bench.args import OUT_DIR, parse_args
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.load import compile_layers
 from mixtral_ft.model.loader import build_skeleton, finish_model
 from mixtral_ft.model.quant import NF4Experts, configure_experts, quantize_nf4
 from mixtral_ft.model.shapes import mixtral_config
 
-OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
-DEFAULT_LEVERS = {"checkpointing": True, "skip_layers": 0, "experts": "grouped", "reuse_dequantized": False,
-                  "lora_dropout": 0.0, "liger": False, "compile": False}
+DEFAULT_LEVERS = {
+    "checkpointing": True,
+    "skip_layers": 0,
+    "experts": "grouped",
+    "reuse_dequantized": False,
+    "lora_dropout": 0.0,
+    "liger": False,
+    "compile": False,
+}
 
 
 def build_random_nf4(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -88,8 +93,18 @@ def apply_levers(model, levers: dict):
     return model
 
 
-def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int, device: torch.device,
-                  tiny: bool, levers: dict | None = None, profile_to: Path | None = None) -> dict:
+def run_benchmark(
+    *,
+    layers: int,
+    batch: int,
+    seq: int,
+    steps_: int,
+    warmup: int,
+    device: torch.device,
+    tiny: bool,
+    levers: dict | None = None,
+    profile_to: Path | None = None,
+) -> dict:
     from mixtral_ft.model.load import resolve_compute_dtype
     from mixtral_ft.model.shapes import tiny_config
 
@@ -103,17 +118,35 @@ def run_benchmark(*, layers: int, batch: int, seq: int, steps_: int, warmup: int
     weights_gib, build_peak = steps.allocated_gib(device), steps.peak_gib(device)
     groups = steps.weight_gib_by_group(model)
     model = apply_levers(model, levers)
-    result = steps.time_qlora_steps(model, batch=batch, seq=seq, vocab_size=config.vocab_size, steps=steps_,
-                                    warmup=warmup, device=device, profile_to=profile_to)
+    result = steps.time_qlora_steps(
+        model,
+        batch=batch,
+        seq=seq,
+        vocab_size=config.vocab_size,
+        steps=steps_,
+        warmup=warmup,
+        device=device,
+        profile_to=profile_to,
+    )
     del model
     peak_tflops = steps.matmul_peak_tflops(device, dtype)
     recomputed = max(config.num_hidden_layers - levers["skip_layers"], 0) if levers["checkpointing"] else 0
     achieved = step_flops(config, batch * seq, seq, recomputed) / result["step_s"] / 1e12
-    return {"model": "tiny" if tiny else "mixtral-8x7b-shape", "layers": config.num_hidden_layers, "batch": batch,
-            "seq": seq, "dtype": str(dtype).removeprefix("torch."), "levers": levers, "build_s": round(build_s, 2),
-            "build_peak_gib": round(build_peak, 3), "weights_gib": weights_gib and round(weights_gib, 3),
-            "weights_gib_by_group": groups,
-            **result, "matmul_peak_tflops": round(peak_tflops, 1), "hfu": round(achieved / peak_tflops, 4)}
+    return {
+        "model": "tiny" if tiny else "mixtral-8x7b-shape",
+        "layers": config.num_hidden_layers,
+        "batch": batch,
+        "seq": seq,
+        "dtype": str(dtype).removeprefix("torch."),
+        "levers": levers,
+        "build_s": round(build_s, 2),
+        "build_peak_gib": round(build_peak, 3),
+        "weights_gib": weights_gib and round(weights_gib, 3),
+        "weights_gib_by_group": groups,
+        **result,
+        "matmul_peak_tflops": round(peak_tflops, 1),
+        "hfu": round(achieved / peak_tflops, 4),
+    }
 
 
 def result_path(result: dict, out_dir: Path = OUT_DIR, tag: str | None = None) -> Path:
@@ -145,75 +178,30 @@ def versions() -> dict:
     import peft
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "bitsandbytes": bitsandbytes.__version__}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 through the CLI, like every other bad option
-        hint = " (the peers are measured by python benchmarks/compare.py)" if "--peer-" in message else ""
-        raise UserError(f"{message}{hint}: see {self.prog} --help")
-
-
-def build_parser(prog: str = "mixtral-ft bench", description: str | None = None) -> argparse.ArgumentParser:
-    """Our options; benchmarks/compare.py adds the peers' to the same parser."""
-    parser = _Parser(prog=prog, description=description or __doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batch", type=int, nargs="+", default=[2])
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU smoke mode)")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, metavar="DIR",
-                        help="folder for the result file, created if needed (default: ./bench-results)")
-    parser.add_argument("--tag", help="suffix of the result file's name, e.g. the lever measured")
-    parser.add_argument("--profile", action="store_true", help="also write each batch's torch.profiler op table")
-    lever = parser.add_argument_group("speed levers (benchmarks/NOTES.md)")
-    lever.add_argument("--no-checkpointing", action="store_true")
-    lever.add_argument("--skip-checkpoint-layers", type=int, default=0, metavar="N",
-                       help="keep the last N layers' activations instead of recomputing them")
-    lever.add_argument("--experts", choices=["grouped", "loop"], default="grouped",
-                       help="grouped GEMM (one call per layer) or one matmul per expert")
-    lever.add_argument("--reuse-dequantized", action="store_true",
-                       help="backward reuses the recompute's dequantized experts (2 dequantizations a step, not 3)")
-    lever.add_argument("--lora-dropout", type=float, default=0.0)
-    lever.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm, RoPE and fused linear cross-entropy")
-    lever.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    return parser
-
-
-def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Reject bad options with a UserError (one line, exit 2) and gather the levers."""
-    for name in ("layers", "batch", "seq", "steps"):
-        values = getattr(args, name)
-        if min(values if isinstance(values, list) else [values]) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.tiny:
-        args.seq, args.layers = min(args.seq, 256), 2
-    if not 0 <= args.skip_checkpoint_layers <= args.layers:
-        raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
-    if args.liger and not args.device.startswith("cuda"):
-        raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
-    if args.liger and importlib.util.find_spec("liger_kernel") is None:
-        raise UserError("--liger needs liger-kernel: pip install liger-kernel")
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        raise UserError(f"--out-dir {args.out_dir} is a file, not a folder: pass a folder for the result files")
-    args.levers = {"checkpointing": not args.no_checkpointing, "skip_layers": args.skip_checkpoint_layers,
-                   "experts": args.experts, "reuse_dequantized": args.reuse_dequantized,
-                   "lora_dropout": args.lora_dropout, "liger": args.liger, "compile": args.compile}
-    return args
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return check_args(build_parser().parse_args(argv))
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+    }
 
 
 def new_report(args, device: torch.device) -> dict:
     """The result file's skeleton; per-batch lists follow `batch` order, `runs` keeps every detail of ours."""
-    return {"date": dt.date.today().isoformat(), "device": steps.device_name(device), "versions": versions(),
-            "layers": args.layers, "seq": args.seq, "batch": args.batch, "levers": args.levers,
-            "tok_per_s": [], "step_s": [], "peak_gib": [], "hfu": [], "runs": []}
+    return {
+        "date": dt.date.today().isoformat(),
+        "device": steps.device_name(device),
+        "versions": versions(),
+        "layers": args.layers,
+        "seq": args.seq,
+        "batch": args.batch,
+        "levers": args.levers,
+        "tok_per_s": [],
+        "step_s": [],
+        "peak_gib": [],
+        "hfu": [],
+        "runs": [],
+    }
 
 
 def open_result(args, report: dict) -> Path:
@@ -228,8 +216,17 @@ def open_result(args, report: dict) -> Path:
 def run_ours(args, batch: int, device: torch.device, path: Path) -> dict:
     """Our model at `batch`, its figures added to nothing yet; the memory is given back afterwards."""
     profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile else None
-    ours = run_benchmark(layers=args.layers, batch=batch, seq=args.seq, steps_=args.steps, warmup=args.warmup,
-                         device=device, tiny=args.tiny, levers=args.levers, profile_to=profile)
+    ours = run_benchmark(
+        layers=args.layers,
+        batch=batch,
+        seq=args.seq,
+        steps_=args.steps,
+        warmup=args.warmup,
+        device=device,
+        tiny=args.tiny,
+        levers=args.levers,
+        profile_to=profile,
+    )
     free_memory(device)
     return ours
 
@@ -245,8 +242,10 @@ def write_report(report: dict, path: Path) -> None:
 
 
 def summary(ours: dict) -> str:
-    return (f"B{ours['batch']} x S{ours['seq']}, {ours['layers']} layers: {ours['tok_per_s']:,.0f} tok/s, "
-            f"peak {ours['peak_gib']:.2f} GiB, HFU {ours['hfu']:.1%}")
+    return (
+        f"B{ours['batch']} x S{ours['seq']}, {ours['layers']} layers: {ours['tok_per_s']:,.0f} tok/s, "
+        f"peak {ours['peak_gib']:.2f} GiB, HFU {ours['hfu']:.1%}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

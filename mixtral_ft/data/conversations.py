@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections import Counter
 
 from mixtral_ft.data import formats
+from mixtral_ft.data.files import read_rows
 from mixtral_ft.data.formats import ROLE_ALIASES, parse_chatml  # noqa: F401  (parse_chatml: the ChatML format)
-from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, read_rows, settle
+from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, settle
 from mixtral_ft.recipe import DataSection
 
 TRUNCATED = "no assistant tokens within max_length"
@@ -23,38 +24,14 @@ TRUNCATED = "no assistant tokens within max_length"
 
 # --- conversations ----------------------------------------------------------------------------------
 
+
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """Alternating user/assistant turns that start on user and end on assistant; ValueError(reason) if impossible."""
     if not isinstance(messages, (list, tuple)):
         raise ValueError("conversation is not a list of turns")
     if not messages:
         raise ValueError("empty conversation")
-    turns = []
-    for message in messages:
-        if not isinstance(message, dict):
-            raise ValueError("turn is not a {role, content} object")
-        # Arrow fills keys missing from some rows with None, so a ShareGPT row may also carry role=None.
-        role = message.get("role") if message.get("role") is not None else message.get("from")
-        content = message.get("content") if message.get("content") is not None else message.get("value")
-        if not isinstance(role, str):
-            raise ValueError("turn without a role")
-        if role.strip().lower() not in ROLE_ALIASES:
-            raise ValueError(f"unknown role '{role[:20]}'")
-        role = ROLE_ALIASES[role.strip().lower()]
-        if not isinstance(content, str):
-            raise ValueError("non-string content")
-        content = content.strip()
-        if not content and role != "system":  # an empty system prompt is harmless: nothing to fold in
-            raise ValueError(f"empty {role} turn")
-        turns.append({"role": role, "content": content})
-
-    # Mixtral's template has no system role; mistral-common itself folds a system prompt this way.
-    if turns[0]["role"] == "system":
-        system = turns.pop(0)["content"]
-        if turns and turns[0]["role"] == "user" and system:
-            turns[0] = {"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}
-        if not turns:
-            raise ValueError("no assistant turn")
+    turns = _fold_system([_turn(message) for message in messages])
     if any(t["role"] == "system" for t in turns):
         raise ValueError("system turn after the start")
     if turns[0]["role"] != "user":
@@ -64,6 +41,38 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             raise ValueError(f"two {cur['role']} turns in a row")
     if turns[-1]["role"] == "user":
         turns.pop()  # a prompt without an answer teaches nothing
+    if not turns:
+        raise ValueError("no assistant turn")
+    return turns
+
+
+def _turn(message) -> dict:
+    """One {role, content} turn (messages or ShareGPT keys), role mapped to user/assistant/system."""
+    if not isinstance(message, dict):
+        raise ValueError("turn is not a {role, content} object")
+    # Arrow fills keys missing from some rows with None, so a ShareGPT row may also carry role=None.
+    role = message.get("role") if message.get("role") is not None else message.get("from")
+    content = message.get("content") if message.get("content") is not None else message.get("value")
+    if not isinstance(role, str):
+        raise ValueError("turn without a role")
+    if role.strip().lower() not in ROLE_ALIASES:
+        raise ValueError(f"unknown role '{role[:20]}'")
+    role = ROLE_ALIASES[role.strip().lower()]
+    if not isinstance(content, str):
+        raise ValueError("non-string content")
+    content = content.strip()
+    if not content and role != "system":  # an empty system prompt is harmless: nothing to fold in
+        raise ValueError(f"empty {role} turn")
+    return {"role": role, "content": content}
+
+
+def _fold_system(turns: list[dict]) -> list[dict]:
+    """Mixtral's template has no system role; mistral-common itself folds a system prompt into the first user turn."""
+    if turns[0]["role"] != "system":
+        return turns
+    system, turns = turns[0]["content"], turns[1:]
+    if turns and turns[0]["role"] == "user" and system:
+        turns[0] = {"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}
     if not turns:
         raise ValueError("no assistant turn")
     return turns
@@ -90,8 +99,10 @@ def encode_conversation(messages: list[dict], tokenizer) -> dict:
         # Straight to the instruct encoder: the finetuning validator refuses requests that end on a user turn.
         prefix = mistral.instruct_tokenizer.encode_instruct(InstructRequest(messages=turns[:n])).tokens
         if ids[: len(prefix)] != prefix:
-            raise RuntimeError(f"the encoding of the first {n} turns is not a prefix of the whole conversation; "
-                               "refusing to guess the assistant mask (tokenizer changed?)")
+            raise RuntimeError(
+                f"the encoding of the first {n} turns is not a prefix of the whole conversation; "
+                "refusing to guess the assistant mask (tokenizer changed?)"
+            )
         return len(prefix)
 
     mask = [0] * len(ids)
@@ -147,6 +158,12 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
         report.trailing_user_dropped += formats.ends_on_user(messages)
         report.supervised_tokens += sum(mask)
     report.kept = len(rows["input_ids"])
-    settle(report, dropped, cfg, label, not_bad=TRUNCATED,
-           empty_fix=f"fix the data, or raise train.max_length (now {max_length}) if rows are too long")
+    settle(
+        report,
+        dropped,
+        cfg,
+        label,
+        not_bad=TRUNCATED,
+        empty_fix=f"fix the data, or raise train.max_length (now {max_length}) if rows are too long",
+    )
     return Dataset.from_dict(rows), report

@@ -24,8 +24,15 @@ from dataclasses import dataclass
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import PREFERENCE_FORMATS, SFT_FORMATS
 
-ROLE_ALIASES = {"user": "user", "human": "user", "prompter": "user",
-                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "system": "system"}
+ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
 
 MESSAGE_COLUMNS = ("messages", "conversation", "conversations")
 NEEDS = {  # what each format reads, for error messages and the README
@@ -86,9 +93,7 @@ def _is_sharegpt(row: dict | None, column: str) -> bool:
 
 
 def _as_messages(row: dict) -> tuple[list, int]:
-    return next(
-        iter(row.values())
-    ), 0  # role/content and from/value turns are both read by normalize_messages
+    return next(iter(row.values())), 0  # role/content and from/value turns are both read by normalize_messages
 
 
 def _as_chatml(row: dict) -> tuple[list, int]:

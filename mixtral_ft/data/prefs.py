@@ -27,18 +27,19 @@ from mixtral_ft.data.conversations import (
     encode_conversation,
     normalize_messages,
 )
-from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, read_rows, settle
+from mixtral_ft.data.files import read_rows
+from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, settle
 from mixtral_ft.recipe import DataSection
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def load_preference_data(cfg: DataSection, tokenizer, *, max_length: int, max_prompt_length: int,
-                         seed: int) -> SFTData:
+def load_preference_data(cfg: DataSection, tokenizer, *, max_length: int, max_prompt_length: int, seed: int) -> SFTData:
     """Tokenized preference pairs for the recipe's data section (data.path or data.mixture), one report per split."""
     _finetuning_tokenizer(tokenizer)
-    return load_sources(cfg, lambda one, split: _load_split(one, split, tokenizer, max_length, max_prompt_length),
-                        seed=seed)
+    return load_sources(
+        cfg, lambda one, split: _load_split(one, split, tokenizer, max_length, max_prompt_length), seed=seed
+    )
 
 
 def split_pair(row: dict) -> tuple[list[dict], str, str]:
@@ -107,7 +108,7 @@ def fit(prompt: list[int], chosen: list[int], rejected: list[int], max_length: i
     """TRL's classic truncation: when prompt + the longer answer exceed max_length, the prompt keeps `<s>` and its
     last max_prompt_length - 1 tokens (the question being answered and `[/INST]`); answers are cut to what is left."""
     if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
-        prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1):]
+        prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1) :]
     room = max_length - len(prompt)
     return prompt, chosen[:room], rejected[:room]
 

@@ -22,24 +22,28 @@ HF_TOKEN_BYTES = re.compile(rb"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}")  # real one
 
 
 def folder_kind(folder: Path) -> str:
-    """"adapter" (peft LoRA folder) or "model" (full safetensors checkpoint); anything else is a UserError."""
+    """ "adapter" (peft LoRA folder) or "model" (full safetensors checkpoint); anything else is a UserError."""
     if not folder.is_dir():
         raise UserError(f"'{folder}' does not exist or is not a folder: pass an adapter or model folder")
     if (folder / "adapter_config.json").is_file() and any(folder.glob("adapter_model.*")):
         return "adapter"
-    if (folder / "config.json").is_file() and ((folder / "model.safetensors").is_file()
-                                              or (folder / "model.safetensors.index.json").is_file()):
+    if (folder / "config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    ):
         return "model"
-    raise UserError(f"'{folder}' is not an adapter or model folder (no adapter_config.json + adapter_model.*, "
-                    "nor config.json + model.safetensors)")
+    raise UserError(
+        f"'{folder}' is not an adapter or model folder (no adapter_config.json + adapter_model.*, "
+        "nor config.json + model.safetensors)"
+    )
 
 
 def check_repo_id(repo_id: str | None) -> str:
-    from mixtral_ft.recipe.sections import is_repo_id
+    from mixtral_ft.recipe import is_repo_id
 
     if not is_repo_id(repo_id):
-        raise UserError(f"bad repo id '{repo_id}': use ORG/NAME with letters, digits, '-', '_' or '.', "
-                        "e.g. my-org/mixtral-8x7b-sft")
+        raise UserError(
+            f"bad repo id '{repo_id}': use ORG/NAME with letters, digits, '-', '_' or '.', e.g. my-org/mixtral-8x7b-sft"
+        )
     return repo_id
 
 
@@ -63,8 +67,10 @@ def _refuse_leaks(folder: Path, files: list[Path]) -> None:
     for rel in files:
         path = folder / rel
         if _holds_secret(path, secrets):
-            raise UserError(f"'{path}' contains the value of HF_TOKEN or WANDB_API_KEY (or another hf_... token): "
-                            "remove it before pushing")
+            raise UserError(
+                f"'{path}' contains the value of HF_TOKEN or WANDB_API_KEY (or another hf_... token): "
+                "remove it before pushing"
+            )
 
 
 def _holds_secret(path: Path, secrets: list[bytes]) -> bool:
@@ -93,7 +99,8 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = True
         print(f"dry run: would push {kind} folder {folder} to {repo_id} ({visibility}); nothing uploaded")
         width = max(len(name) for name, _ in sizes)
         for name, size in sizes:
-            print(f"  {name:<{width}}  {human_bytes(size, digits=1):>10}{'  (model card, generated)' if name == 'README.md' else ''}")
+            note = "  (model card, generated)" if name == "README.md" else ""
+            print(f"  {name:<{width}}  {human_bytes(size, digits=1):>10}{note}")
         print(f"{len(sizes)} files, {human_bytes(sum(s for _, s in sizes), digits=1)}")
         return {"kind": kind, "files": [n for n, _ in sizes], "uploaded": False}
 
@@ -108,15 +115,25 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = True
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   allow_patterns=["README.md", *map(str, files)],
-                                   commit_message=f"mixtral-ft: upload {kind}")
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            allow_patterns=["README.md", *map(str, files)],
+            commit_message=f"mixtral-ft: upload {kind}",
+        )
     except Exception as exc:  # HTTP, auth, offline mode, network: report one line, never the token
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(scrub(f"push to '{repo_id}' failed ({type(exc).__name__}: {first}); check the repo id, "
-                              "your token's write access and HF_HUB_OFFLINE")) from None
-    print(f"pushed {kind} folder {folder} to {getattr(commit, 'repo_url', repo_id)} ({len(files) + 1} files; "
-          f"visibility {visibility} applies when the repo is created)")
+        raise UserError(
+            scrub(
+                f"push to '{repo_id}' failed ({type(exc).__name__}: {first}); check the repo id, "
+                "your token's write access and HF_HUB_OFFLINE"
+            )
+        ) from None
+    print(
+        f"pushed {kind} folder {folder} to {getattr(commit, 'repo_url', repo_id)} ({len(files) + 1} files; "
+        f"visibility {visibility} applies when the repo is created)"
+    )
     return {"kind": kind, "files": ["README.md", *map(str, files)], "uploaded": True, "commit": str(commit)}
 
 
@@ -125,5 +142,6 @@ def push_after_training(out: Path, recipe) -> None:
     try:
         push_folder(out, recipe.hub.repo_id, private=recipe.hub.private)
     except UserError as exc:
-        raise UserError(f"{exc} (the adapter is saved in {out}: retry with "
-                        f"`mixtral-ft push {out} --repo-id {recipe.hub.repo_id}`)") from None
+        raise UserError(
+            f"{exc} (the adapter is saved in {out}: retry with `mixtral-ft push {out} --repo-id {recipe.hub.repo_id}`)"
+        ) from None

@@ -37,9 +37,16 @@ def nf4_roundtrip(tensor: torch.Tensor) -> torch.Tensor:
     return dequantize_nf4(quantize_nf4(tensor, "cpu", torch.float32))
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str = "dequantized",
-                  base: str | None = None, dtype: str = "auto", verify: bool = False,
-                  device: str | None = None) -> dict:
+def merge_adapter(
+    adapter_dir: str | Path,
+    out: str | Path,
+    *,
+    base_weights: str = "dequantized",
+    base: str | None = None,
+    dtype: str = "auto",
+    verify: bool = False,
+    device: str | None = None,
+) -> dict:
     """Write the merged model to `out` (new or empty); returns merge.json's content (+ the verify report)."""
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
     from mixtral_ft.export.verify import verify_merge
@@ -50,8 +57,9 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
 
     adapter, out = Path(adapter_dir), Path(out)
     if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"adapter folder '{adapter}' not found or has no adapter_config.json: pass a training "
-                        "output_dir")
+        raise UserError(
+            f"adapter folder '{adapter}' not found or has no adapter_config.json: pass a training output_dir"
+        )
     refuse_nonempty(out, "--out")  # now, before any work; staged_folder checks again as it starts
     if base_weights not in BASE_WEIGHTS:
         raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
@@ -61,25 +69,42 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base_weights: str
         raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: pass --base MODEL")
     source = resolve_model_path(base_name, None if base else model_cfg.get("revision"))
     if read_manifest(source) is not None:
-        raise UserError(f"base '{source}' is a pre-quantized NF4 folder: merging needs the original checkpoint; "
-                        "pass it with --base (e.g. --base mistralai/Mixtral-8x7B-v0.1)")
+        raise UserError(
+            f"base '{source}' is a pre-quantized NF4 folder: merging needs the original checkpoint; "
+            "pass it with --base (e.g. --base mistralai/Mixtral-8x7B-v0.1)"
+        )
     quantize_experts = bool(model_cfg.get("quantize_experts", True))
     lora = _read_lora(adapter)
 
     with staged_folder(out, "--out") as staging:  # an interrupted merge leaves no half-written model
         say("merge", f"{len(lora)} LoRA weights from {adapter} into {base_name} ({base_weights} base weights)")
-        written = _merge_shards(source, staging, lora, base_weights == "dequantized", quantize_experts,
-                                DTYPES.get(dtype))
+        written = _merge_shards(
+            source, staging, lora, base_weights == "dequantized", quantize_experts, DTYPES.get(dtype)
+        )
         _write_side_files(source, adapter, staging, written)
         # `base` as the user knows it (hub id, `tiny`), not the cache folder it resolved to: the card shows it.
         shown = base or model_cfg.get("name") or base_name
-        info = {"format": "mixtral_ft-merged", "version": 1, "adapter": str(adapter), "base": shown,
-                "base_path": str(source), "base_weights": base_weights, "quantize_experts": quantize_experts,
-                "dtype": written["dtype"], "lora_tensors": len(lora)}
+        info = {
+            "format": "mixtral_ft-merged",
+            "version": 1,
+            "adapter": str(adapter),
+            "base": shown,
+            "base_path": str(source),
+            "base_weights": base_weights,
+            "quantize_experts": quantize_experts,
+            "dtype": written["dtype"],
+            "lora_tensors": len(lora),
+        }
         write_scrubbed(staging / "merge.json", json.dumps(info, indent=2) + "\n")
         if verify:
-            report = verify_merge(staging, adapter, source, quantize_experts=quantize_experts, device=device,
-                                  weights_dtype=written["dtype"])
+            report = verify_merge(
+                staging,
+                adapter,
+                source,
+                quantize_experts=quantize_experts,
+                device=device,
+                weights_dtype=written["dtype"],
+            )
             write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
             info["verify"] = report
         write_card(staging, "model", title=out.name)
@@ -91,11 +116,25 @@ def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    unsupported = [k for k in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
-                               "trainable_token_indices", "target_parameters", "fan_in_fan_out") if cfg.get(k)]
+    unsupported = [
+        k
+        for k in (
+            "use_dora",
+            "lora_bias",
+            "rank_pattern",
+            "alpha_pattern",
+            "modules_to_save",
+            "trainable_token_indices",
+            "target_parameters",
+            "fan_in_fan_out",
+        )
+        if cfg.get(k)
+    ]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise UserError(f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge supports plain "
-                        "LoRA adapters as mixtral-ft trains them")
+        raise UserError(
+            f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge supports plain "
+            "LoRA adapters as mixtral-ft trains them"
+        )
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"adapter folder '{adapter}' has no adapter_model.safetensors")
@@ -108,15 +147,16 @@ def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
         b = state[key.replace(".lora_A.", ".lora_B.")]
         r = a.shape[0]
         # peft's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA.
-        scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+        scale = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
         lora[module + ".weight"] = (a.float(), b.float(), scale)
     if not lora:
         raise UserError(f"adapter '{adapter}' holds no LoRA weights")
     return lora
 
 
-def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, quantize_experts: bool,
-                  out_dtype: torch.dtype | None) -> dict:
+def _merge_shards(
+    source: Path, staging: Path, lora: dict, dequantized: bool, quantize_experts: bool, out_dtype: torch.dtype | None
+) -> dict:
     """Read, transform and write each source shard in turn; returns what was written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -153,8 +193,10 @@ def _merge_shards(source: Path, staging: Path, lora: dict, dequantized: bool, qu
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     if pending:
-        raise UserError(f"adapter weights for {len(pending)} modules have no tensor in the base checkpoint "
-                        f"(first: {next(iter(pending))}): is --base the model the adapter was trained on?")
+        raise UserError(
+            f"adapter weights for {len(pending)} modules have no tensor in the base checkpoint "
+            f"(first: {next(iter(pending))}): is --base the model the adapter was trained on?"
+        )
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

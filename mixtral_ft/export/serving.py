@@ -72,18 +72,26 @@ def serving_problems(folder: str | Path) -> list[str]:
     """What keeps vLLM or TGI from loading `folder` (a merged model or an adapter); [] when nothing does."""
     folder = Path(folder)
     if serving_kind(folder) == "adapter":
-        problems = [f"missing {name}" for name in ADAPTER_FILES if not (folder / name).is_file()]
-        if (folder / "adapter_model.bin").exists():
-            problems.append("adapter_model.bin: serving engines want safetensors only")
-        if (folder / "adapter_config.json").is_file():
-            config = json.loads((folder / "adapter_config.json").read_text())
-            if not config.get("base_model_name_or_path"):
-                problems.append("adapter_config.json has no base_model_name_or_path")
-            if config.get("peft_type", "LORA") != "LORA":
-                problems.append(f"peft_type {config.get('peft_type')}: vLLM and TGI serve LoRA adapters only")
-            if config.get("use_dora") or config.get("modules_to_save"):
-                problems.append("DoRA / modules_to_save adapters are not servable as LoRA")
-        return problems
+        return _adapter_problems(folder)
+    return [*_weight_problems(folder), *_config_problems(folder)]
+
+
+def _adapter_problems(folder: Path) -> list[str]:
+    problems = [f"missing {name}" for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if (folder / "adapter_model.bin").exists():
+        problems.append("adapter_model.bin: serving engines want safetensors only")
+    if (folder / "adapter_config.json").is_file():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if not config.get("base_model_name_or_path"):
+            problems.append("adapter_config.json has no base_model_name_or_path")
+        if config.get("peft_type", "LORA") != "LORA":
+            problems.append(f"peft_type {config.get('peft_type')}: vLLM and TGI serve LoRA adapters only")
+        if config.get("use_dora") or config.get("modules_to_save"):
+            problems.append("DoRA / modules_to_save adapters are not servable as LoRA")
+    return problems
+
+
+def _weight_problems(folder: Path) -> list[str]:
     problems = [f"missing {name}" for name in MERGED_FILES if not (folder / name).is_file()]
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
@@ -97,13 +105,18 @@ def serving_problems(folder: str | Path) -> list[str]:
         else:
             named = set(json.loads(index.read_text())["weight_map"].values())
             problems += [f"index names missing shard {n}" for n in sorted(named) if not (folder / n).is_file()]
+    return problems
+
+
+def _config_problems(folder: Path) -> list[str]:
+    problems = []
     if (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
         if config.get("model_type") != "mixtral" or "MixtralForCausalLM" not in config.get("architectures", []):
             problems.append("config.json is not a MixtralForCausalLM config")
         if "quantization_config" in config:
             problems.append("config.json has a quantization_config: serve the merged bf16/fp16 weights")
-    if (folder / "tokenizer_config.json").is_file():
-        if not json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"):
-            problems.append("tokenizer_config.json has no chat_template (TGI's chat endpoint needs one)")
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file() and not json.loads(tokenizer_config.read_text()).get("chat_template"):
+        problems.append("tokenizer_config.json has no chat_template (TGI's chat endpoint needs one)")
     return problems

@@ -44,7 +44,7 @@ def remove_stale(out: Path) -> list[Path]:
     prefix = f".{out.name}{STAGING}"
     removed = []
     for folder in out.parent.glob(f"{prefix}*") if out.parent.is_dir() else ():
-        pid = folder.name[len(prefix):].split("-")[0]
+        pid = folder.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)

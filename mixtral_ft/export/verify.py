@@ -22,15 +22,26 @@ from mixtral_ft.errors import UserError
 REL_TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}  # of mean |logit|, on mean |Δlogit|
 BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has no recipe to take data from
     ("What is the capital of France?", "The capital of France is Paris."),
-    ("Write a haiku about autumn.", "Red leaves drift and fall,\ncold wind hums through empty trees,\nthe year exhales."),
+    (
+        "Write a haiku about autumn.",
+        "Red leaves drift and fall,\ncold wind hums through empty trees,\nthe year exhales.",
+    ),
     ("Explain recursion in one sentence.", "A function solves a problem by calling itself on smaller parts of it."),
     ("How many legs does a spider have?", "A spider has eight legs."),
 ]
 
 
-def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: bool = True,
-                 device: str | None = None, samples: int = 8, max_length: int = 256,
-                 weights_dtype: str = "bfloat16") -> dict:
+def verify_merge(
+    merged: Path,
+    adapter: Path,
+    base: Path,
+    *,
+    quantize_experts: bool = True,
+    device: str | None = None,
+    samples: int = 8,
+    max_length: int = 256,
+    weights_dtype: str = "bfloat16",
+) -> dict:
     """Merged model (plain transformers) vs adapter-on-NF4-base (`load_model` + peft) on held-out rows.
 
     `weights_dtype` is what the merge wrote (its rounding sets the tolerance; "mixed": bf16's).
@@ -49,13 +60,17 @@ def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: b
     del base_model
     # fp32 Mixtral (~190 GB) exceeds one GPU: device_map="auto" offloads what does not fit to host memory.
     merged_model = AutoModelForCausalLM.from_pretrained(
-        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None)
+        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None
+    )
     got = _logits(merged_model, rows, device)
     del merged_model
     diffs = [(a - b).abs() for a, b in zip(reference, got)]
     report = {
-        "samples": len(rows), "source": source, "tokens": sum(len(ids) for ids, _ in rows),
-        "device": str(device), "compute_dtype": str(dtype).removeprefix("torch."),
+        "samples": len(rows),
+        "source": source,
+        "tokens": sum(len(ids) for ids, _ in rows),
+        "device": str(device),
+        "compute_dtype": str(dtype).removeprefix("torch."),
         "max_abs_logit_diff": max(d.max().item() for d in diffs),
         "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
         "mean_abs_logit": sum(r.abs().sum().item() for r in reference) / sum(r.numel() for r in reference),
@@ -64,13 +79,19 @@ def verify_merge(merged: Path, adapter: Path, base: Path, *, quantize_experts: b
     }
     report.update(_verdict(report, weights_dtype))
     print(f"verify: {report['samples']} samples ({source}), {report['tokens']} tokens, {report['compute_dtype']}")
-    print(f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
-          f"mean {report['mean_abs_logit_diff']:.3g} (mean |logit| {report['mean_abs_logit']:.3g})")
-    print(f"verify: perplexity (assistant tokens): adapter-on-base {report['perplexity_adapter_on_base']:.4f}, "
-          f"merged {report['perplexity_merged']:.4f}")
-    print(f"verify: {report['verdict']}: mean |Δlogit| {report['mean_abs_logit_diff']:.3g} "
-          f"{'<=' if report['verdict'] == 'ok' else '>'} tolerance {report['tolerance']:.3g} "
-          f"({report['relative_tolerance']:g} x mean |logit|, for {weights_dtype} weights)")
+    print(
+        f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
+        f"mean {report['mean_abs_logit_diff']:.3g} (mean |logit| {report['mean_abs_logit']:.3g})"
+    )
+    print(
+        f"verify: perplexity (assistant tokens): adapter-on-base {report['perplexity_adapter_on_base']:.4f}, "
+        f"merged {report['perplexity_merged']:.4f}"
+    )
+    print(
+        f"verify: {report['verdict']}: mean |Δlogit| {report['mean_abs_logit_diff']:.3g} "
+        f"{'<=' if report['verdict'] == 'ok' else '>'} tolerance {report['tolerance']:.3g} "
+        f"({report['relative_tolerance']:g} x mean |logit|, for {weights_dtype} weights)"
+    )
     return report
 
 
@@ -80,8 +101,12 @@ def _verdict(report: dict, weights_dtype: str) -> dict:
     tolerance = rel * report["mean_abs_logit"]
     diff = report["mean_abs_logit_diff"]
     ok = diff == diff and diff <= tolerance  # NaN fails
-    return {"weights_dtype": weights_dtype, "relative_tolerance": rel, "tolerance": tolerance,
-            "verdict": "ok" if ok else "FAILED"}
+    return {
+        "weights_dtype": weights_dtype,
+        "relative_tolerance": rel,
+        "tolerance": tolerance,
+        "verdict": "ok" if ok else "FAILED",
+    }
 
 
 def _held_out(adapter: Path, tokenizer, samples: int, max_length: int) -> tuple[list, str]:
@@ -98,11 +123,15 @@ def _held_out(adapter: Path, tokenizer, samples: int, max_length: int) -> tuple[
         except UserError as exc:  # e.g. a relative data path from another working directory
             print(f"verify: recipe data unavailable ({exc}); using built-in conversations")
         else:
-            split, what = (data.eval, "eval split") if data.eval is not None else (data.train, "train rows, no eval split")
+            split, what = (
+                (data.eval, "eval split") if data.eval is not None else (data.train, "train rows, no eval split")
+            )
             rows = split.select(range(min(samples, len(split))))
             return [(r["input_ids"], r["assistant_masks"]) for r in rows], f"{recipe.data.path} {what}"
-    rows = [encode_conversation([{"role": "user", "content": u}, {"role": "assistant", "content": a}], tokenizer)
-            for u, a in BUILTIN_CONVERSATIONS[:samples]]
+    rows = [
+        encode_conversation([{"role": "user", "content": u}, {"role": "assistant", "content": a}], tokenizer)
+        for u, a in BUILTIN_CONVERSATIONS[:samples]
+    ]
     return [(r["input_ids"], r["assistant_masks"]) for r in rows], "built-in conversations"
 
 
@@ -114,9 +143,8 @@ def _logits(model, rows: list, device: torch.device) -> list[torch.Tensor]:
 
 def _perplexity(logits: list[torch.Tensor], rows: list) -> float:
     """exp(mean NLL) over the assistant tokens, the tokens training put its loss on."""
-    nll, count = 0.0, 0
-    for out, (ids, mask) in zip(logits, rows):
-        target, keep = torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.bool)
-        nll += torch.nn.functional.cross_entropy(out[:-1][keep], target[keep], reduction="sum").item()
-        count += int(keep.sum())
+    from mixtral_ft.model.scoring import assistant_nll
+
+    scored = [assistant_nll(out, ids, mask) for out, (ids, mask) in zip(logits, rows)]
+    nll, count = sum(n for n, _ in scored), sum(c for _, c in scored)
     return float(torch.exp(torch.tensor(nll / max(count, 1))))

@@ -49,18 +49,30 @@ class AuditReport:
 
     def to_json(self) -> str:
         rows = [{**asdict(r), "dtypes": sorted(r.dtypes)} for r in self.rows]
-        return json.dumps({"ok": self.ok, "rows": rows, "failures": self.failures, "notes": self.notes,
-                           "expert_bytes_per_param": round(self.expert_bytes_per_param(), 4)}, indent=2)
+        return json.dumps(
+            {
+                "ok": self.ok,
+                "rows": rows,
+                "failures": self.failures,
+                "notes": self.notes,
+                "expert_bytes_per_param": round(self.expert_bytes_per_param(), 4),
+            },
+            indent=2,
+        )
 
     def table(self) -> str:
         lines = [f"{'group':<11} {'dtype':<14} {'storage':>10} {'params':>14} {'trainable':>12}"]
         for r in self.rows:
             if r.tensors:
-                lines.append(f"{r.group:<11} {'/'.join(sorted(r.dtypes)):<14} {human_bytes(r.storage_bytes):>10} "
-                             f"{r.params:>14,} {r.trainable:>12,}")
+                lines.append(
+                    f"{r.group:<11} {'/'.join(sorted(r.dtypes)):<14} {human_bytes(r.storage_bytes):>10} "
+                    f"{r.params:>14,} {r.trainable:>12,}"
+                )
         total = sum(r.storage_bytes for r in self.rows)
-        lines.append(f"{'total':<11} {'':<14} {human_bytes(total):>10} {sum(r.params for r in self.rows):>14,} "
-                     f"{sum(r.trainable for r in self.rows):>12,}")
+        lines.append(
+            f"{'total':<11} {'':<14} {human_bytes(total):>10} {sum(r.params for r in self.rows):>14,} "
+            f"{sum(r.trainable for r in self.rows):>12,}"
+        )
         experts = self.row("experts")
         if experts.tensors:
             lines.append(f"experts: {self.expert_bytes_per_param():.3f} bytes/param")
@@ -111,8 +123,10 @@ def audit_model(model: nn.Module, *, quantize_experts: bool | None = None) -> Au
     notes = []
     if not quantize_experts:
         dtypes = "/".join(sorted(rows["experts"].dtypes))
-        notes.append(f"experts kept unquantized ({dtypes}) as model.quantize_experts: false asks: "
-                     "~90 GB in bf16 for Mixtral, an H200-class GPU")
+        notes.append(
+            f"experts kept unquantized ({dtypes}) as model.quantize_experts: false asks: "
+            "~90 GB in bf16 for Mixtral, an H200-class GPU"
+        )
     if rows["experts"].tensors == 0:
         failures.append("no expert weights found: is this a Mixtral model?")
     return AuditReport([rows[g] for g in GROUPS], failures[:20], notes)

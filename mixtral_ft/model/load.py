@@ -52,11 +52,14 @@ def check_attn_implementation(name: str | None, device: str | torch.device | Non
     if name == "flash_attention_2":
         device = torch.device(device) if device is not None else default_device()
         if device.type != "cuda":
-            raise UserError("attn_implementation flash_attention_2 needs a CUDA GPU: use sdpa (or eager) on "
-                            f"{device.type}")
+            raise UserError(
+                f"attn_implementation flash_attention_2 needs a CUDA GPU: use sdpa (or eager) on {device.type}"
+            )
         if importlib.util.find_spec("flash_attn") is None:
-            raise UserError("attn_implementation flash_attention_2 needs the flash-attn package "
-                            "(pip install flash-attn --no-build-isolation): install it or use sdpa")
+            raise UserError(
+                "attn_implementation flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn --no-build-isolation): install it or use sdpa"
+            )
     return name
 
 
@@ -104,8 +107,12 @@ def load_model(
 def load_recipe_model(model_section, source: ModelSource | None = None) -> nn.Module:
     """The base model a recipe's `model` section describes: the same for training, audit and eval."""
     m = model_section
-    return load_model(source or model_source(m.name, m.revision), quantize_experts=m.quantize_experts,
-                      compute_dtype=m.compute_dtype, attn_implementation=m.attn_implementation)
+    return load_model(
+        source or model_source(m.name, m.revision),
+        quantize_experts=m.quantize_experts,
+        compute_dtype=m.compute_dtype,
+        attn_implementation=m.attn_implementation,
+    )
 
 
 def adapter_base(adapter: Path) -> tuple[str | None, dict]:
@@ -144,8 +151,12 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
             raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

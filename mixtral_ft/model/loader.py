@@ -62,7 +62,9 @@ def checkpoint_shards(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.exists():
         return [single]
-    raise UserError(f"no safetensors weights in '{path}': expected model.safetensors or an index (.bin is not supported)")
+    raise UserError(
+        f"no safetensors weights in '{path}': expected model.safetensors or an index (.bin is not supported)"
+    )
 
 
 def _stat_owner(key: str) -> tuple[str, str] | None:
@@ -113,8 +115,11 @@ class _ExpertAssembler:
         if layer not in self.pending:
             shape_gu = (module.num_experts, 2 * inter, module.hidden_dim)
             shape_d = (module.num_experts, module.hidden_dim, inter)
-            self.pending[layer] = {"gate_up_proj": torch.empty(shape_gu, dtype=tensor.dtype),
-                                   "down_proj": torch.empty(shape_d, dtype=tensor.dtype), "seen": set()}
+            self.pending[layer] = {
+                "gate_up_proj": torch.empty(shape_gu, dtype=tensor.dtype),
+                "down_proj": torch.empty(shape_d, dtype=tensor.dtype),
+                "seen": set(),
+            }
         slot = self.pending[layer]
         if which == "w2":
             slot["down_proj"][expert].copy_(tensor)
@@ -136,8 +141,10 @@ class _ExpertAssembler:
     def finish(self) -> None:
         if self.pending:
             layer, slot = next(iter(self.pending.items()))
-            raise UserError(f"checkpoint is missing experts of layer {layer} ({len(slot['seen'])} of "
-                            f"{3 * self.model.config.num_local_experts} tensors found): the download is incomplete")
+            raise UserError(
+                f"checkpoint is missing experts of layer {layer} ({len(slot['seen'])} of "
+                f"{3 * self.model.config.num_local_experts} tensors found): the download is incomplete"
+            )
 
 
 def build_skeleton(config, dtype: torch.dtype, quantize_experts: bool) -> nn.Module:
@@ -168,8 +175,10 @@ def finish_model(model: nn.Module, device: torch.device) -> None:
         if isinstance(module, NF4Experts) and (module.gate_up_proj is None or module.down_proj is None):
             missing.append(f"{module_name}.gate_up_proj/down_proj")
     if missing:
-        raise UserError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}): the download is "
-                        "incomplete or the folder is not a Mixtral checkpoint")
+        raise UserError(
+            f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}): the download is "
+            "incomplete or the folder is not a Mixtral checkpoint"
+        )
 
 
 def save_prequantized(model: nn.Module, out_dir: Path, *, source: str, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -200,8 +209,14 @@ def save_prequantized(model: nn.Module, out_dir: Path, *, source: str, max_shard
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     experts_nf4 = any(isinstance(m, NF4Experts) for m in model.modules())
-    manifest = {"format": "mixtral_ft-nf4", "version": 1, "blocksize": 64, "double_quant": True,
-                "quantize_experts": experts_nf4, "source": source}
+    manifest = {
+        "format": "mixtral_ft-nf4",
+        "version": 1,
+        "blocksize": 64,
+        "double_quant": True,
+        "quantize_experts": experts_nf4,
+        "source": source,
+    }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

@@ -43,15 +43,21 @@ def quant_storage_dtype() -> torch.dtype:
     default = "bfloat16" if fsdp_enabled() else "uint8"
     name = os.environ.get("MIXTRAL_FT_QUANT_STORAGE", default)
     if name not in STORAGE_DTYPES:
-        raise UserError(f"MIXTRAL_FT_QUANT_STORAGE={name!r} is not a storage dtype: use one of {', '.join(STORAGE_DTYPES)}")
+        raise UserError(
+            f"MIXTRAL_FT_QUANT_STORAGE={name!r} is not a storage dtype: use one of {', '.join(STORAGE_DTYPES)}"
+        )
     return STORAGE_DTYPES[name]
 
 
 def quantize_nf4(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> bnb.nn.Params4bit:
     """NF4-quantize `tensor` on `device`; dequantizing gives `dtype` back."""
     param = bnb.nn.Params4bit(
-        tensor.to(dtype), requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=True,
-        quant_type="nf4", quant_storage=quant_storage_dtype(),
+        tensor.to(dtype),
+        requires_grad=False,
+        blocksize=BLOCKSIZE,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=quant_storage_dtype(),
     )
     return param.to(device)  # Params4bit quantizes on its first move to a real device
 
@@ -91,8 +97,11 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
     try:
         x = torch.ones(8, 16, device=device_type, dtype=dtype)
-        torch.nn.functional.grouped_mm(x, torch.ones(2, 16, 8, device=device_type, dtype=dtype),
-                                       offs=torch.tensor([4, 8], device=device_type, dtype=torch.int32))
+        torch.nn.functional.grouped_mm(
+            x,
+            torch.ones(2, 16, 8, device=device_type, dtype=dtype),
+            offs=torch.tensor([4, 8], device=device_type, dtype=torch.int32),
+        )
         return True
     except (RuntimeError, NotImplementedError):
         return False
@@ -114,7 +123,7 @@ def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor, g
     start = 0
     for expert, n in enumerate(counts.tolist()):  # one host sync for the whole layer
         if n:
-            torch.mm(x[start:start + n], weight_t[expert], out=out[start:start + n])
+            torch.mm(x[start : start + n], weight_t[expert], out=out[start : start + n])
             start += n
     return out
 
@@ -171,8 +180,10 @@ class NF4Experts(nn.Module):
         return cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, experts.act_fn)
 
     def set_weight(self, name: str, param: bnb.nn.Params4bit) -> None:
-        expected = {"gate_up_proj": (self.num_experts, 2 * self.intermediate_dim, self.hidden_dim),
-                    "down_proj": (self.num_experts, self.hidden_dim, self.intermediate_dim)}[name]
+        expected = {
+            "gate_up_proj": (self.num_experts, 2 * self.intermediate_dim, self.hidden_dim),
+            "down_proj": (self.num_experts, self.hidden_dim, self.intermediate_dim),
+        }[name]
         if tuple(param.quant_state.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(param.quant_state.shape)}, expected {expected}")
         self.register_parameter(name, param)
@@ -226,8 +237,14 @@ def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> bnb.nn.Linear4b
     Its weight keeps our layout on every CPU (no bf16 repacking in eval, see `cpu_bf16.keep_layout`).
     """
     layer = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-        compress_statistics=True, quant_type="nf4", quant_storage=quant_storage_dtype(), device="meta",
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=quant_storage_dtype(),
+        device="meta",
     )
     keep_layout(layer)
     return layer

@@ -7,10 +7,21 @@ def mixtral_config(layers: int):
     """Mixtral-8x7B's shape (mistralai/Mixtral-8x7B-v0.1 config.json), with `layers` decoder layers."""
     from transformers import MixtralConfig
 
-    return MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                         num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=32768,
-                         rope_theta=1e6, sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return MixtralConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_config():

@@ -36,8 +36,10 @@ class ModelSource:
         try:
             return Path(snapshot_download(repo_id=self.name, revision=self.revision, allow_patterns=HUB_FILES))
         except Exception as exc:  # network, auth, missing repo: all the user's to fix
-            raise UserError(f"could not fetch model '{self.name}' from the Hub ({type(exc).__name__}): check the "
-                            "id, your network, and HF_TOKEN / `huggingface-cli login` for gated models") from None
+            raise UserError(
+                f"could not fetch model '{self.name}' from the Hub ({type(exc).__name__}): check the "
+                "id, your network, and HF_TOKEN / `huggingface-cli login` for gated models"
+            ) from None
 
     def config_dict(self) -> dict:
         """config.json alone (no weights); for a Hub id the cache or one request (hub_config.ConfigUnavailable)."""

@@ -43,9 +43,18 @@ class Dims:
         if get("model_type", "mixtral") != "mixtral":
             raise UserError(f"the model is a {get('model_type')} model: mixtral_ft fine-tunes Mixtral only")
         h, heads = get("hidden_size"), get("num_attention_heads")
-        return cls(get("num_hidden_layers"), h, get("intermediate_size"), heads, get("num_key_value_heads"),
-                   get("head_dim") or h // heads, get("num_local_experts"), get("num_experts_per_tok"),
-                   get("vocab_size"), bool(get("tie_word_embeddings", False)))
+        return cls(
+            get("num_hidden_layers"),
+            h,
+            get("intermediate_size"),
+            heads,
+            get("num_key_value_heads"),
+            get("head_dim") or h // heads,
+            get("num_local_experts"),
+            get("num_experts_per_tok"),
+            get("vocab_size"),
+            bool(get("tie_word_embeddings", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -94,16 +103,24 @@ def estimate(d: Dims, run: Run) -> Estimate:
     # --- weights: embeddings and lm_head, norms and router in the compute dtype; attention (and experts) NF4
     experts = (nf4_bytes(E * 2 * F * H) + nf4_bytes(E * H * F)) if run.quantize_experts else 3 * E * F * H * c
     attention = L * sum(map(nf4_bytes, (qw * H, kvw * H, kvw * H, H * qw)))
-    weights = [("embeddings", V * H * c), ("attention (NF4)", attention), ("router", L * E * H * c),
-               ("experts (NF4)" if run.quantize_experts else f"experts ({dtype_name(c)})", L * experts),
-               ("norms", (2 * L + 1) * H * c), ("lm_head", 0 if d.tied else V * H * c)]
+    weights = [
+        ("embeddings", V * H * c),
+        ("attention (NF4)", attention),
+        ("router", L * E * H * c),
+        ("experts (NF4)" if run.quantize_experts else f"experts ({dtype_name(c)})", L * experts),
+        ("norms", (2 * L + 1) * H * c),
+        ("lm_head", 0 if d.tied else V * H * c),
+    ]
     # --- LoRA: peft keeps A and B in fp32 on a 4-bit base; grads fp32; optimizer states per parameter
     shapes = {"q_proj": (H, qw), "k_proj": (H, kvw), "v_proj": (H, kvw), "o_proj": (qw, H)}
     lora = L * run.lora_r * sum(sum(shapes[t]) for t in run.lora_targets if t in shapes)
     autocast = run.loop == "trainer" and c < 4  # the HF Trainer runs bf16/fp16 under torch.autocast
     # Grads counted whole: with accumulation they persist between micro-batches (without, they are 0.2% here).
-    rows = weights + [("LoRA weights (fp32)", 4 * lora), ("LoRA grads (fp32)", 4 * lora),
-                      (f"optimizer states ({run.optim})", optimizer_bytes_per_param(run.optim) * lora)]
+    rows = weights + [
+        ("LoRA weights (fp32)", 4 * lora),
+        ("LoRA grads (fp32)", 4 * lora),
+        (f"optimizer states ({run.optim})", optimizer_bytes_per_param(run.optim) * lora),
+    ]
     if autocast:  # bf16 copies of the LoRA weights, kept for backward: one layer's when checkpointing recomputes
         rows.append(("LoRA bf16 copies (autocast)", c * lora // (L if run.checkpointing else 1)))
     if run.num_gpus > 1:  # DDP all-reduces through flat buckets: a second copy of the gradients
@@ -124,9 +141,15 @@ def estimate(d: Dims, run: Run) -> Estimate:
 
     n_qkv = sum(t in run.lora_targets for t in ATTENTION_TARGETS[:3])
     kv_kept = qw if run.padded else kvw  # with a mask, transformers' sdpa passes repeat_kv copies of k and v
-    attn = (norm1 + lora_inputs(n_qkv, H, False) + lora_inputs(int("o_proj" in run.lora_targets), qw, True)
-            + len(run.lora_targets) * T * run.lora_r * lb  # lora_A's output, kept by lora_B
-            + 2 * T * qw * c + 2 * T * kv_kept * c + B * d.heads * S * 4)  # sdpa: q, k, v, output, logsumexp
+    attn = (
+        norm1
+        + lora_inputs(n_qkv, H, False)
+        + lora_inputs(int("o_proj" in run.lora_targets), qw, True)
+        + len(run.lora_targets) * T * run.lora_r * lb  # lora_A's output, kept by lora_B
+        + 2 * T * qw * c
+        + 2 * T * kv_kept * c
+        + B * d.heads * S * 4
+    )  # sdpa: q, k, v, output, logsumexp
     router = T * E * 4 + T * k * (8 + 4 + 4) + T * 4  # fp32 softmax, top-k indices and weights, their sum
     index = Tk * (3 * 8 + 4)  # sort order, its row index, the inverse permutation; routing weights in order
     gate_up, act, down32 = Tk * 2 * F * c, Tk * F * c, Tk * H * 4  # gate_up out; silu(gate); fp32 down out
@@ -166,8 +189,14 @@ def estimate(d: Dims, run: Run) -> Estimate:
     phases[what] = before_loss + loss
     moment = max(phases, key=phases.get)
     if moment == what:
-        activ = [(f"checkpointed inputs, {L} layers" if run.checkpointing else f"saved activations, {L} layers",
-                  before_loss - norm), ("final norm input (fp32)", norm), ("logits + loss buffers", loss)]
+        activ = [
+            (
+                f"checkpointed inputs, {L} layers" if run.checkpointing else f"saved activations, {L} layers",
+                before_loss - norm,
+            ),
+            ("final norm input (fp32)", norm),
+            ("logits + loss buffers", loss),
+        ]
     else:
         dequant, rest = moe[moment.removeprefix("last layer, ")]
         held = f"checkpointed inputs, {L} layers" if run.checkpointing else f"saved activations, {L - 1} layers"

@@ -23,6 +23,7 @@ RESERVE_GIB = 1.0  # CUDA context and kernels: on the GPU but outside the alloca
 
 # --- from a recipe ---------------------------------------------------------------------------------
 
+
 def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None, list[str]]:
     """The model's shape from its config.json (no weights), the manifest's quantize_experts, and notes."""
     from mixtral_ft.model.hub_config import ConfigUnavailable
@@ -37,22 +38,35 @@ def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None
         return Dims.of(source.config_dict()), None, []
     except ConfigUnavailable as exc:  # offline, gated, missing: fall back only where the shape is known
         if "mixtral-8x7b" not in name.lower():
-            raise UserError(f"could not fetch {name}'s config.json ({exc}): check the id and your "
-                            "network, or set model.name to a local folder with its config.json") from None
+            raise UserError(
+                f"could not fetch {name}'s config.json ({exc}): check the id and your "
+                "network, or set model.name to a local folder with its config.json"
+            ) from None
         from mixtral_ft.model.shapes import mixtral_config
 
-        return Dims.of(mixtral_config(32)), None, [f"{name}'s config.json could not be fetched ({exc}): "
-                                                    "used the built-in Mixtral-8x7B shape"]
+        return (
+            Dims.of(mixtral_config(32)),
+            None,
+            [f"{name}'s config.json could not be fetched ({exc}): used the built-in Mixtral-8x7B shape"],
+        )
 
 
 def run_for(recipe, num_gpus: int = 1, quantize_experts: bool | None = None) -> Run:
     t, lo = recipe.train, recipe.lora
-    return Run(batch=t.per_device_train_batch_size, seq=t.max_length, rows=2 if t.method == "dpo" else 1,
-               dtype_bytes=4 if recipe.model.compute_dtype == "float32" else 2,  # auto: bf16 on a GPU
-               checkpointing=t.gradient_checkpointing,
-               quantize_experts=recipe.model.quantize_experts if quantize_experts is None else quantize_experts,
-               lora_r=lo.r, lora_targets=tuple(lo.target_modules), lora_dropout=lo.dropout, optim=t.optim,
-               padded=not t.packing, num_gpus=num_gpus)
+    return Run(
+        batch=t.per_device_train_batch_size,
+        seq=t.max_length,
+        rows=2 if t.method == "dpo" else 1,
+        dtype_bytes=4 if recipe.model.compute_dtype == "float32" else 2,  # auto: bf16 on a GPU
+        checkpointing=t.gradient_checkpointing,
+        quantize_experts=recipe.model.quantize_experts if quantize_experts is None else quantize_experts,
+        lora_r=lo.r,
+        lora_targets=tuple(lo.target_modules),
+        lora_dropout=lo.dropout,
+        optim=t.optim,
+        padded=not t.packing,
+        num_gpus=num_gpus,
+    )
 
 
 def fsdp_gib(d: Dims, est: Estimate, n: int) -> float:
@@ -64,55 +78,90 @@ def fsdp_gib(d: Dims, est: Estimate, n: int) -> float:
 
 def advise(d: Dims, run: Run, accumulation: int, usable: float) -> list[str]:
     """Concrete overrides, each with its predicted peak: for a run that does not fit, or fits with room."""
-    def gib(r: Run) -> float:
-        return estimate(d, r).peak / GIB
-
-    peak, out, B, S = gib(run), [], run.batch, run.seq
+    peak = _gib(d, run)
     if peak > usable:
-        tries = []
-        if not run.checkpointing:
-            tries.append((["train.gradient_checkpointing=true"], replace(run, checkpointing=True)))
-        if not run.quantize_experts:
-            tries.append((["model.quantize_experts=true"], replace(run, quantize_experts=True)))
-        smaller = [b for b in range(B - 1, 0, -1) if gib(replace(run, batch=b)) <= usable]
-        for b in smaller[:1] or ([1] if B > 1 else []):  # the same global batch: more accumulation steps
-            steps = math.ceil(B * accumulation / b)
-            tries.append(([f"train.per_device_train_batch_size={b}", f"train.gradient_accumulation_steps={steps}"],
-                          replace(run, batch=b)))
-        lengths = [s for s in (S // 2, S // 4, S // 8) if s >= 256]
-        for s in [s for s in lengths if gib(replace(run, seq=s)) <= usable][:1] or lengths[-1:]:
-            tries.append(([f"train.max_length={s}"], replace(run, seq=s)))  # longer rows are truncated
-        if optimizer_bytes_per_param(run.optim) > 2:
-            tries.append((["train.optim=paged_adamw_8bit"], replace(run, optim="paged_adamw_8bit")))
-        for keys, r in tries:
-            if gib(r) < 0.99 * peak:  # a lever that saves under 1% is not advice
-                out.append(f"{' '.join(keys)}: {gib(r):.1f} GiB ({'fits' if gib(r) <= usable else 'does not fit'})")
-        least = replace(run, checkpointing=True, quantize_experts=True, batch=1, seq=min(S, 256), optim="sgd")
-        if gib(least) > usable:  # nothing in the recipe helps: the weights themselves are too big
-            est = estimate(d, replace(run, checkpointing=True, quantize_experts=True))
-            n = next((n for n in range(2, 65) if fsdp_gib(d, est, n) <= usable), None)
-            out.append(f"the weights alone need {est.weights / GIB:.1f} GiB: "
-                       + (f"shard them with FSDP over {n} GPUs (train --num-processes {n} --accelerate-config "
-                          f"accelerate_configs/fsdp_qlora.yaml): about {fsdp_gib(d, est, n):.1f} GiB per GPU, or "
-                          if n else "") + "use a bigger GPU")
-    elif peak < 0.6 * usable:  # lots of room: a bigger micro-batch (fewer accumulation steps) runs faster
-        bigger = [b for b in range(2 * B, 65) if gib(replace(run, batch=b)) <= 0.85 * usable]
-        if bigger:
-            b = bigger[-1]
-            acc = f" train.gradient_accumulation_steps={max(1, B * accumulation // b)}" if accumulation > 1 else ""
-            out.append(f"room to spare: train.per_device_train_batch_size={b}{acc}: "
-                       f"{gib(replace(run, batch=b)):.1f} GiB (fits; faster steps)")
-        if run.checkpointing and gib(replace(run, checkpointing=False)) <= 0.85 * usable:
-            out.append(f"train.gradient_checkpointing=false: {gib(replace(run, checkpointing=False)):.1f} GiB "
-                       "(fits; no recompute: about a quarter faster)")
+        return _to_fit(d, run, accumulation, usable, peak)
+    if peak < 0.6 * usable:  # lots of room: a bigger micro-batch (fewer accumulation steps) runs faster
+        return _with_room(d, run, accumulation, usable)
+    return []
+
+
+def _gib(d: Dims, run: Run) -> float:
+    return estimate(d, run).peak / GIB
+
+
+def _levers(d: Dims, run: Run, accumulation: int, usable: float) -> list[tuple[list[str], Run]]:
+    """(overrides, the run they give) for each lever that lowers memory, most useful first."""
+    B, S = run.batch, run.seq
+    tries = []
+    if not run.checkpointing:
+        tries.append((["train.gradient_checkpointing=true"], replace(run, checkpointing=True)))
+    if not run.quantize_experts:
+        tries.append((["model.quantize_experts=true"], replace(run, quantize_experts=True)))
+    smaller = [b for b in range(B - 1, 0, -1) if _gib(d, replace(run, batch=b)) <= usable]
+    for b in smaller[:1] or ([1] if B > 1 else []):  # the same global batch: more accumulation steps
+        steps = math.ceil(B * accumulation / b)
+        tries.append(
+            (
+                [f"train.per_device_train_batch_size={b}", f"train.gradient_accumulation_steps={steps}"],
+                replace(run, batch=b),
+            )
+        )
+    lengths = [s for s in (S // 2, S // 4, S // 8) if s >= 256]
+    for s in [s for s in lengths if _gib(d, replace(run, seq=s)) <= usable][:1] or lengths[-1:]:
+        tries.append(([f"train.max_length={s}"], replace(run, seq=s)))  # longer rows are truncated
+    if optimizer_bytes_per_param(run.optim) > 2:
+        tries.append((["train.optim=paged_adamw_8bit"], replace(run, optim="paged_adamw_8bit")))
+    return tries
+
+
+def _to_fit(d: Dims, run: Run, accumulation: int, usable: float, peak: float) -> list[str]:
+    out = []
+    for keys, r in _levers(d, run, accumulation, usable):
+        if _gib(d, r) < 0.99 * peak:  # a lever that saves under 1% is not advice
+            out.append(f"{' '.join(keys)}: {_gib(d, r):.1f} GiB ({'fits' if _gib(d, r) <= usable else 'does not fit'})")
+    least = replace(run, checkpointing=True, quantize_experts=True, batch=1, seq=min(run.seq, 256), optim="sgd")
+    if _gib(d, least) > usable:  # nothing in the recipe helps: the weights themselves are too big
+        est = estimate(d, replace(run, checkpointing=True, quantize_experts=True))
+        n = next((n for n in range(2, 65) if fsdp_gib(d, est, n) <= usable), None)
+        out.append(
+            f"the weights alone need {est.weights / GIB:.1f} GiB: "
+            + (
+                f"shard them with FSDP over {n} GPUs (train --num-processes {n} --accelerate-config "
+                f"accelerate_configs/fsdp_qlora.yaml): about {fsdp_gib(d, est, n):.1f} GiB per GPU, or "
+                if n
+                else ""
+            )
+            + "use a bigger GPU"
+        )
+    return out
+
+
+def _with_room(d: Dims, run: Run, accumulation: int, usable: float) -> list[str]:
+    out, B = [], run.batch
+    bigger = [b for b in range(2 * B, 65) if _gib(d, replace(run, batch=b)) <= 0.85 * usable]
+    if bigger:
+        b = bigger[-1]
+        acc = f" train.gradient_accumulation_steps={max(1, B * accumulation // b)}" if accumulation > 1 else ""
+        out.append(
+            f"room to spare: train.per_device_train_batch_size={b}{acc}: "
+            f"{_gib(d, replace(run, batch=b)):.1f} GiB (fits; faster steps)"
+        )
+    if run.checkpointing and _gib(d, replace(run, checkpointing=False)) <= 0.85 * usable:
+        out.append(
+            f"train.gradient_checkpointing=false: {_gib(d, replace(run, checkpointing=False)):.1f} GiB "
+            "(fits; no recompute: about a quarter faster)"
+        )
     return out
 
 
 def plan(recipe, *, gpu_mem: float = 80.0, num_gpus: int = 1) -> dict:
     """Everything `mixtral-ft plan` prints, as a dict (the --json output)."""
     if gpu_mem <= RESERVE_GIB or num_gpus < 1:
-        raise UserError(f"--gpu-mem must be more than the {RESERVE_GIB:g} GiB kept for the CUDA context (GiB per "
-                        f"GPU, e.g. 80) and --num-gpus at least 1; got {gpu_mem:g} and {num_gpus}")
+        raise UserError(
+            f"--gpu-mem must be more than the {RESERVE_GIB:g} GiB kept for the CUDA context (GiB per "
+            f"GPU, e.g. 80) and --num-gpus at least 1; got {gpu_mem:g} and {num_gpus}"
+        )
     d, manifest_experts, notes = load_dims(recipe.model.name, recipe.model.revision)
     run = run_for(recipe, num_gpus, manifest_experts)
     est, usable = estimate(d, run), gpu_mem - RESERVE_GIB
@@ -121,30 +170,49 @@ def plan(recipe, *, gpu_mem: float = 80.0, num_gpus: int = 1) -> dict:
     if run.rows == 2:
         notes.append("DPO: chosen and rejected rows go through together (2 sequences per example)")
     if num_gpus > 1:
-        notes.append(f"DDP (the default launcher) keeps the whole model on each of the {num_gpus} GPUs; FSDP "
-                     f"(--accelerate-config accelerate_configs/fsdp_qlora.yaml) shards the weights: about "
-                     f"{fsdp_gib(d, est, num_gpus):.1f} GiB per GPU")
+        notes.append(
+            f"DDP (the default launcher) keeps the whole model on each of the {num_gpus} GPUs; FSDP "
+            f"(--accelerate-config accelerate_configs/fsdp_qlora.yaml) shards the weights: about "
+            f"{fsdp_gib(d, est, num_gpus):.1f} GiB per GPU"
+        )
     if usable * 0.9 < peak <= usable:
-        notes.append("tight: allocator fragmentation can add a few percent "
-                     "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True helps)")
-    return {"model": recipe.model.name, "gpu_mem_gib": gpu_mem, "num_gpus": num_gpus, "usable_gib": usable,
-            "settings": {k: v for k, v in vars(run).items() if k != "triton"},
-            "components": [{"name": n, "bytes": int(b), "gib": round(b / GIB, 3)} for n, b in est.rows],
-            "peak_bytes": int(est.peak), "peak_gib": round(peak, 2), "weights_gib": round(est.weights / GIB, 2),
-            "peak_at": est.moment, "phases_gib": {k: round(v / GIB, 3) for k, v in est.phases.items()},
-            "fits": peak <= usable, "advice": advise(d, run, recipe.train.gradient_accumulation_steps, usable), "notes": notes}
+        notes.append(
+            "tight: allocator fragmentation can add a few percent "
+            "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True helps)"
+        )
+    return {
+        "model": recipe.model.name,
+        "gpu_mem_gib": gpu_mem,
+        "num_gpus": num_gpus,
+        "usable_gib": usable,
+        "settings": {k: v for k, v in vars(run).items() if k != "triton"},
+        "components": [{"name": n, "bytes": int(b), "gib": round(b / GIB, 3)} for n, b in est.rows],
+        "peak_bytes": int(est.peak),
+        "peak_gib": round(peak, 2),
+        "weights_gib": round(est.weights / GIB, 2),
+        "peak_at": est.moment,
+        "phases_gib": {k: round(v / GIB, 3) for k, v in est.phases.items()},
+        "fits": peak <= usable,
+        "advice": advise(d, run, recipe.train.gradient_accumulation_steps, usable),
+        "notes": notes,
+    }
 
 
 def render(report: dict) -> str:
     s, unit = report["settings"], ("GiB", GIB) if report["peak_bytes"] >= GIB else ("MiB", 2**20)  # tiny: MiB
-    lines = [f"{report['model']}: batch {s['batch']} x {s['seq']} tokens, {dtype_name(s['dtype_bytes'])}, checkpointing "
-             f"{'on' if s['checkpointing'] else 'off'}, experts {'NF4' if s['quantize_experts'] else 'unquantized'}, "
-             f"{report['num_gpus']} GPU(s)", f"{'component':<44} {unit[0]:>7}"]
+    lines = [
+        f"{report['model']}: batch {s['batch']} x {s['seq']} tokens, {dtype_name(s['dtype_bytes'])}, checkpointing "
+        f"{'on' if s['checkpointing'] else 'off'}, experts {'NF4' if s['quantize_experts'] else 'unquantized'}, "
+        f"{report['num_gpus']} GPU(s)",
+        f"{'component':<44} {unit[0]:>7}",
+    ]
     lines += [f"{c['name']:<44} {c['bytes'] / unit[1]:>7.2f}" for c in report["components"]]
     verdict = "fits" if report["fits"] else "does NOT fit"
-    lines += [f"{'peak per GPU':<44} {report['peak_bytes'] / unit[1]:>7.2f}   at: {report['peak_at']}",
-              f"{verdict} in {report['gpu_mem_gib']:g} GiB ({RESERVE_GIB:g} GiB kept for the CUDA context): "
-              f"{report['usable_gib'] - report['peak_bytes'] / GIB:+.1f} GiB to spare"]
+    lines += [
+        f"{'peak per GPU':<44} {report['peak_bytes'] / unit[1]:>7.2f}   at: {report['peak_at']}",
+        f"{verdict} in {report['gpu_mem_gib']:g} GiB ({RESERVE_GIB:g} GiB kept for the CUDA context): "
+        f"{report['usable_gib'] - report['peak_bytes'] / GIB:+.1f} GiB to spare",
+    ]
     lines += [f"note: {n}" for n in report["notes"]] + [f"advice: {a}" for a in report["advice"]]
     return "\n".join(lines)
 
@@ -159,6 +227,7 @@ def run_plan(recipe_path: str, overrides=(), *, gpu_mem: float = 80.0, num_gpus:
 
 # --- against a `mixtral-ft bench` result -----------------------------------------------------------
 
+
 def compare_bench(run: dict) -> dict:
     """Plan's prediction for one run of a GPU `mixtral-ft bench` result file (its plain loop, default levers).
 
@@ -167,8 +236,22 @@ def compare_bench(run: dict) -> dict:
     from mixtral_ft.model.shapes import mixtral_config, tiny_config
 
     d = Dims.of(tiny_config() if run["model"] == "tiny" else mixtral_config(run["layers"]))
-    est = estimate(d, Run(run["batch"], run["seq"], dtype_bytes=4 if run["dtype"] == "float32" else 2,
-                          checkpointing=run["levers"]["checkpointing"], loop="plain", padded=False))
-    return {"predicted_gib": round(est.peak / GIB, 3), "measured_gib": run["peak_gib"],
-            "error": est.peak / GIB / run["peak_gib"] - 1, "weights_predicted_gib": round(est.weights / GIB, 3),
-            "weights_measured_gib": run.get("weights_gib"), "peak_at": est.moment}
+    est = estimate(
+        d,
+        Run(
+            run["batch"],
+            run["seq"],
+            dtype_bytes=4 if run["dtype"] == "float32" else 2,
+            checkpointing=run["levers"]["checkpointing"],
+            loop="plain",
+            padded=False,
+        ),
+    )
+    return {
+        "predicted_gib": round(est.peak / GIB, 3),
+        "measured_gib": run["peak_gib"],
+        "error": est.peak / GIB / run["peak_gib"] - 1,
+        "weights_predicted_gib": round(est.weights / GIB, 3),
+        "weights_measured_gib": run.get("weights_gib"),
+        "peak_at": est.moment,
+    }

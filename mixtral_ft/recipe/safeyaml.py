@@ -46,9 +46,7 @@ class _Loader(yaml.SafeLoader):
                 key = self.construct_object(key_node, deep=True)
                 try:
                     if key in seen:
-                        raise YamlBound(
-                            f"repeats the key '{key}' (line {key_node.start_mark.line + 1}): keep one"
-                        )
+                        raise YamlBound(f"repeats the key '{key}' (line {key_node.start_mark.line + 1}): keep one")
                     seen.add(key)
                 except TypeError:
                     pass  # an unhashable key: the base constructor reports it
@@ -64,9 +62,7 @@ def _expanded_size(node, memo: dict, active: set) -> int:
     if isinstance(node, yaml.SequenceNode):
         size = 1 + sum(_expanded_size(child, memo, active) for child in node.value)
     elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(
-            _expanded_size(k, memo, active) + _expanded_size(v, memo, active) for k, v in node.value
-        )
+        size = 1 + sum(_expanded_size(k, memo, active) + _expanded_size(v, memo, active) for k, v in node.value)
     else:
         size = 1
     active.discard(id(node))

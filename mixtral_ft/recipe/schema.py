@@ -7,6 +7,7 @@ type hints (unknown keys with a suggestion, wrong types, missing required values
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -22,13 +23,27 @@ import yaml
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import safeyaml
 
-SECRET_KEYS = {"token", "hf_token", "hub_token", "access_token", "auth_token", "api_key", "apikey",
-               "wandb_api_key", "password", "passwd", "secret", "secret_key"}
+SECRET_KEYS = {
+    "token",
+    "hf_token",
+    "hub_token",
+    "access_token",
+    "auth_token",
+    "api_key",
+    "apikey",
+    "wandb_api_key",
+    "password",
+    "passwd",
+    "secret",
+    "secret_key",
+}
 
 WANDB = "a wandb API key"
-TOKEN_PATTERNS = ((re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"), "a Hugging Face token (hf_...)"),
-                  (re.compile(r"(?<![A-Za-z0-9])(?:sk|sk-proj|sk-ant)-[A-Za-z0-9_-]{20,}"), "an API key (sk-...)"),
-                  (re.compile(r"^(?:local-)?[0-9a-f]{40}$"), WANDB))
+TOKEN_PATTERNS = (
+    (re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"), "a Hugging Face token (hf_...)"),
+    (re.compile(r"(?<![A-Za-z0-9])(?:sk|sk-proj|sk-ant)-[A-Za-z0-9_-]{20,}"), "an API key (sk-...)"),
+    (re.compile(r"^(?:local-)?[0-9a-f]{40}$"), WANDB),
+)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -94,54 +109,75 @@ def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, dotted: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, dotted + ".")
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if bool in inner and isinstance(value, bool):  # train.resume: true/false or a string
-            return value
-        return _coerce(inner[0], value, dotted)
-    if origin is tuple and dataclasses.is_dataclass(args[0]):  # data.mixture: a list of mappings
-        if not isinstance(value, list):
-            raise UserError(f"'{dotted}' must be a list of mappings, got {_kind(value)}: "
-                            "e.g. [{path: builtin:oasst_top1, weight: 1}]")
-        return tuple(build_dataclass(args[0], item, f"{dotted}[{i}].") for i, item in enumerate(value))
+        return _coerce_optional(args, value, dotted)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"'{dotted}' must be a list of strings, got {_kind(value)}: e.g. [q_proj, v_proj]")
-        return tuple(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"'{dotted}' must be true or false, got {_kind(value)}")
+        return _coerce_list(args[0], value, dotted)
+    scalar = SCALARS.get(hint)
+    if scalar is None:
+        raise TypeError(f"unsupported recipe type {hint} for {dotted}")
+    return scalar(value, dotted)
+
+
+def _coerce_optional(args: tuple, value: Any, dotted: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    if bool in inner and isinstance(value, bool):  # train.resume: true/false or a string
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"'{dotted}' must be an integer, got {_kind(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string; accept it as a number
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"'{dotted}' must be a number, got {_kind(value)}")
-        try:
+    return _coerce(inner[0], value, dotted)
+
+
+def _coerce_list(item: Any, value: Any, dotted: str) -> tuple:
+    if dataclasses.is_dataclass(item):  # data.mixture: a list of mappings
+        if not isinstance(value, list):
+            raise UserError(
+                f"'{dotted}' must be a list of mappings, got {_kind(value)}: "
+                "e.g. [{path: builtin:oasst_top1, weight: 1}]"
+            )
+        return tuple(build_dataclass(item, v, f"{dotted}[{i}].") for i, v in enumerate(value))
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"'{dotted}' must be a list of strings, got {_kind(value)}: e.g. [q_proj, v_proj]")
+    return tuple(value)
+
+
+def _bool(value: Any, dotted: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"'{dotted}' must be true or false, got {_kind(value)}")
+    return value
+
+
+def _int(value: Any, dotted: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"'{dotted}' must be an integer, got {_kind(value)}")
+    return value
+
+
+def _float(value: Any, dotted: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string; accept it as a number
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except OverflowError:  # an integer beyond float's range
-            value = float("inf")
-        if not math.isfinite(value):  # .inf / .nan pass YAML and fail deep inside torch or the scheduler
-            raise UserError(f"'{dotted}' must be a finite number, got {value}")
-        return value
-    if hint is str:
-        if not isinstance(value, str) or not value.strip():
-            raise UserError(f"'{dotted}' must be a non-empty string, got {_kind(value)}")
-        return value
-    raise TypeError(f"unsupported recipe type {hint} for {dotted}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"'{dotted}' must be a number, got {_kind(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float's range
+        value = float("inf")
+    if not math.isfinite(value):  # .inf / .nan pass YAML and fail deep inside torch or the scheduler
+        raise UserError(f"'{dotted}' must be a finite number, got {value}")
+    return value
+
+
+def _str(value: Any, dotted: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"'{dotted}' must be a non-empty string, got {_kind(value)}")
+    return value
+
+
+SCALARS = {bool: _bool, int: _int, float: _float, str: _str}
 
 
 def _kind(value: Any) -> str:
@@ -154,9 +190,17 @@ def _kind(value: Any) -> str:
 
 def _suggest(key: str, fields: dict, prefix: str) -> str:
     close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-    aliases = {"rank": "r", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
-               "lora_alpha": "alpha", "lora_dropout": "dropout", "steps": "max_steps",
-               "max_seq_length": "max_length", "output": "output_dir", "dataset": "path"}
+    aliases = {
+        "rank": "r",
+        "lr": "learning_rate",
+        "batch_size": "per_device_train_batch_size",
+        "lora_alpha": "alpha",
+        "lora_dropout": "dropout",
+        "steps": "max_steps",
+        "max_seq_length": "max_length",
+        "output": "output_dir",
+        "dataset": "path",
+    }
     guess = aliases.get(key) if aliases.get(key) in fields else (close[0] if close else None)
     if guess:
         return f" (did you mean '{prefix}{guess}'?)"
@@ -173,8 +217,10 @@ def reject_secrets(raw: Any, prefix: str) -> None:
     if isinstance(raw, str):
         what = token_kind(raw, prefix.rstrip("."))
         if what:
-            raise UserError(f"'{prefix.rstrip('.')}' holds what looks like {what}: recipes are saved with every "
-                            "run, so never put tokens in them; set HF_TOKEN / WANDB_API_KEY in the environment")
+            raise UserError(
+                f"'{prefix.rstrip('.')}' holds what looks like {what}: recipes are saved with every "
+                "run, so never put tokens in them; set HF_TOKEN / WANDB_API_KEY in the environment"
+            )
         return
     if not isinstance(raw, dict):
         return
@@ -198,9 +244,9 @@ def token_kind(value: str, dotted: str = "") -> str | None:
 
 def _secret_error(dotted: str) -> None:
     raise UserError(
-            f"'{dotted}' looks like a secret: recipes are saved with every run, so never put tokens in them; "
-            "set HF_TOKEN / WANDB_API_KEY in the environment or run `huggingface-cli login`"
-        )
+        f"'{dotted}' looks like a secret: recipes are saved with every run, so never put tokens in them; "
+        "set HF_TOKEN / WANDB_API_KEY in the environment or run `huggingface-cli login`"
+    )
 
 
 def plain(value: Any) -> Any:

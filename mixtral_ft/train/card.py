@@ -69,35 +69,93 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
     meta["tags"] = ["mixtral", "qlora", "mixtral-ft", str(method)] + (["lora"] if kind == "adapter" else ["merged"])
     name = title or folder.resolve().name  # the repo id when pushing
     what = "a LoRA adapter" if kind == "adapter" else "a merged model (LoRA folded into the base weights)"
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             f"QLoRA fine-tune of `{base or 'Mixtral'}` trained with mixtral-ft: {what}.", "", "## Usage", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"QLoRA fine-tune of `{base or 'Mixtral'}` trained with mixtral-ft: {what}.",
+        "",
+        "## Usage",
+        "",
+    ]
     if kind == "adapter":
         # On the NF4 base it was trained against (adapter_config's base path is the training machine's).
-        lines += ["```python", "from peft import PeftModel", "from mixtral_ft import load_model", "",
-                  f'model = PeftModel.from_pretrained(load_model("{base or "BASE_MODEL"}"), "{name}")', "```", "",
-                  "`mixtral-ft merge ADAPTER --out DIR` merges it into the NF4-dequantized weights it was trained "
-                  "against; a plain `merge_and_unload()` onto the bf16 base gives a different model.", ""]
+        lines += [
+            "```python",
+            "from peft import PeftModel",
+            "from mixtral_ft import load_model",
+            "",
+            f'model = PeftModel.from_pretrained(load_model("{base or "BASE_MODEL"}"), "{name}")',
+            "```",
+            "",
+            "`mixtral-ft merge ADAPTER --out DIR` merges it into the NF4-dequantized weights it was trained "
+            "against; a plain `merge_and_unload()` onto the bf16 base gives a different model.",
+            "",
+        ]
     else:
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+            "```",
+            "",
+        ]
     if merge:
-        how = ("the NF4-dequantized base weights the adapter was trained against, so the merged model "
-               "computes what adapter-on-NF4-base computed in training" if merge.get("base_weights") == "dequantized"
-               else "the original base weights (not the NF4 weights the adapter was trained against)")
+        how = (
+            "the NF4-dequantized base weights the adapter was trained against, so the merged model "
+            "computes what adapter-on-NF4-base computed in training"
+            if merge.get("base_weights") == "dequantized"
+            else "the original base weights (not the NF4 weights the adapter was trained against)"
+        )
         lines += ["## Merge", "", f"Merged into {how}; written as {merge.get('dtype')}.", ""]
     if verify:
-        lines += ["## Verification", "", f"{verify.get('samples')} samples ({verify.get('source')}), "
-                  f"{verify.get('tokens')} tokens, {verify.get('compute_dtype')}:", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {verify[k]:.6g} |" for k in ("max_abs_logit_diff", "mean_abs_logit_diff", "mean_abs_logit",
-                  "tolerance", "perplexity_adapter_on_base", "perplexity_merged") if isinstance(verify.get(k), (int, float))]
+        lines += [
+            "## Verification",
+            "",
+            f"{verify.get('samples')} samples ({verify.get('source')}), "
+            f"{verify.get('tokens')} tokens, {verify.get('compute_dtype')}:",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {k} | {verify[k]:.6g} |"
+            for k in (
+                "max_abs_logit_diff",
+                "mean_abs_logit_diff",
+                "mean_abs_logit",
+                "tolerance",
+                "perplexity_adapter_on_base",
+                "perplexity_merged",
+            )
+            if isinstance(verify.get(k), (int, float))
+        ]
         if verify.get("verdict"):
-            lines += ["", f"Verdict: **{verify['verdict']}** (mean |Δlogit| against the tolerance for "
-                          f"{verify.get('weights_dtype')} weights)."]
+            lines += [
+                "",
+                f"Verdict: **{verify['verdict']}** (mean |Δlogit| against the tolerance for "
+                f"{verify.get('weights_dtype')} weights).",
+            ]
         lines += [""]
     if run:
-        keys = ("method", "steps", "world_size", "device", "compute_dtype", "train_loss", "final_loss", "tokens",
-                "tokens_per_s", "train_runtime_s", "peak_memory_gib")
+        keys = (
+            "method",
+            "steps",
+            "world_size",
+            "device",
+            "compute_dtype",
+            "train_loss",
+            "final_loss",
+            "tokens",
+            "tokens_per_s",
+            "train_runtime_s",
+            "peak_memory_gib",
+        )
         lines += ["## Training run", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {run[k]} |" for k in keys if run.get(k) is not None]
         versions = run.get("versions") or {}
@@ -115,16 +173,21 @@ def _run_sections(folder: Path, run: dict | None) -> list[str]:
     lines = []
     evals = (run or {}).get("eval_losses") or []
     if evals:
-        lines += [f"Eval loss at step {evals[-1]['step']}: {evals[-1]['eval_loss']:.4g} "
-                  f"({len(evals)} evaluations).", ""]
+        lines += [
+            f"Eval loss at step {evals[-1]['step']}: {evals[-1]['eval_loss']:.4g} ({len(evals)} evaluations).",
+            "",
+        ]
     data = _read(folder, "data_report.json", json.loads)
     if data:
         lines += ["## Data", ""] + [f"- {row['line'].removeprefix('data: ')}" for row in data] + [""]
     audit = _read(folder, "audit.json", json.loads)
     if audit:
         lines += ["## Audit", "", "| group | dtype | params | trainable |", "|---|---|---|---|"]
-        lines += [f"| {r['group']} | {'/'.join(r['dtypes'])} | {r['params']:,} | {r['trainable']:,} |"
-                  for r in audit.get("rows", []) if r.get("tensors")]
+        lines += [
+            f"| {r['group']} | {'/'.join(r['dtypes'])} | {r['params']:,} | {r['trainable']:,} |"
+            for r in audit.get("rows", [])
+            if r.get("tensors")
+        ]
         lines += ["", "audit: ok" if audit.get("ok") else f"audit FAILED: {'; '.join(audit.get('failures', []))}", ""]
     plots = [name for name in ("loss_curve.png", "router_heatmap.png") if (folder / name).is_file()]
     if plots:

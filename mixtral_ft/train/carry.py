@@ -1,4 +1,4 @@
-"""What a resume needs beyond the Trainer's checkpoint, so an interrupted run logs and reports like an uninterrupted one.
+"""What a resume needs beyond the Trainer's checkpoint, so an interrupted run logs and reports as an unbroken one.
 
 The Trainer restores the weights, optimizer, scheduler, RNG and step, but starts its loss bookkeeping afresh: the
 loss summed since the last log (the logging window that spans the resume point), the run's loss total (hence
@@ -90,9 +90,7 @@ def restore(trainer, saved: dict) -> None:
     trainer._tr_loss.fill_(window[rank] if len(window) == world else sum(window) / len(window))
     trainer._total_loss_scalar = saved["total_loss"]
     trainer._globalstep_last_logged = saved["window_start"]
-    trainer._initial_global_step = (
-        0  # HF's train_loss divides by the steps of this call; the total spans the run
-    )
+    trainer._initial_global_step = 0  # HF's train_loss divides by the steps of this call; the total spans the run
     if saved.get("tokens") is not None and hasattr(trainer, "_total_train_tokens"):
         trainer._total_train_tokens = saved["tokens"]
     if hasattr(trainer, "_metrics"):
@@ -145,9 +143,7 @@ def train_or_finish(trainer, resume_from: Path | None):
     trainer.log(dict(metrics))  # the closing entry train() writes (with TRL's final token count)
     from transformers import ProgressCallback
 
-    for (
-        callback
-    ) in trainer.callback_handler.callbacks:  # plots and reporters close as after train(); no bar opened
+    for callback in trainer.callback_handler.callbacks:  # plots and reporters close as after train(); no bar opened
         if not isinstance(callback, ProgressCallback):
             callback.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
     return TrainOutput(steps, total / steps, metrics)

@@ -45,9 +45,7 @@ def manifest_problem(folder: Path) -> str | None:
     if not manifest.is_file():
         return f"no {MANIFEST} (the save was cut short)"
     try:
-        entries = [
-            line.rstrip("\n").split("  ", 1) for line in manifest.read_text(encoding="utf-8").splitlines()
-        ]
+        entries = [line.rstrip("\n").split("  ", 1) for line in manifest.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError):
         return f"{MANIFEST} is unreadable"
     if not entries or any(len(e) != 2 or len(e[0]) != 64 for e in entries):

@@ -24,8 +24,12 @@ from mixtral_ft.data.prefs import PAIR_COLUMNS
 
 TRL_CHECKED = "1.16"  # the TRL minor this override was read against
 REF_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
-REWARD_KEYS = {"accuracy": "rewards/accuracies", "margin": "rewards/margins",
-               "chosen": "rewards/chosen", "rejected": "rewards/rejected"}
+REWARD_KEYS = {
+    "accuracy": "rewards/accuracies",
+    "margin": "rewards/margins",
+    "chosen": "rewards/chosen",
+    "rejected": "rewards/rejected",
+}
 
 
 class TokenizedDPOTrainer(DPOTrainer):
@@ -63,6 +67,8 @@ def dpo_summary(history: list[dict]) -> dict:
     summary["rewards"] = rewards
     evals = [h for h in history if f"eval_{REWARD_KEYS['margin']}" in h]
     if evals:
-        summary["eval_rewards"] = {"step": evals[-1]["step"],
-                                   **{k: evals[-1][f"eval_{key}"] for k, key in REWARD_KEYS.items()}}
+        summary["eval_rewards"] = {
+            "step": evals[-1]["step"],
+            **{k: evals[-1][f"eval_{key}"] for k, key in REWARD_KEYS.items()},
+        }
     return summary

@@ -88,8 +88,10 @@ class PreemptionGuard(TrainerCallback):
             # the resumed run logs the same windows as an uninterrupted one.
             control.should_evaluate = False  # the grace period is for saving
             if state.is_world_process_zero:
-                print(f"received {signal.Signals(signum).name}: saving checkpoint-{state.global_step} and stopping",
-                      flush=True)
+                print(
+                    f"received {signal.Signals(signum).name}: saving checkpoint-{state.global_step} and stopping",
+                    flush=True,
+                )
         return control
 
 
@@ -122,10 +124,12 @@ def _diverged(args, step: int, what: str, value: float) -> None:
 
     last, _ = newest_complete(Path(args.output_dir))
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-    raise TrainingError(f"training diverged at step {step}: {what} is {value}; {kept}. Lower train.learning_rate "
-                        f"(now {args.learning_rate:g}) or train.max_grad_norm, or check the data, then start again "
-                        "(train.resume=false train.overwrite=true) or go on from a checkpoint's weights in a new "
-                        "output_dir (model.adapter=CHECKPOINT)")
+    raise TrainingError(
+        f"training diverged at step {step}: {what} is {value}; {kept}. Lower train.learning_rate "
+        f"(now {args.learning_rate:g}) or train.max_grad_norm, or check the data, then start again "
+        "(train.resume=false train.overwrite=true) or go on from a checkpoint's weights in a new "
+        "output_dir (model.adapter=CHECKPOINT)"
+    )
 
 
 class CheckpointRecipe(TrainerCallback):
@@ -172,8 +176,11 @@ def run_trainer(trainer, resume_from: Path | None, finish) -> tuple:
         if _distributed():
             torch.distributed.barrier()  # no rank exits (and gets the others killed) before all have saved
         folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
-        raise Preempted(f"{signal.Signals(signum).name} received: saved {folder} at step {step}; run the same "
-                        "command again to resume (train.resume: auto)", signum)
+        raise Preempted(
+            f"{signal.Signals(signum).name} received: saved {folder} at step {step}; run the same "
+            "command again to resume (train.resume: auto)",
+            signum,
+        )
     return value, late
 
 

@@ -72,9 +72,7 @@ def unlock(out: Path) -> None:
     if fd is None:
         return
     try:
-        (Path(out) / LOCK).unlink(
-            missing_ok=True
-        )  # while still locked, so no one locks a file about to vanish
+        (Path(out) / LOCK).unlink(missing_ok=True)  # while still locked, so no one locks a file about to vanish
     finally:
         os.close(fd)
 
@@ -98,9 +96,7 @@ def claimed(output_dir: str | Path) -> Iterator[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(
-            f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder"
-        ) from None
+        raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
     try:
         if _rank_zero():
             lock(out)
@@ -148,6 +144,4 @@ def replace_deferred(out: Path) -> None:
         ) from None
     checkpoints = sum(p.name.startswith("checkpoint-") for p in paths)
     if checkpoints:
-        print(
-            f"train.overwrite: removed {checkpoints} checkpoint(s) of the previous run in {out}", flush=True
-        )
+        print(f"train.overwrite: removed {checkpoints} checkpoint(s) of the previous run in {out}", flush=True)

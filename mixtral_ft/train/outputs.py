@@ -75,9 +75,7 @@ def written_files(out: Path) -> dict[str, list[str]]:
         if names:
             groups[group] = names
     others = sorted(
-        p.name + ("/" if p.is_dir() else "")
-        for p in out.iterdir()
-        if p.name not in seen and not p.name.startswith(".")
+        p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in seen and not p.name.startswith(".")
     )
     if others:
         groups["other"] = others

@@ -51,16 +51,25 @@ def plot_router_heatmap(stats_path: Path, path: Path) -> Path | None:
     loads = [torch.tensor(first["expert_fraction"]), torch.tensor(last["expert_fraction"])]
     layers, experts = loads[0].shape
     plt = _pyplot()
-    panels = [(loads[0], f"expert load, step {first['step']}"), (loads[1], f"expert load, step {last['step']}"),
-              (loads[1] - loads[0], "change")][: 1 if len(records) == 1 else 3]
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 2.6 * len(panels), 1.4 + 0.22 * max(layers, 4)),
-                             dpi=100, squeeze=False)
+    panels = [
+        (loads[0], f"expert load, step {first['step']}"),
+        (loads[1], f"expert load, step {last['step']}"),
+        (loads[1] - loads[0], "change"),
+    ][: 1 if len(records) == 1 else 3]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(1.2 + 2.6 * len(panels), 1.4 + 0.22 * max(layers, 4)), dpi=100, squeeze=False
+    )
     top = float(max(x.max() for x in loads))
     for ax, (data, title) in zip(axes[0], panels):
         change = title == "change"
         span = float(data.abs().max()) or 1e-3
-        image = ax.imshow(data, aspect="auto", cmap="RdBu_r" if change else "viridis",
-                          vmin=-span if change else 0.0, vmax=span if change else top)
+        image = ax.imshow(
+            data,
+            aspect="auto",
+            cmap="RdBu_r" if change else "viridis",
+            vmin=-span if change else 0.0,
+            vmax=span if change else top,
+        )
         ax.set(title=title, xlabel="expert", ylabel="layer", xticks=range(experts))
         if layers * experts <= 64:  # small grids: print the numbers too
             for (i, j), v in zip(((i, j) for i in range(layers) for j in range(experts)), data.flatten().tolist()):

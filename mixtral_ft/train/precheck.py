@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtral_ft.data.sources import BUILTIN, LOCAL_LOADERS, check_json_text
+from mixtral_ft.data.files import BUILTIN, LOCAL_LOADERS, check_json_text
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe
 
@@ -51,8 +51,6 @@ def _check_source(path: str, split: str) -> None:
         if LOCAL_LOADERS[suffix] == "json":
             check_json_text(local, path, max_bytes=FIRST_PASS_BYTES)
     elif local.is_file():
-        raise UserError(
-            f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet"
-        )
+        raise UserError(f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet")
     elif not local.is_dir() and path.startswith((".", "/", "~")):
         raise UserError(f"data: '{path}' not found; fix data.path")

@@ -36,8 +36,17 @@ ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt")
 # Keys that may differ between a checkpoint's recipe and the resuming one: where things go and how often they
 # are logged or saved. Every other key shapes the training trajectory, so changing it breaks an exact resume.
-FREE_KEYS = {"train.output_dir", "train.resume", "train.overwrite", "train.save_steps", "train.logging_steps",
-             "train.eval_steps", "hub.push", "hub.repo_id", "hub.private"}
+FREE_KEYS = {
+    "train.output_dir",
+    "train.resume",
+    "train.overwrite",
+    "train.save_steps",
+    "train.logging_steps",
+    "train.eval_steps",
+    "hub.push",
+    "hub.repo_id",
+    "hub.private",
+}
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -127,20 +136,28 @@ def check_existing_run(recipe: Recipe, out: Path) -> None:
     path_resume = isinstance(t.resume, str) and t.resume != "auto"
     if finished:
         if not t.overwrite:
-            raise UserError(f"train.output_dir '{out}' already holds a run: choose a new folder, "
-                            "or set train.overwrite=true to replace it")
+            raise UserError(
+                f"train.output_dir '{out}' already holds a run: choose a new folder, "
+                "or set train.overwrite=true to replace it"
+            )
         if t.resume is True:
-            raise UserError(f"train.output_dir '{out}' holds a finished run, so there is nothing to resume: "
-                            "set train.resume=auto (or false) with train.overwrite=true to replace it")
+            raise UserError(
+                f"train.output_dir '{out}' holds a finished run, so there is nothing to resume: "
+                "set train.resume=auto (or false) with train.overwrite=true to replace it"
+            )
         _clear(out, [] if path_resume else checkpoints)
     elif checkpoints and t.resume is False:
         if not t.overwrite:
-            raise UserError(f"train.output_dir '{out}' holds checkpoints of an unfinished run: set "
-                            "train.resume=auto to continue it, or train.overwrite=true to start over")
+            raise UserError(
+                f"train.output_dir '{out}' holds checkpoints of an unfinished run: set "
+                "train.resume=auto to continue it, or train.overwrite=true to start over"
+            )
         _clear(out, checkpoints)
     elif not checkpoints and (out / "adapter_model.safetensors").exists() and not t.overwrite:
-        raise UserError(f"train.output_dir '{out}' already holds a run: choose a new folder, "
-                        "or set train.overwrite=true to replace it")
+        raise UserError(
+            f"train.output_dir '{out}' already holds a run: choose a new folder, "
+            "or set train.overwrite=true to replace it"
+        )
 
 
 def _clear(out: Path, checkpoints: list[Path]) -> None:
@@ -165,8 +182,10 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
         folder = Path(resume).expanduser()
         problem = checkpoint_problem(folder)
         if problem:
-            raise UserError(f"train.resume '{resume}' is not a complete checkpoint ({problem}): pass a "
-                            "checkpoint-N folder written by a run, or train.resume=auto")
+            raise UserError(
+                f"train.resume '{resume}' is not a complete checkpoint ({problem}): pass a "
+                "checkpoint-N folder written by a run, or train.resume=auto"
+            )
     else:
         from mixtral_ft.train.outdir import deferred
 
@@ -176,8 +195,10 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
             _say(f"resume: skipping incomplete {bad}: {why}")
         if folder is None:
             if resume is True:
-                raise UserError(f"train.resume=true but train.output_dir '{out}' holds no complete checkpoint: "
-                                "set train.resume=auto to start fresh, or pass a checkpoint folder")
+                raise UserError(
+                    f"train.resume=true but train.output_dir '{out}' holds no complete checkpoint: "
+                    "set train.resume=auto to start fresh, or pass a checkpoint folder"
+                )
             return None
     check_same_recipe(folder, recipe)
     step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
@@ -195,11 +216,16 @@ def check_same_recipe(folder: Path, recipe: Recipe) -> None:
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
         return
     now = _flat(recipe.to_dict())
-    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-               if k not in FREE_KEYS and before.get(k) != now.get(k)]
+    changed = [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(before) | set(now))
+        if k not in FREE_KEYS and before.get(k) != now.get(k)
+    ]
     if changed:
-        raise UserError(f"checkpoint '{folder}' was written by a different recipe ({'; '.join(changed[:3])}): "
-                        "restore those values to resume it, or use a new train.output_dir")
+        raise UserError(
+            f"checkpoint '{folder}' was written by a different recipe ({'; '.join(changed[:3])}): "
+            "restore those values to resume it, or use a new train.output_dir"
+        )
 
 
 def _flat(tree, prefix: str = "") -> dict:

@@ -49,9 +49,16 @@ def library_versions() -> dict[str, str]:
 
     from mixtral_ft import __version__
 
-    mods = {"mixtral_ft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "trl": trl.__version__,
-            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+    mods = {
+        "mixtral_ft": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "trl": trl.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }
     mods["python"] = platform.python_version()
     return mods
 
@@ -102,8 +109,9 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.train.callbacks import make_callbacks
     from mixtral_ft.train.guards import Preempted, run_trainer
     from mixtral_ft.train.outdir import replace_deferred
+    from mixtral_ft.train.reporting import configure_reporting
     from mixtral_ft.train.resume import find_resume_checkpoint
-    from mixtral_ft.train.telemetry import attach, configure_reporting
+    from mixtral_ft.train.telemetry import attach
     from mixtral_ft.train.trainers import METHODS, build_trainer
 
     started = time.time()
@@ -121,10 +129,17 @@ def train(recipe: Recipe) -> dict:
     model, audit = trainable_model(recipe, source)
 
     dtype = model.get_base_model().dtype
-    if recipe.train.packing and torch.cuda.is_available() and recipe.model.attn_implementation != "flash_attention_2" \
-            and is_main_process():  # correct either way (position_ids); only the speed differs
-        print("note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
-              "flash_attention_2 keeps the flash kernel", flush=True)
+    if (
+        recipe.train.packing
+        and torch.cuda.is_available()
+        and recipe.model.attn_implementation != "flash_attention_2"
+        and is_main_process()
+    ):  # correct either way (position_ids); only the speed differs
+        print(
+            "note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
+            "flash_attention_2 keeps the flash kernel",
+            flush=True,
+        )
     replace_deferred(out)  # train.overwrite: the previous run goes only now that nothing can fail with exit 2
     callbacks = make_callbacks(recipe, out)
     configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
@@ -152,8 +167,10 @@ def train(recipe: Recipe) -> dict:
     summary, late_signal = run_trainer(trainer, resume_from, finish)
     if late_signal:  # the run is complete; only the push (minutes, maybe) is skipped
         push = f"; hub push skipped: mixtral-ft push {out}" if recipe.hub.push else ""
-        raise Preempted(f"{signal.Signals(late_signal).name} received as the run ended: it finished and is saved "
-                        f"in {out}{push}", late_signal)
+        raise Preempted(
+            f"{signal.Signals(late_signal).name} received as the run ended: it finished and is saved in {out}{push}",
+            late_signal,
+        )
     return summary
 
 

@@ -13,13 +13,10 @@ wandb and tensorboard. `Throughput` adds tokens/s to the log and the progress ba
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from functools import partial
 from pathlib import Path
 from time import perf_counter
-from urllib.parse import urlparse
 
 import torch
 from transformers import ProgressCallback, TrainerCallback
@@ -28,6 +25,7 @@ ROUTER_NAME = re.compile(r"^(?:(?P<backbone>.*)\.)?layers\.(?P<layer>\d+)\.(?:ml
 
 
 # --- statistics ----------------------------------------------------------------------------------
+
 
 def routing_sums(logits: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's sums over real tokens: [top-k counts (E), router probs (E), entropy, tokens].
@@ -50,8 +48,11 @@ def layer_stats(sums: torch.Tensor) -> dict[str, float | list[float]]:
     counts, probs, entropy, tokens = sums[:num_experts], sums[num_experts:-2], sums[-2], sums[-1].clamp(min=1)
     # transformers' load_balancing_loss_func for one layer: E * sum(top-k share per token * mean router prob).
     lb_loss = num_experts * torch.sum((counts / tokens) * (probs / tokens))
-    return {"fraction": (counts / counts.sum().clamp(min=1)).tolist(), "entropy": float(entropy / tokens),
-            "lb_loss": float(lb_loss)}
+    return {
+        "fraction": (counts / counts.sum().clamp(min=1)).tolist(),
+        "entropy": float(entropy / tokens),
+        "lb_loss": float(lb_loss),
+    }
 
 
 def find_routers(model: torch.nn.Module) -> tuple[torch.nn.Module | None, dict[int, torch.nn.Module]]:
@@ -66,6 +67,7 @@ def find_routers(model: torch.nn.Module) -> tuple[torch.nn.Module | None, dict[i
 
 
 # --- callbacks -----------------------------------------------------------------------------------
+
 
 class RouterTelemetry(TrainerCallback):
     """Per-layer expert load, entropy and load-balancing loss of training forwards, every `every` steps."""
@@ -91,8 +93,9 @@ class RouterTelemetry(TrainerCallback):
         # The backbone is called once per model forward with keyword arguments (both transformers' and TRL's
         # forwards), and is never checkpointed itself, so its pre-hook marks where a forward begins.
         self.handles = [backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
-        self.handles += [router.register_forward_hook(partial(self._on_router, layer))
-                         for layer, router in self.routers.items()]
+        self.handles += [
+            router.register_forward_hook(partial(self._on_router, layer)) for layer, router in self.routers.items()
+        ]
         if state.is_world_process_zero:
             # A resumed run keeps the records up to its checkpoint (later ones are redone) and their baseline.
             old = self.path.read_text().splitlines() if state.global_step and self.path.is_file() else []
@@ -150,22 +153,30 @@ class RouterTelemetry(TrainerCallback):
         if state.is_world_process_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.pending = {"router/max_expert_load": max(max(f) for f in record["expert_fraction"]),
-                        "router/mean_entropy": sum(record["entropy"]) / len(record["entropy"]),
-                        "router/lb_loss": sum(record["lb_loss"]) / len(record["lb_loss"]),
-                        "router/load_shift": max(record["load_shift"])}
+        self.pending = {
+            "router/max_expert_load": max(max(f) for f in record["expert_fraction"]),
+            "router/mean_entropy": sum(record["entropy"]) / len(record["entropy"]),
+            "router/lb_loss": sum(record["lb_loss"]) / len(record["lb_loss"]),
+            "router/load_shift": max(record["load_shift"]),
+        }
         control.should_log = True  # log now, so the scalars land on this step in wandb and tensorboard
 
     def _record(self, step: int, stats: list[dict], tokens: int) -> dict:
-        record = {"step": step, "tokens": tokens, "layers": list(self.routers),
-                  "expert_fraction": [[round(x, 6) for x in s["fraction"]] for s in stats],
-                  "entropy": [round(s["entropy"], 6) for s in stats],
-                  "lb_loss": [round(s["lb_loss"], 6) for s in stats]}
+        record = {
+            "step": step,
+            "tokens": tokens,
+            "layers": list(self.routers),
+            "expert_fraction": [[round(x, 6) for x in s["fraction"]] for s in stats],
+            "entropy": [round(s["entropy"], 6) for s in stats],
+            "lb_loss": [round(s["lb_loss"], 6) for s in stats],
+        }
         self.baseline = self.baseline or record
         # Total variation distance of each layer's load from the baseline: 0 same, 1 disjoint experts. Each
         # record routes other tokens, so part of it is data; a run with learning_rate ~0 shows that floor.
-        record["load_shift"] = [round(0.5 * sum(abs(a - b) for a, b in zip(now, then)), 6) for now, then
-                                in zip(record["expert_fraction"], self.baseline["expert_fraction"])]
+        record["load_shift"] = [
+            round(0.5 * sum(abs(a - b) for a, b in zip(now, then)), 6)
+            for now, then in zip(record["expert_fraction"], self.baseline["expert_fraction"])
+        ]
         record["entropy_change"] = [round(a - b, 6) for a, b in zip(record["entropy"], self.baseline["entropy"])]
         return record
 
@@ -208,9 +219,10 @@ class RunPlots(TrainerCallback):
         from mixtral_ft.train.plots import plot_loss_curve, plot_router_heatmap
 
         try:
-            images = {"loss_curve": plot_loss_curve(state.log_history, self.out / "loss_curve.png"),
-                      "router_heatmap": plot_router_heatmap(self.out / "router_stats.jsonl",
-                                                            self.out / "router_heatmap.png")}
+            images = {
+                "loss_curve": plot_loss_curve(state.log_history, self.out / "loss_curve.png"),
+                "router_heatmap": plot_router_heatmap(self.out / "router_stats.jsonl", self.out / "router_heatmap.png"),
+            }
         except Exception as exc:  # the adapter is saved after this: a plot must never cost a finished run
             print(f"warning: could not draw the run's plots ({type(exc).__name__}: {exc})", flush=True)
             images = {}
@@ -218,8 +230,10 @@ class RunPlots(TrainerCallback):
             import wandb
 
             if wandb.run is not None:
-                wandb.log({f"plots/{k}": wandb.Image(str(v)) for k, v in images.items() if v}
-                          | {"train/global_step": state.global_step})
+                wandb.log(
+                    {f"plots/{k}": wandb.Image(str(v)) for k, v in images.items() if v}
+                    | {"train/global_step": state.global_step}
+                )
                 # Runs here after WandbCallback.on_train_end (it never finishes the run). Finishing completes the
                 # offline run's files and lets the next run in this process (an SFT -> DPO chain) start its own.
                 wandb.finish()
@@ -256,38 +270,3 @@ def telemetry_callbacks(recipe, output_dir: str | Path) -> list[TrainerCallback]
 
 
 # --- reporting set-up ----------------------------------------------------------------------------
-
-def report_to(recipe) -> list[str]:
-    return [r for r in recipe.logging.report_to if r != "none"] or ["none"]
-
-
-def configure_reporting(recipe, output_dir: str | Path) -> None:
-    """Set the environment the HF wandb and tensorboard integrations read; call before building the trainer."""
-    out = Path(output_dir)
-    if "wandb" in recipe.logging.report_to:
-        os.environ["WANDB_PROJECT"] = recipe.logging.project
-        os.environ["WANDB_DIR"] = str(out)  # runs land in OUTPUT_DIR/wandb/, next to what they describe
-        if "WANDB_MODE" not in os.environ and not wandb_reachable():
-            # Without a key or a network wandb.init would stop the run; offline it still writes everything,
-            # for `wandb sync OUTPUT_DIR/wandb/offline-run-*` later.
-            os.environ["WANDB_MODE"] = "offline"
-    if "tensorboard" in recipe.logging.report_to:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    """An API key is configured (environment or ~/.netrc) and the wandb server accepts a connection."""
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    if not os.environ.get("WANDB_API_KEY"):
-        import netrc
-
-        try:
-            if netrc.netrc().authenticators(host) is None:
-                return False
-        except (OSError, netrc.NetrcParseError):
-            return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False

@@ -19,40 +19,56 @@ from mixtral_ft.recipe import Recipe
 
 def trainer_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool) -> dict[str, Any]:
     """The transformers TrainingArguments both methods share, from the recipe's train and logging sections."""
-    from mixtral_ft.train.telemetry import report_to
+    from mixtral_ft.train.reporting import report_to
 
     t = recipe.train
     cuda = torch.cuda.is_available()
     return dict(
-        output_dir=t.output_dir, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
-        save_steps=t.save_steps, save_strategy="steps", seed=t.seed, data_seed=t.seed,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        save_steps=t.save_steps,
+        save_strategy="steps",
+        seed=t.seed,
+        data_seed=t.seed,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of all steps
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=t.optim,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         # eval_steps null: at each checkpoint, so the loss plot has an eval curve. Not by default under
         # train.compile: compiled layers fail in eval (bitsandbytes' fake-kernel strides under no_grad).
         eval_strategy="steps" if has_eval and (t.eval_steps or not t.compile) else "no",
         eval_steps=t.eval_steps or t.save_steps,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         report_to=report_to(recipe),  # wandb / tensorboard from logging.report_to; see configure_reporting
         run_name=recipe.logging.run_name or Path(t.output_dir).name,
         logging_nan_inf_filter=False,  # log a NaN loss as NaN (guards.NanGuard stops on it), not as the mean so far
         hub_token=None,  # training_args.bin pickles these arguments into every checkpoint: never a token
         use_cpu=not cuda,  # as default_device(); under torchrun this picks CPU DDP on gloo
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
-        dataloader_num_workers=0, dataloader_pin_memory=cuda, remove_unused_columns=True, disable_tqdm=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=True,
+        disable_tqdm=False,
     )
 
 
 def sft_arguments(recipe: Recipe, pad_token: str) -> dict[str, Any]:
     t = recipe.train
     return dict(
-        max_length=t.max_length, packing=t.packing, pad_token=pad_token, dataset_num_proc=None,
+        max_length=t.max_length,
+        packing=t.packing,
+        pad_token=pad_token,
+        dataset_num_proc=None,
         # Pass the recipe's value even when 0: left unset, TRL takes the model config's (0.02 for Mixtral) and
         # turns the aux loss on. TRL then asks for router logits only when it is > 0, and masks padding.
         router_aux_loss_coef=t.router_aux_loss_coef,
@@ -66,7 +82,10 @@ def dpo_arguments(recipe: Recipe, pad_token: str) -> dict[str, Any]:
     t, d = recipe.train, recipe.dpo
     return dict(
         max_length=t.max_length,  # data/prefs.py already cut every pair to it
-        router_aux_loss_coef=t.router_aux_loss_coef, pad_token=pad_token, beta=d.beta, loss_type=[d.loss_type],
+        router_aux_loss_coef=t.router_aux_loss_coef,
+        pad_token=pad_token,
+        beta=d.beta,
+        loss_type=[d.loss_type],
         disable_dropout=True,  # policy and reference log-probs must come from the same deterministic network
     )
 
@@ -86,8 +105,9 @@ def dpo_rows(recipe: Recipe, tokenizer):
     from mixtral_ft.data.prefs import load_preference_data
 
     t = recipe.train
-    return load_preference_data(recipe.data, tokenizer, max_length=t.max_length,
-                                max_prompt_length=recipe.dpo.max_prompt_length, seed=t.seed)
+    return load_preference_data(
+        recipe.data, tokenizer, max_length=t.max_length, max_prompt_length=recipe.dpo.max_prompt_length, seed=t.seed
+    )
 
 
 def dpo_summary(trainer) -> dict:
@@ -130,8 +150,15 @@ def _dpo_classes():
 METHODS = {
     "sft": Method(sft_rows, lambda: _sft_classes()[0], lambda: _sft_classes()[1], sft_arguments, {}),
     # ref_model=None and no peft_config: TRL keeps the reference as a frozen copy of the starting adapter (dpo.py).
-    "dpo": Method(dpo_rows, lambda: _dpo_classes()[0], lambda: _dpo_classes()[1], dpo_arguments,
-                  {"ref_model": None}, summary=dpo_summary, after_save=dpo_finish),
+    "dpo": Method(
+        dpo_rows,
+        lambda: _dpo_classes()[0],
+        lambda: _dpo_classes()[1],
+        dpo_arguments,
+        {"ref_model": None},
+        summary=dpo_summary,
+        after_save=dpo_finish,
+    ),
 }
 
 
@@ -141,11 +168,19 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, callb
     dtype = model.get_base_model().dtype
     # MistralCommonBackend names id 0 "<pad>" but its vocabulary calls it "<unk>"; TRL looks the name up.
     pad_token = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
-    args = method.config()(**trainer_arguments(recipe, dtype, eval_rows is not None),
-                           **method.arguments(recipe, pad_token))
+    args = method.config()(
+        **trainer_arguments(recipe, dtype, eval_rows is not None), **method.arguments(recipe, pad_token)
+    )
     trainable = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
-    trainer = method.trainer()(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,
-                               processing_class=tokenizer, callbacks=callbacks, **method.trainer_kwargs)
+    trainer = method.trainer()(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        **method.trainer_kwargs,
+    )
     # TRL casts a 4-bit model's LoRA weights to bf16, but a resume loads them through peft as fp32: the resumed run
     # would train in another precision, and at DPO learning rates most Adam steps would round away. Keep them fp32.
     for name, p in model.named_parameters():

@@ -38,8 +38,11 @@ class GenerationSettings:
         return self
 
     def generate_kwargs(self, tokenizer) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                  "eos_token_id": tokenizer.eos_token_id}
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
         if self.temperature == 0:
             # Explicit None/1.0 so a checkpoint's generation_config cannot turn sampling back on.
             return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
@@ -68,8 +71,9 @@ def resolve_target(model: str, adapter: str | None = None) -> Target:
     if adapter:
         adapter_path = Path(adapter).expanduser()
         if not (adapter_path / "adapter_config.json").is_file():
-            raise UserError(f"--adapter '{adapter}' is not an adapter folder (no adapter_config.json): "
-                            "pass a training output_dir")
+            raise UserError(
+                f"--adapter '{adapter}' is not an adapter folder (no adapter_config.json): pass a training output_dir"
+            )
         return Target(base=model, adapter=adapter_path)
     return Target(base=model, adapter=None)
 
@@ -79,11 +83,18 @@ def _adapter_target(adapter: Path) -> Target:
 
     base, model_cfg = adapter_base(adapter)
     if not base:
-        raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: "
-                        f"pass the base as MODEL and the adapter with --adapter")
-    return Target(base=base, adapter=adapter, quantize_experts=bool(model_cfg.get("quantize_experts", True)),
-                  compute_dtype=model_cfg.get("compute_dtype") or "auto", revision=model_cfg.get("revision"),
-                  attn_implementation=model_cfg.get("attn_implementation"))
+        raise UserError(
+            f"adapter '{adapter}' does not say which base model it belongs to: "
+            f"pass the base as MODEL and the adapter with --adapter"
+        )
+    return Target(
+        base=base,
+        adapter=adapter,
+        quantize_experts=bool(model_cfg.get("quantize_experts", True)),
+        compute_dtype=model_cfg.get("compute_dtype") or "auto",
+        revision=model_cfg.get("revision"),
+        attn_implementation=model_cfg.get("attn_implementation"),
+    )
 
 
 def load_for_inference(target: Target, *, quantize: bool = True, attn_implementation: str | None = None):
@@ -103,20 +114,30 @@ def load_for_inference(target: Target, *, quantize: bool = True, attn_implementa
     attn = check_attn_implementation(attn_implementation or target.attn_implementation)
     path = resolve_model_path(target.base, target.revision)
     if quantize:
-        model = load_model(str(path), quantize_experts=target.quantize_experts,
-                           compute_dtype=target.compute_dtype, revision=target.revision, attn_implementation=attn)
+        model = load_model(
+            str(path),
+            quantize_experts=target.quantize_experts,
+            compute_dtype=target.compute_dtype,
+            revision=target.revision,
+            attn_implementation=attn,
+        )
     else:
         from transformers import AutoModelForCausalLM
 
         from mixtral_ft.model.loader import read_manifest
 
         if read_manifest(path) is not None:
-            raise UserError(f"'{target.base}' is a pre-quantized NF4 folder, which only mixtral_ft's loader "
-                            "reads: drop --no-quantize")
+            raise UserError(
+                f"'{target.base}' is a pre-quantized NF4 folder, which only mixtral_ft's loader "
+                "reads: drop --no-quantize"
+            )
         device = default_device()
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=resolve_compute_dtype(target.compute_dtype, device),
-            device_map="auto" if device.type == "cuda" else None, attn_implementation=attn)
+            str(path),
+            dtype=resolve_compute_dtype(target.compute_dtype, device),
+            device_map="auto" if device.type == "cuda" else None,
+            attn_implementation=attn,
+        )
     if target.adapter is not None:
         from peft import PeftModel
 
@@ -157,9 +178,10 @@ def generate(model, tokenizer, prompt_ids: list[int], settings: GenerationSettin
         from transformers import set_seed
 
         set_seed(settings.seed)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                         **settings.generate_kwargs(tokenizer))
-    return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **settings.generate_kwargs(tokenizer)
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
 
 
 def make_streamer(tokenizer):
@@ -208,11 +230,17 @@ def repl(model, tokenizer, system: str | None, settings: GenerationSettings, std
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}: {REPL_HELP}", flush=True)
             continue
-        history = fit_history(tokenizer, [*history, {"role": "user", "content": text}], system,
-                              context_budget(model, settings))
+        history = fit_history(
+            tokenizer, [*history, {"role": "user", "content": text}], system, context_budget(model, settings)
+        )
         print("assistant> ", end="", flush=True)
-        reply = generate(model, tokenizer, encode_prompt(tokenizer, build_messages(history, system)),
-                         settings, streamer=make_streamer(tokenizer))
+        reply = generate(
+            model,
+            tokenizer,
+            encode_prompt(tokenizer, build_messages(history, system)),
+            settings,
+            streamer=make_streamer(tokenizer),
+        )
         # Mistral's format needs a non-empty assistant turn; a random model can say nothing at all.
         history.append({"role": "assistant", "content": reply or "…"})
 
@@ -232,9 +260,16 @@ def load_announced(model: str, adapter: str | None, *, quantize: bool, attn_impl
     return loaded, tokenizer, what
 
 
-def chat(model: str, *, adapter: str | None = None, prompt: str | None = None, system: str | None = None,
-         settings: GenerationSettings | None = None, quantize: bool = True,
-         attn_implementation: str | None = None) -> str | None:
+def chat(
+    model: str,
+    *,
+    adapter: str | None = None,
+    prompt: str | None = None,
+    system: str | None = None,
+    settings: GenerationSettings | None = None,
+    quantize: bool = True,
+    attn_implementation: str | None = None,
+) -> str | None:
     """Load, then answer `prompt` once (returning the reply) or run the REPL."""
     settings = (settings or GenerationSettings()).check()
     if prompt is not None and not prompt.strip():

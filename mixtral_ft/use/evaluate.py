@@ -22,6 +22,7 @@ import torch
 
 from mixtral_ft.common import bar, say
 from mixtral_ft.errors import UserError
+from mixtral_ft.model.scoring import assistant_nll
 from mixtral_ft.use.chat import GenerationSettings, Target, generate, load_for_inference
 
 
@@ -44,9 +45,17 @@ def resolve_eval_target(target: str, adapter: str | None):
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
     m = recipe.model
-    return recipe, Target(base=m.name, adapter=Path(adapter) if adapter else None,
-                          quantize_experts=m.quantize_experts, compute_dtype=m.compute_dtype,
-                          revision=m.revision), out_dir / "eval.json"
+    return (
+        recipe,
+        Target(
+            base=m.name,
+            adapter=Path(adapter) if adapter else None,
+            quantize_experts=m.quantize_experts,
+            compute_dtype=m.compute_dtype,
+            revision=m.revision,
+        ),
+        out_dir / "eval.json",
+    )
 
 
 def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
@@ -57,8 +66,10 @@ def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
 
     if data_path is None and getattr(recipe.train, "method", "sft") != "sft":
         # Preference pairs have no single reference answer to score: perplexity needs conversations.
-        raise UserError(f"this is a {recipe.train.method} run: its data are preference pairs; pass "
-                        "--data FILE with conversations (e.g. --data builtin:oasst_top1)")
+        raise UserError(
+            f"this is a {recipe.train.method} run: its data are preference pairs; pass "
+            "--data FILE with conversations (e.g. --data builtin:oasst_top1)"
+        )
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.name, recipe.model.revision), mode="finetuning")
     cfg = recipe.data
     if data_path is not None:
@@ -67,8 +78,10 @@ def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
     data = load_sft_data(cfg, tokenizer, max_length=recipe.train.max_length, seed=recipe.train.seed)
     rows = data.train if data_path is not None else data.eval
     if rows is None:
-        raise UserError(f"recipe data '{cfg.path}' has no held-out rows (data.eval_split and data.test_size "
-                        "are unset): pass --data FILE")
+        raise UserError(
+            f"recipe data '{cfg.path}' has no held-out rows (data.eval_split and data.test_size "
+            "are unset): pass --data FILE"
+        )
     if max_rows is not None and len(rows) > max_rows:
         rows = rows.select(range(max_rows))
     what = data_path or f"{cfg.path} [{cfg.eval_split or f'test_size {cfg.test_size} of {cfg.split}'}]"
@@ -81,11 +94,9 @@ def assistant_loss(model, rows, device: torch.device) -> tuple[float, int]:
     # One row per forward: no padding, so no attention-mask subtleties, and eval sets are small.
     nll, count = 0.0, 0
     for row in rows:
-        ids = torch.tensor([row["input_ids"]], device=device)
-        keep = torch.tensor(row["assistant_masks"][1:], dtype=torch.bool, device=device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits[keep], ids[0, 1:][keep], reduction="sum").item()
-        count += int(keep.sum())
+        logits = model(input_ids=torch.tensor([row["input_ids"]], device=device), use_cache=False).logits[0]
+        row_nll, row_count = assistant_nll(logits, row["input_ids"], row["assistant_masks"])
+        nll, count = nll + row_nll, count + row_count
     if count == 0:
         raise UserError("the held-out rows have no assistant tokens to score")
     return nll / count, count
@@ -98,9 +109,13 @@ def sample_prompts(rows, tokenizer, n: int) -> list[dict]:
         ids, mask = row["input_ids"], row["assistant_masks"]
         start = mask.index(1)
         end = next((i for i in range(start, len(mask)) if not mask[i]), len(mask))
-        samples.append({"prompt_ids": ids[:start],
-                        "prompt": _user_text(tokenizer.decode(ids[:start], skip_special_tokens=True)),
-                        "reference": tokenizer.decode(ids[start:end], skip_special_tokens=True).strip()})
+        samples.append(
+            {
+                "prompt_ids": ids[:start],
+                "prompt": _user_text(tokenizer.decode(ids[:start], skip_special_tokens=True)),
+                "reference": tokenizer.decode(ids[start:end], skip_special_tokens=True).strip(),
+            }
+        )
     return samples
 
 
@@ -109,9 +124,17 @@ def _user_text(prompt: str) -> str:
     return prompt.strip().removeprefix("[INST]").removesuffix("[/INST]").strip()
 
 
-def evaluate(target: str, *, adapter: str | None = None, data: str | None = None, samples: int = 3,
-             out: str | None = None, max_rows: int | None = None,
-             settings: GenerationSettings | None = None, attn_implementation: str | None = None) -> dict:
+def evaluate(
+    target: str,
+    *,
+    adapter: str | None = None,
+    data: str | None = None,
+    samples: int = 3,
+    out: str | None = None,
+    max_rows: int | None = None,
+    settings: GenerationSettings | None = None,
+    attn_implementation: str | None = None,
+) -> dict:
     """Score base (and adapter) on held-out rows, generate samples, write and return the report."""
     settings = (settings or GenerationSettings(max_new_tokens=128, temperature=0.0)).check()
     if samples < 0:
@@ -139,11 +162,16 @@ def evaluate(target: str, *, adapter: str | None = None, data: str | None = None
                 say("eval", f"{name}: generating sample {i}/{len(prompts)} (up to {settings.max_new_tokens} tokens)")
                 sample[name] = generate(model, tokenizer, sample["prompt_ids"], settings)
 
-    report = {"model": loaded_target.base,
-              "adapter_dir": str(loaded_target.adapter) if loaded_target.adapter else None,
-              "data": what, "rows": len(rows), "assistant_tokens": tokens, "scores": scores,
-              "generation": dataclasses.asdict(settings),
-              "samples": [{k: v for k, v in s.items() if k != "prompt_ids"} for s in prompts]}
+    report = {
+        "model": loaded_target.base,
+        "adapter_dir": str(loaded_target.adapter) if loaded_target.adapter else None,
+        "data": what,
+        "rows": len(rows),
+        "assistant_tokens": tokens,
+        "scores": scores,
+        "generation": dataclasses.asdict(settings),
+        "samples": [{k: v for k, v in s.items() if k != "prompt_ids"} for s in prompts],
+    }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(render(report))
@@ -160,8 +188,10 @@ def render(report: dict) -> str:
     """Scores as a small table, then each sample with its reference and one line per variant."""
     scores = report["scores"]
     names = list(scores)
-    lines = [f"eval: {report['rows']} rows, {report['assistant_tokens']} assistant tokens ({report['data']})",
-             f"{'':8} {'loss':>10} {'perplexity':>14}"]
+    lines = [
+        f"eval: {report['rows']} rows, {report['assistant_tokens']} assistant tokens ({report['data']})",
+        f"{'':8} {'loss':>10} {'perplexity':>14}",
+    ]
     lines += [f"{n:8} {scores[n]['loss']:>10.4f} {scores[n]['perplexity']:>14,.2f}" for n in names]
     if len(names) == 2:
         lines.append(f"{'change':8} {scores['adapter']['loss'] - scores['base']['loss']:>+10.4f}")

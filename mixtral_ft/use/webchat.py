@@ -99,8 +99,9 @@ def build_app(model, tokenizer, *, title: str, system: str | None = None, settin
         if not (message or "").strip():
             yield ""
             return
-        chosen = replace(settings, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                         top_p=float(top_p)).check()
+        chosen = replace(
+            settings, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
+        ).check()
         yield from stream_reply(model, tokenizer, history, message, system_prompt, chosen)
 
     inputs = [
@@ -109,30 +110,50 @@ def build_app(model, tokenizer, *, title: str, system: str | None = None, settin
         gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature (0 is greedy)"),
         gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
     ]
-    return gr.ChatInterface(respond, additional_inputs=inputs, title=title, flagging_mode="never",
-                            chatbot=gr.Chatbot(elem_id="chatbot", height=420),
-                            textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message",
-                                               show_label=False),
-                            additional_inputs_accordion=gr.Accordion("Settings", open=False))
+    return gr.ChatInterface(
+        respond,
+        additional_inputs=inputs,
+        title=title,
+        flagging_mode="never",
+        chatbot=gr.Chatbot(elem_id="chatbot", height=420),
+        textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="message", show_label=False),
+        additional_inputs_accordion=gr.Accordion("Settings", open=False),
+    )
 
 
 def launch(app, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Serve `app` on host:port; returns the local URL (block=False returns at once; app.close() stops it)."""
-    _, url, _ = app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block,
-                                   share=False, inbrowser=False, quiet=True, ssr_mode=False)
+    _, url, _ = app.queue().launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        share=False,
+        inbrowser=False,
+        quiet=True,
+        ssr_mode=False,
+    )
     return url
 
 
-def serve_web(model_name: str, *, adapter: str | None = None, system: str | None = None,
-              settings: GenerationSettings | None = None, quantize: bool = True,
-              attn_implementation: str | None = None, host: str = "127.0.0.1", port: int = 7860) -> None:
+def serve_web(
+    model_name: str,
+    *,
+    adapter: str | None = None,
+    system: str | None = None,
+    settings: GenerationSettings | None = None,
+    quantize: bool = True,
+    attn_implementation: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+) -> None:
     """Load MODEL (+ adapter) as `mixtral-ft chat` does, then serve the chat page until Ctrl-C."""
     settings = (settings or GenerationSettings()).check()
     if not 0 < port < 65536:
         raise UserError("--port must be in 1..65535")
     _import_gradio()  # before the (long) model load
-    model, tokenizer, what = load_announced(model_name, adapter, quantize=quantize,
-                                            attn_implementation=attn_implementation)
+    model, tokenizer, what = load_announced(
+        model_name, adapter, quantize=quantize, attn_implementation=attn_implementation
+    )
     app = build_app(model, tokenizer, title=f"mixtral-ft: {what}", system=system, settings=settings)
     shown = "localhost" if host in ("127.0.0.1", "localhost") else host
     print(f"chat page on http://{shown}:{port} (Ctrl-C stops it)", file=sys.stderr, flush=True)

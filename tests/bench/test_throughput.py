@@ -22,8 +22,20 @@ from mixtral_ft.model.shapes import tiny_config
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[2]
-OUR_KEYS = ("date", "device", "versions", "layers", "seq", "levers", "batch", "tok_per_s", "step_s", "peak_gib",
-            "hfu", "runs")
+OUR_KEYS = (
+    "date",
+    "device",
+    "versions",
+    "layers",
+    "seq",
+    "levers",
+    "batch",
+    "tok_per_s",
+    "step_s",
+    "peak_gib",
+    "hfu",
+    "runs",
+)
 SMOKE = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--seq", "16"]
 
 
@@ -31,8 +43,9 @@ def source_tree_state() -> str | None:
     """What git sees changed in the checkout (None outside a git checkout)."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         return None
-    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
 
 
 @pytest.fixture
@@ -46,8 +59,22 @@ def scripts(monkeypatch):
 def v4_site(tmp_path_factory):
     """The side environment the legacy peer runs in: transformers 4.57 installed into a folder, as on a GPU box."""
     site = tmp_path_factory.mktemp("peer-v4-site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
-                    "transformers==4.57.6", "huggingface_hub==0.36.2", "tokenizers==0.22.1"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(site),
+            "transformers==4.57.6",
+            "huggingface_hub==0.36.2",
+            "tokenizers==0.22.1",
+        ],
+        check=True,
+    )
     return site
 
 
@@ -78,11 +105,12 @@ def test_bench_results_default_to_the_working_folder():
 
 @pytest.mark.slow
 def test_python_m_bench_leaves_the_source_tree_untouched(tmp_path):
-    """`python -m mixtral_ft.bench` without --out-dir: ./bench-results/ of the working folder, nothing in the checkout."""
+    """`python -m mixtral_ft.bench` without --out-dir: ./bench-results/ of the working folder; checkout untouched."""
     before = source_tree_state()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "mixtral_ft.bench", *SMOKE], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mixtral_ft.bench", *SMOKE], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     [result_file] = (tmp_path / "bench-results").glob("*.json")
     assert set(OUR_KEYS) <= set(json.loads(result_file.read_text()))
@@ -95,10 +123,31 @@ def test_python_m_bench_leaves_the_source_tree_untouched(tmp_path):
 def test_compare_smoke_measures_us_and_both_peers(tmp_path, v4_site):
     before = source_tree_state()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--device", "cpu", "--tiny",
-                           "--steps", "1", "--warmup", "1", "--seq", "64", "--out-dir", str(tmp_path / "out"),
-                           "--peer-v4-site", str(v4_site), "--tag", "smoke"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compare.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--seq",
+            "64",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--peer-v4-site",
+            str(v4_site),
+            "--tag",
+            "smoke",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     [result_file] = (tmp_path / "out").glob("*.json")
     assert result_file.name.endswith("-cpu-smoke.json")
@@ -116,13 +165,16 @@ def test_compare_smoke_measures_us_and_both_peers(tmp_path, v4_site):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and source_tree_state() == before
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], "--batch must be at least 1"),
-    (["--liger"], "needs a CUDA GPU"),
-    (["--skip-checkpoint-layers", "3"], "between 0 and --layers"),
-    (["--experts", "fast"], "invalid choice"),
-    (["--peer-v4-site", "DIR"], "python benchmarks/compare.py"),  # the peers' flags moved out with them
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--liger"], "needs a CUDA GPU"),
+        (["--skip-checkpoint-layers", "3"], "between 0 and --layers"),
+        (["--experts", "fast"], "invalid choice"),
+        (["--peer-v4-site", "DIR"], "python benchmarks/compare.py"),  # the peers' flags moved out with them
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert main(["bench", *SMOKE, "--out-dir", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
@@ -137,12 +189,15 @@ def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
     assert (tmp_path / "taken").read_text() == "kept\n"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--peer-v4-site", "/nonexistent"], "holds no transformers package"),
-    (["--peer-v5-layers", "-1"], "--peer-v5-layers must be 0"),
-    (["--batch", "0"], "--batch must be at least 1"),
-    (["--peer-v6-layers", "2"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--peer-v4-site", "/nonexistent"], "holds no transformers package"),
+        (["--peer-v5-layers", "-1"], "--peer-v5-layers must be 0"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--peer-v6-layers", "2"], "unrecognized arguments"),
+    ],
+)
 def test_compare_bad_flags_exit_2_with_one_line(tmp_path, capsys, scripts, argv, message):
     compare, _ = scripts
     assert compare.main([*SMOKE, "--out-dir", str(tmp_path / "out"), *argv]) == 2
@@ -155,8 +210,7 @@ def test_a_broken_v4_site_is_recorded_not_fatal(tmp_path, scripts):
     _, peers = scripts
     site = tmp_path / "site"
     (site / "transformers").mkdir(parents=True)  # an empty package: importing it fails in the subprocess
-    result = peers.run_v4(site, tiny_config(), batch=1, seq=8, steps_=1, warmup=0, device=CPU,
-                          dtype=torch.float32)
+    result = peers.run_v4(site, tiny_config(), batch=1, seq=8, steps_=1, warmup=0, device=CPU, dtype=torch.float32)
     assert result["name"] == peers.V4_NAME and result["error"].startswith("exit ")
 
 
@@ -245,8 +299,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 def test_full_depth_qlora_step_fits_30_gib(tmp_path):
     """Issue 3: 32 full-width layers built in NF4, one QLoRA step at B2 x S2048, peak <= 30 GiB."""
-    result = bench.run_benchmark(layers=32, batch=2, seq=2048, steps_=1, warmup=1, device=torch.device("cuda"),
-                                 tiny=False)
+    result = bench.run_benchmark(
+        layers=32, batch=2, seq=2048, steps_=1, warmup=1, device=torch.device("cuda"), tiny=False
+    )
     (tmp_path / "result.json").write_text(json.dumps(result))
     assert result["peak_gib"] <= 30, result
 
@@ -288,14 +343,19 @@ def test_grouped_and_looped_experts_agree_in_bf16():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("lever", [{"liger": True}, {"reuse_dequantized": True}, {"skip_layers": 1},
-                                   {"experts": "loop"}, {"compile": True}])
+@pytest.mark.parametrize(
+    "lever", [{"liger": True}, {"reuse_dequantized": True}, {"skip_layers": 1}, {"experts": "loop"}, {"compile": True}]
+)
 def test_each_lever_trains_the_same_model(lever):
     """On a GPU, every lever gives the loss of the default run (same seed, 2 full-width layers)."""
     if lever.get("liger") and importlib.util.find_spec("liger_kernel") is None:
         pytest.skip("liger-kernel is not installed")
-    losses = [bench.run_benchmark(layers=2, batch=1, seq=256, steps_=2, warmup=0, device=torch.device("cuda"),
-                                  tiny=False, levers=levers)["loss"] for levers in ({}, lever)]
+    losses = [
+        bench.run_benchmark(
+            layers=2, batch=1, seq=256, steps_=2, warmup=0, device=torch.device("cuda"), tiny=False, levers=levers
+        )["loss"]
+        for levers in ({}, lever)
+    ]
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
 
 
@@ -307,9 +367,17 @@ def test_cuda_load_peak_is_final_footprint_plus_one_layer(tmp_path):
 
     from mixtral_ft.model.load import load_model
 
-    config = MixtralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
-                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
-                           num_experts_per_tok=2, tie_word_embeddings=False)
+    config = MixtralConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
     MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="200MB")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -17,7 +18,7 @@ from mixtral_ft.data.conversations import (
     normalize_messages,
     parse_chatml,
 )
-from mixtral_ft.data.sources import BUILTIN
+from mixtral_ft.data.files import BUILTIN
 from mixtral_ft.data.tokenizer import bundled_tokenizer_file, load_tokenizer
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
@@ -62,9 +63,15 @@ def masked_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
 
 # --- ChatML ---------------------------------------------------------------------------------------
 
+
 def test_parse_multi_turn_with_system_folds_system_into_first_user_turn():
-    text = chatml(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"),
-                  ("user", "Name a colour."), ("assistant", "Blue."))
+    text = chatml(
+        ("system", "Be brief."),
+        ("user", "Hi"),
+        ("assistant", "Hello!"),
+        ("user", "Name a colour."),
+        ("assistant", "Blue."),
+    )
     parsed = parse_chatml(text)
     assert [m["role"] for m in parsed] == ["system", "user", "assistant", "user", "assistant"]
     assert normalize_messages(parsed) == convo("Be brief.\n\nHi", "Hello!", "Name a colour.", "Blue.")
@@ -85,16 +92,19 @@ def test_trailing_user_turn_is_dropped():
     assert normalize_messages(parse_chatml(text)) == convo("Hi", "Hello!")
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("just some plain text", "no ChatML turns"),
-    ("", "no ChatML turns"),
-    ("Hello <|im_start|>user\nHi<|im_end|>", "before the first"),
-    ("<|im_start|>user\nHi", "without <|im_end|>"),
-    ("<|im_start|>user\nHi<|im_start|>assistant\nHello<|im_end|>", "without <|im_end|>"),
-    ("<|im_start|>user\nHi<|im_end|> stray <|im_start|>assistant\nHello<|im_end|>", "between"),
-    ("<|im_start|>\nHi<|im_end|>", "role line"),
-    ("<|im_start|>user Hi<|im_end|>", "role line"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("just some plain text", "no ChatML turns"),
+        ("", "no ChatML turns"),
+        ("Hello <|im_start|>user\nHi<|im_end|>", "before the first"),
+        ("<|im_start|>user\nHi", "without <|im_end|>"),
+        ("<|im_start|>user\nHi<|im_start|>assistant\nHello<|im_end|>", "without <|im_end|>"),
+        ("<|im_start|>user\nHi<|im_end|> stray <|im_start|>assistant\nHello<|im_end|>", "between"),
+        ("<|im_start|>\nHi<|im_end|>", "role line"),
+        ("<|im_start|>user Hi<|im_end|>", "role line"),
+    ],
+)
 def test_garbage_chatml_raises_value_error(text, reason):
     with pytest.raises(ValueError, match=reason):
         parse_chatml(text)
@@ -102,40 +112,51 @@ def test_garbage_chatml_raises_value_error(text, reason):
 
 # --- normalize_messages ----------------------------------------------------------------------------
 
+
 def test_role_aliases_and_sharegpt_keys():
-    messages = [{"from": "human", "value": " Hi "}, {"from": "gpt", "value": "Hello"},
-                {"role": "Prompter", "content": "Bye"}, {"role": "bot", "content": "See you"}]
+    messages = [
+        {"from": "human", "value": " Hi "},
+        {"from": "gpt", "value": "Hello"},
+        {"role": "Prompter", "content": "Bye"},
+        {"role": "bot", "content": "See you"},
+    ]
     assert normalize_messages(messages) == convo("Hi", "Hello", "Bye", "See you")
 
 
 def test_arrow_style_rows_with_none_for_missing_keys():
-    messages = [{"role": None, "content": None, "from": "human", "value": "Hi"},
-                {"role": "assistant", "content": "Hello", "from": None, "value": None}]
+    messages = [
+        {"role": None, "content": None, "from": "human", "value": "Hi"},
+        {"role": "assistant", "content": "Hello", "from": None, "value": None},
+    ]
     assert normalize_messages(messages) == convo("Hi", "Hello")
 
 
-@pytest.mark.parametrize("messages, reason", [
-    ([], "empty conversation"),
-    (convo("Hi", "Hello") + [{"role": "assistant", "content": "Again"}], "two assistant turns in a row"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "two user turns in a row"),
-    (convo("Hi", "   "), "empty assistant turn"),
-    (convo("", "Hello"), "empty user turn"),
-    ([{"role": "wizard", "content": "Hi"}], "unknown role 'wizard'"),
-    ([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}], "first turn is assistant"),
-    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "Hi"}], "first turn is assistant"),
-    (convo("Hi"), "no assistant turn"),
-    (convo("Hi", 42), "non-string content"),
-    ([{"content": "Hi"}], "without a role"),
-    (convo("Hi", "Hello") + [{"role": "system", "content": "late"}], "system turn after the start"),
-    (["Hi", "Hello"], "not a {role, content} object"),
-    ('[{"role": "user", "content": "Hi"}]', "not a list of turns"),
-])
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([], "empty conversation"),
+        (convo("Hi", "Hello") + [{"role": "assistant", "content": "Again"}], "two assistant turns in a row"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "two user turns in a row"),
+        (convo("Hi", "   "), "empty assistant turn"),
+        (convo("", "Hello"), "empty user turn"),
+        ([{"role": "wizard", "content": "Hi"}], "unknown role 'wizard'"),
+        ([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}], "first turn is assistant"),
+        ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "Hi"}], "first turn is assistant"),
+        (convo("Hi"), "no assistant turn"),
+        (convo("Hi", 42), "non-string content"),
+        ([{"content": "Hi"}], "without a role"),
+        (convo("Hi", "Hello") + [{"role": "system", "content": "late"}], "system turn after the start"),
+        (["Hi", "Hello"], "not a {role, content} object"),
+        ('[{"role": "user", "content": "Hi"}]', "not a list of turns"),
+    ],
+)
 def test_normalize_rejects(messages, reason):
     with pytest.raises(ValueError, match=reason.replace("{", r"\{").replace("}", r"\}")):
         normalize_messages(messages)
 
 
 # --- encoding ---------------------------------------------------------------------------------------
+
 
 def test_simple_encoding_matches_known_ids(tokenizer):
     out = encode_conversation(convo("Hello", "Hi there"), tokenizer)
@@ -147,13 +168,19 @@ def test_simple_encoding_matches_known_ids(tokenizer):
 
 
 def test_multi_turn_ids_and_mask_match_mistral_common(tokenizer, reference):
-    contents = ["What is the capital of France?", "Paris.",
-                "Wie heißt die Hauptstadt von Deutschland?", "Die Hauptstadt von Deutschland ist Berlin.",
-                "And of Japan? 🗾", "Tokyo (東京)."]
+    contents = [
+        "What is the capital of France?",
+        "Paris.",
+        "Wie heißt die Hauptstadt von Deutschland?",
+        "Die Hauptstadt von Deutschland ist Berlin.",
+        "And of Japan? 🗾",
+        "Tokyo (東京).",
+    ]
     out = encode_conversation(convo(*contents), tokenizer)
 
-    request = ChatCompletionRequest(messages=[(UserMessage if i % 2 == 0 else AssistantMessage)(content=c)
-                                              for i, c in enumerate(contents)])
+    request = ChatCompletionRequest(
+        messages=[(UserMessage if i % 2 == 0 else AssistantMessage)(content=c) for i, c in enumerate(contents)]
+    )
     assert out["input_ids"] == reference.encode_chat_completion(request).tokens
     assert len(out["assistant_masks"]) == len(out["input_ids"])
 
@@ -165,15 +192,21 @@ def test_multi_turn_ids_and_mask_match_mistral_common(tokenizer, reference):
     assert [sp.decode(run[:-1]) for run in runs] == answers
     assert sum(out["assistant_masks"]) == sum(len(sp.encode(a, bos=False, eos=False)) + 1 for a in answers)
     # each answer starts right after "[/INST]" (whose last piece is "]")
-    starts = [i for i, (bit, prev) in enumerate(zip(out["assistant_masks"], [0] + out["assistant_masks"]))
-              if bit and not prev]
+    starts = [
+        i for i, (bit, prev) in enumerate(zip(out["assistant_masks"], [0] + out["assistant_masks"])) if bit and not prev
+    ]
     assert [sp.id_to_piece(out["input_ids"][i - 1]) for i in starts] == ["]"] * 3
 
 
 def test_system_folding_matches_mistral_common_system_prompt(tokenizer, reference):
     messages = [{"role": "system", "content": "Answer in French."}] + convo("Hello", "Bonjour !")
-    request = ChatCompletionRequest(messages=[SystemMessage(content="Answer in French."),
-                                              UserMessage(content="Hello"), AssistantMessage(content="Bonjour !")])
+    request = ChatCompletionRequest(
+        messages=[
+            SystemMessage(content="Answer in French."),
+            UserMessage(content="Hello"),
+            AssistantMessage(content="Bonjour !"),
+        ]
+    )
     assert encode_conversation(messages, tokenizer)["input_ids"] == reference.encode_chat_completion(request).tokens
 
 
@@ -184,8 +217,9 @@ def test_encode_needs_a_finetuning_tokenizer():
 
 # --- the bundled sample ----------------------------------------------------------------------------
 
+
 def test_bundled_sample_is_in_oasst_top1_format():
-    lines = open(BUILTIN["oasst_top1"], encoding="utf-8").read().splitlines()
+    lines = Path(BUILTIN["oasst_top1"]).read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) >= 60 and all(list(r) == ["text"] for r in rows)
     texts = [r["text"] for r in rows]
@@ -199,8 +233,10 @@ def test_load_builtin_sample(tokenizer):
     data = load_sft_data(DataSection(path="builtin:oasst_top1"), tokenizer, max_length=2048, seed=0)
     report = data.reports[0]
     assert report.kept >= 50 and report.kept == report.read and report.dropped == {}
-    assert report.line() == (f"data: builtin:oasst_top1 [train]: format chatml (auto-detected), read {report.read}, "
-                             f"kept {report.kept}, dropped 0; {report.supervised_tokens:,} supervised tokens")
+    assert report.line() == (
+        f"data: builtin:oasst_top1 [train]: format chatml (auto-detected), read {report.read}, "
+        f"kept {report.kept}, dropped 0; {report.supervised_tokens:,} supervised tokens"
+    )
     assert data.train.column_names == ["input_ids", "assistant_masks"] and data.eval is None
     for ids, mask in zip(data.train["input_ids"], data.train["assistant_masks"]):
         assert len(ids) == len(mask) and ids[0] == 1 and ids[-1] == EOS and mask[-1] == 1 and mask[0] == 0
@@ -222,11 +258,14 @@ def test_max_rows(tokenizer):
 
 # --- local files ------------------------------------------------------------------------------------
 
+
 def bad_rows():
     good = [{"text": chatml(("user", f"Question {i}?"), ("assistant", f"Answer {i}."))} for i in range(7)]
-    return good + [{"text": "not chatml at all"},
-                   {"text": chatml(("user", "Hi"), ("assistant", "  "))},
-                   {"text": chatml(("user", "Anyone?"))}]
+    return good + [
+        {"text": "not chatml at all"},
+        {"text": chatml(("user", "Hi"), ("assistant", "  "))},
+        {"text": chatml(("user", "Anyone?"))},
+    ]
 
 
 def test_bad_rows_are_counted_and_dropped(tmp_path, tokenizer):
@@ -234,10 +273,14 @@ def test_bad_rows_are_counted_and_dropped(tmp_path, tokenizer):
     data = load_sft_data(DataSection(path=str(path), max_bad_fraction=0.5), tokenizer, max_length=512, seed=0)
     report = data.reports[0]
     assert (report.read, report.kept, len(data.train)) == (10, 7, 7)
-    assert report.dropped == {"empty assistant turn": 1, "no assistant turn": 1,
-                              "no ChatML turns (<|im_start|>role ... <|im_end|>)": 1}
-    assert report.line().startswith(f"data: {path} [train]: format chatml (auto-detected), read 10, kept 7, "
-                                    "dropped 3 (empty assistant turn: 1, ")
+    assert report.dropped == {
+        "empty assistant turn": 1,
+        "no assistant turn": 1,
+        "no ChatML turns (<|im_start|>role ... <|im_end|>)": 1,
+    }
+    assert report.line().startswith(
+        f"data: {path} [train]: format chatml (auto-detected), read 10, kept 7, dropped 3 (empty assistant turn: 1, "
+    )
 
 
 def test_too_many_bad_rows_is_a_user_error(tmp_path, tokenizer):
@@ -247,8 +290,10 @@ def test_too_many_bad_rows_is_a_user_error(tmp_path, tokenizer):
 
 
 def test_truncation_keeps_rows_with_assistant_tokens(tmp_path, tokenizer):
-    rows = [{"messages": convo("Hi", "Hello there, how can I help you today?")},
-            {"messages": convo("word " * 40, "Too late.")}]
+    rows = [
+        {"messages": convo("Hi", "Hello there, how can I help you today?")},
+        {"messages": convo("word " * 40, "Too late.")},
+    ]
     path = write_jsonl(tmp_path / "long.jsonl", rows)
     data = load_sft_data(DataSection(path=str(path)), tokenizer, max_length=16, seed=0)
     assert data.reports[0].dropped == {"no assistant tokens within max_length": 1}
@@ -258,8 +303,10 @@ def test_truncation_keeps_rows_with_assistant_tokens(tmp_path, tokenizer):
 
 def test_parquet_with_messages_column(tmp_path, tokenizer):
     path = tmp_path / "chat.parquet"
-    rows = {"messages": [convo("Hola, ¿qué tal?", "Muy bien, gracias."), convo("2+2?", "4", "3+3?", "6")],
-            "id": ["a", "b"]}
+    rows = {
+        "messages": [convo("Hola, ¿qué tal?", "Muy bien, gracias."), convo("2+2?", "4", "3+3?", "6")],
+        "id": ["a", "b"],
+    }
     datasets.Dataset.from_dict(rows).to_parquet(str(path))
     data = load_sft_data(DataSection(path=str(path)), tokenizer, max_length=512, seed=0)
     assert data.reports[0].kept == 2
@@ -294,16 +341,23 @@ def test_hub_id_that_cannot_be_reached_is_a_user_error(monkeypatch, tokenizer):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("missing.jsonl", None, "file '.*missing.jsonl' not found; fix data.path"),
-    ("data.csv", "a,b\n1,2\n", "unsupported extension '.csv'"),
-    ("broken.jsonl", '{"text": "ok"}\n{"text": \n', "line 2 of .* is not valid JSON"),
-    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "line 1 of .* is not UTF-8"),
-    ("broken.json", '[{"text": "ok"},\n{"text": ]\n', "cannot read .* as JSON"),
-    ("broken.parquet", "not parquet", "cannot read .* as Parquet"),
-    ("empty.jsonl", "\n", "has no rows"),
-    ("other.jsonl", '{"prompt": "a", "answer": "b"}\n', r"columns \['prompt', 'answer'\].*messages:.*chatml: a text column.*data.format"),
-])
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("missing.jsonl", None, "file '.*missing.jsonl' not found; fix data.path"),
+        ("data.csv", "a,b\n1,2\n", "unsupported extension '.csv'"),
+        ("broken.jsonl", '{"text": "ok"}\n{"text": \n', "line 2 of .* is not valid JSON"),
+        ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "line 1 of .* is not UTF-8"),
+        ("broken.json", '[{"text": "ok"},\n{"text": ]\n', "cannot read .* as JSON"),
+        ("broken.parquet", "not parquet", "cannot read .* as Parquet"),
+        ("empty.jsonl", "\n", "has no rows"),
+        (
+            "other.jsonl",
+            '{"prompt": "a", "answer": "b"}\n',
+            r"columns \['prompt', 'answer'\].*messages:.*chatml: a text column.*data.format",
+        ),
+    ],
+)
 def test_bad_sources_are_user_errors(tmp_path, tokenizer, name, content, match):
     path = tmp_path / name
     if isinstance(content, bytes):

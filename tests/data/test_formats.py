@@ -1,4 +1,4 @@
-"""mixtral_ft.data.formats: every public dataset layout in tests/samples loads, is detected, and encodes as mistral-common does."""
+"""data/formats.py: every public dataset layout in tests/samples loads, is detected, encodes as mistral-common does."""
 
 from __future__ import annotations
 
@@ -172,9 +172,7 @@ def test_unknown_columns_list_the_columns_the_formats_and_the_key(tokenizer):
 
 
 def test_a_format_that_does_not_match_says_what_it_needs(tokenizer):
-    with pytest.raises(
-        UserError, match=r"data.format: alpaca needs instruction and output.*set data.format to auto"
-    ):
+    with pytest.raises(UserError, match=r"data.format: alpaca needs instruction and output.*set data.format to auto"):
         sft(DATA / "sharegpt.jsonl", tokenizer, format="alpaca")
 
 

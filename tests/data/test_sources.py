@@ -37,8 +37,10 @@ def tokenizer():
 def sources(tmp_path_factory):
     """Three files whose rows tell their source apart: 10, 30 and 5 distinct conversations."""
     tmp = tmp_path_factory.mktemp("mixture")
-    return {name: write_jsonl(tmp / f"{name}.jsonl", [conversation(f"{name} question {i}") for i in range(n)])
-            for name, n in (("alpha", 10), ("beta", 30), ("gamma", 5))}
+    return {
+        name: write_jsonl(tmp / f"{name}.jsonl", [conversation(f"{name} question {i}") for i in range(n)])
+        for name, n in (("alpha", 10), ("beta", 30), ("gamma", 5))
+    }
 
 
 def mixture(sources, weights: dict[str, float], **data) -> DataSection:
@@ -91,12 +93,17 @@ def test_eval_rows_per_source_and_one_report_line_each(tokenizer, sources, tmp_p
     (folder / "data").mkdir(parents=True)
     for split, n in (("train", 12), ("test", 3)):
         datasets.Dataset.from_list([conversation(f"delta question {split} {i}") for i in range(n)]).to_parquet(
-            folder / "data" / f"{split}-00000-of-00001.parquet")
+            folder / "data" / f"{split}-00000-of-00001.parquet"
+        )
     bad = write_jsonl(tmp_path / "bad.jsonl", [conversation("epsilon question 1")] * 19 + [{"messages": []}])
-    cfg = DataSection(test_size=0.2, mixture=(
-        MixtureSource(path=str(sources["beta"]), weight=2),  # no eval split: 20% held out before sampling
-        MixtureSource(path=str(folder), weight=1, eval_split="test"),
-        MixtureSource(path=str(bad), weight=1)))
+    cfg = DataSection(
+        test_size=0.2,
+        mixture=(
+            MixtureSource(path=str(sources["beta"]), weight=2),  # no eval split: 20% held out before sampling
+            MixtureSource(path=str(folder), weight=1, eval_split="test"),
+            MixtureSource(path=str(bad), weight=1),
+        ),
+    )
     data = load_sft_data(cfg, tokenizer, max_length=128, seed=0)
     assert len(data.train) == 24 + 12 + 15  # sum of the train rows after the hold-outs
     evals = Counter(source_of(tokenizer, ids) for ids in data.eval["input_ids"])
@@ -104,10 +111,15 @@ def test_eval_rows_per_source_and_one_report_line_each(tokenizer, sources, tmp_p
     train_rows = {tuple(ids) for ids in data.train["input_ids"]}
     assert not any(tuple(ids) in train_rows for ids in data.eval["input_ids"] if source_of(tokenizer, ids) == "beta")
     lines = [report.line() for report in data.reports]
-    assert [line.split(": ")[1] for line in lines] == [f"{sources['beta']} [train]", f"{folder} [train]",
-                                                       f"{folder} [test]", f"{bad} [train]"]
-    assert lines[0].endswith("read 30, kept 30, dropped 0; 90 supervised tokens; mixture: weight 0.50, 25 of 51 rows "
-                             "(1.04x)")
+    assert [line.split(": ")[1] for line in lines] == [
+        f"{sources['beta']} [train]",
+        f"{folder} [train]",
+        f"{folder} [test]",
+        f"{bad} [train]",
+    ]
+    assert lines[0].endswith(
+        "read 30, kept 30, dropped 0; 90 supervised tokens; mixture: weight 0.50, 25 of 51 rows (1.04x)"
+    )
     assert "read 20, kept 19, dropped 1 (empty conversation: 1); " in lines[3] and "; mixture: weight 0.25" in lines[3]
     assert "mixture" not in lines[2]  # eval rows are not resampled
 
@@ -115,31 +127,49 @@ def test_eval_rows_per_source_and_one_report_line_each(tokenizer, sources, tmp_p
 def test_bad_rows_stop_a_mixture_too(tokenizer, sources, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [conversation("x question")] * 5 + [{"messages": "oops"}] * 5)
     with pytest.raises(UserError, match="50% of rows in .*bad.jsonl \\[train\\] are unparseable"):
-        load_sft_data(DataSection(mixture=(MixtureSource(path=str(sources["alpha"])), MixtureSource(path=str(bad)))),
-                      tokenizer, max_length=128, seed=0)
+        load_sft_data(
+            DataSection(mixture=(MixtureSource(path=str(sources["alpha"])), MixtureSource(path=str(bad)))),
+            tokenizer,
+            max_length=128,
+            seed=0,
+        )
 
 
 def test_preference_mixture(tokenizer, tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl",
-                        [{"prompt": f"Zq{i}?", "chosen": "A good answer.", "rejected": "No."} for i in range(8)])
-    cfg = DataSection(mixture=(MixtureSource(path="builtin:preferences", weight=3, max_rows=20),
-                               MixtureSource(path=str(pairs), weight=1)), mixture_size=40, test_size=0.25)
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": f"Zq{i}?", "chosen": "A good answer.", "rejected": "No."} for i in range(8)],
+    )
+    cfg = DataSection(
+        mixture=(
+            MixtureSource(path="builtin:preferences", weight=3, max_rows=20),
+            MixtureSource(path=str(pairs), weight=1),
+        ),
+        mixture_size=40,
+        test_size=0.25,
+    )
     data = load_preference_data(cfg, tokenizer, max_length=256, max_prompt_length=128, seed=0)
     assert len(data.train) == 40 and len(data.eval) == 5 + 2
-    assert sum(tokenizer.decode(p, skip_special_tokens=True).startswith("[INST] Zq") for p in data.train["prompt_ids"]) == 10
+    assert (
+        sum(tokenizer.decode(p, skip_special_tokens=True).startswith("[INST] Zq") for p in data.train["prompt_ids"])
+        == 10
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.mixture=[{path: a.jsonl}]"], "'data.path' and 'data.mixture' are mutually exclusive"),
-    (["data.path=null"], "missing required key 'data.path'"),
-    (["data.path=null", "data.mixture=[{weight: 1}]"], "missing required key 'data.mixture[0].path'"),
-    (["data.path=null", "data.mixture=[{path: a, wieght: 1}]"], "did you mean 'data.mixture[0].weight'"),
-    (["data.path=null", "data.mixture=[{path: a, weight: -1}]"], "'data.mixture[0].weight' must be > 0"),
-    (["data.path=null", "data.mixture=[{path: a, format: csv}]"], "'data.mixture[0].format'"),
-    (["data.path=null", "data.mixture={path: a}"], "'data.mixture' must be a list of mappings"),
-    (["data.mixture_size=100"], "'data.mixture_size' applies to data.mixture only"),
-    (["data.path=null", "data.mixture=[{path: a}]", "data.eval_split=test"], "set split / eval_split on each"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.mixture=[{path: a.jsonl}]"], "'data.path' and 'data.mixture' are mutually exclusive"),
+        (["data.path=null"], "missing required key 'data.path'"),
+        (["data.path=null", "data.mixture=[{weight: 1}]"], "missing required key 'data.mixture[0].path'"),
+        (["data.path=null", "data.mixture=[{path: a, wieght: 1}]"], "did you mean 'data.mixture[0].weight'"),
+        (["data.path=null", "data.mixture=[{path: a, weight: -1}]"], "'data.mixture[0].weight' must be > 0"),
+        (["data.path=null", "data.mixture=[{path: a, format: csv}]"], "'data.mixture[0].format'"),
+        (["data.path=null", "data.mixture={path: a}"], "'data.mixture' must be a list of mappings"),
+        (["data.mixture_size=100"], "'data.mixture_size' applies to data.mixture only"),
+        (["data.path=null", "data.mixture=[{path: a}]", "data.eval_split=test"], "set split / eval_split on each"),
+    ],
+)
 def test_recipe_errors(overrides, message):
     with pytest.raises(UserError) as info:
         load_recipe(TINY, overrides)
@@ -149,8 +179,14 @@ def test_recipe_errors(overrides, message):
 def test_mixture_recipe_round_trips(tmp_path):
     from mixtral_ft.recipe import dump_recipe
 
-    recipe = load_recipe(TINY, ["data.path=null", "data.mixture_size=500",
-                                "data.mixture=[{path: builtin:oasst_top1, weight: 3}, {path: b.jsonl, split: train}]"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "data.path=null",
+            "data.mixture_size=500",
+            "data.mixture=[{path: builtin:oasst_top1, weight: 3}, {path: b.jsonl, split: train}]",
+        ],
+    )
     assert [(s.path, s.weight) for s in recipe.data.mixture] == [("builtin:oasst_top1", 3.0), ("b.jsonl", 1.0)]
     dump_recipe(recipe, tmp_path / "recipe.yaml")
     assert load_recipe(tmp_path / "recipe.yaml") == recipe

@@ -40,8 +40,11 @@ class _HubStandIn(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
-        call = {"path": self.path, "auth": self.headers.get("Authorization"),
-                "body": lines if len(lines) != 1 else lines[0]}
+        call = {
+            "path": self.path,
+            "auth": self.headers.get("Authorization"),
+            "body": lines if len(lines) != 1 else lines[0],
+        }
         self.server.calls.append(call)
         base = f"http://127.0.0.1:{self.server.server_port}"
         route = re.match(r"^/api/models/([^/]+/[^/]+)/(preupload|commit)/", self.path)
@@ -51,8 +54,7 @@ class _HubStandIn(BaseHTTPRequestHandler):
         elif self.path == "/api/validate-yaml":
             self._answer(200, {"errors": [], "warnings": []})
         elif route and route[2] == "preupload":  # "regular": contents travel in the commit, no LFS round
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                     for f in call["body"]["files"]]
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in call["body"]["files"]]
             self._answer(200, {"files": files})
         elif route:
             oid = "0" * 40
@@ -93,9 +95,16 @@ def hub():
 
 def hub_env(hub) -> dict:
     # huggingface_hub reads these at import, hence subprocesses; offline mode (conftest, CI) is lifted.
-    return dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=HF_SENTINEL, WANDB_API_KEY=WANDB_SENTINEL,
-                HF_HUB_OFFLINE="0", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-                HF_HUB_DISABLE_TELEMETRY="1")
+    return dict(
+        os.environ,
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN=HF_SENTINEL,
+        WANDB_API_KEY=WANDB_SENTINEL,
+        HF_HUB_OFFLINE="0",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
 
 
 def commits(calls: list, repo: str) -> list[dict]:
@@ -106,8 +115,9 @@ def commits(calls: list, repo: str) -> list[dict]:
     for call in calls:
         if call["path"].startswith(f"/api/models/{repo}/commit/"):
             items = call["body"] if isinstance(call["body"], list) else [call["body"]]
-            out.append({i["value"]["path"]: base64.b64decode(i["value"]["content"]) for i in items
-                        if i["key"] == "file"})
+            out.append(
+                {i["value"]["path"]: base64.b64decode(i["value"]["content"]) for i in items if i["key"] == "file"}
+            )
     return out
 
 
@@ -122,8 +132,18 @@ def assert_no_secret(folder: Path) -> None:
 def trained(hub, tiny_dir, tmp_path_factory):
     """A 2-step tiny SFT adapter whose recipe says hub.push: true (against the stand-in)."""
     out = tmp_path_factory.mktemp("export") / "adapter"
-    cmd = [sys.executable, "-m", "mixtral_ft.cli", "train", str(TINY), f"train.output_dir={out}",
-           "train.max_steps=2", "train.save_steps=2", "hub.push=true", "hub.repo_id=org/tiny-sft"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mixtral_ft.cli",
+        "train",
+        str(TINY),
+        f"train.output_dir={out}",
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "hub.push=true",
+        "hub.repo_id=org/tiny-sft",
+    ]
     proc = subprocess.run(cmd, env=hub_env(hub), capture_output=True, text=True, timeout=300)
     calls = list(hub.calls)
     assert (out / "adapter_model.safetensors").is_file(), proc.stderr[-3000:]
@@ -139,8 +159,12 @@ def adapter(trained):
 def merged(adapter, tiny_fused_dir, tmp_path_factory):
     """Merged folders: dequantized (bf16, with --verify), original (bf16), dequantized fp32, fused-layout fp32."""
     root = tmp_path_factory.mktemp("merged")
-    runs = {"deq": ["--verify"], "orig": ["--base-weights", "original"], "deq32": ["--dtype", "float32"],
-            "fused32": ["--dtype", "float32", "--base", str(tiny_fused_dir)]}
+    runs = {
+        "deq": ["--verify"],
+        "orig": ["--base-weights", "original"],
+        "deq32": ["--dtype", "float32"],
+        "fused32": ["--dtype", "float32", "--base", str(tiny_fused_dir)],
+    }
     printed = {}
     for name, extra in runs.items():
         buffer = io.StringIO()
@@ -173,8 +197,13 @@ def logits(merged, adapter, tiny_dir, tmp_path_factory):
         "assert AutoTokenizer.from_pretrained(sys.argv[3])('Hello').input_ids[0] == 1  # <s>\n"
         "assert not [m for m in sys.modules if m.startswith('mixtral_ft')], 'mixtral_ft was imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(work / "ids.pt"), str(work), *map(str, dirs.values())],
-                          capture_output=True, text=True, timeout=300, cwd=work)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(work / "ids.pt"), str(work), *map(str, dirs.values())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=work,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with torch.no_grad():
         base = load_model(str(tiny_dir), compute_dtype="float32", device="cpu")
@@ -285,8 +314,14 @@ def test_training_with_hub_push_uploads_the_adapter(trained):
     assert create[0]["body"]["visibility"] == "private"  # hub.private defaults to true
     assert create[0]["auth"] == f"Bearer {HF_SENTINEL}"
     [files] = commits(calls, "org/tiny-sft")
-    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json",
-            "tokenizer_config.json"} <= set(files)
+    assert {
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "run.json",
+        "tokenizer_config.json",
+    } <= set(files)
     assert not [f for f in files if f.startswith("checkpoint-") or f == "training_args.bin"]
     card = files["README.md"].decode()
     assert card.startswith("---\n") and "library_name: peft" in card
@@ -298,8 +333,7 @@ def test_training_with_hub_push_uploads_the_adapter(trained):
 def test_push_merged_model_through_the_cli(hub, merged):
     dirs, _ = merged
     before = len(hub.calls)
-    cmd = [sys.executable, "-m", "mixtral_ft.cli", "push", str(dirs["orig"]), "--repo-id", "org/merged",
-           "--no-private"]
+    cmd = [sys.executable, "-m", "mixtral_ft.cli", "push", str(dirs["orig"]), "--repo-id", "org/merged", "--no-private"]
     proc = subprocess.run(cmd, env=hub_env(hub), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls = hub.calls[before:]
@@ -338,9 +372,20 @@ def test_secrets_are_scrubbed_from_the_card_and_block_the_push(adapter, tmp_path
     assert "contains the value of HF_TOKEN" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["bad_repo", "no_namespace", "not_a_folder_kind", "missing_dir", "no_token",
-                                  "merge_out_exists", "merge_missing_adapter", "merge_model_not_adapter",
-                                  "recipe_push_without_repo"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad_repo",
+        "no_namespace",
+        "not_a_folder_kind",
+        "missing_dir",
+        "no_token",
+        "merge_out_exists",
+        "merge_missing_adapter",
+        "merge_model_not_adapter",
+        "recipe_push_without_repo",
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(case, adapter, tiny_dir, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 

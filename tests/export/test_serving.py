@@ -22,12 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello there"}],
-    [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! I'm here."},
-     {"role": "user", "content": "How are you?\nTwo lines."}],
+    [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi! I'm here."},
+        {"role": "user", "content": "How are you?\nTwo lines."},
+    ],
 ]
 
 
 # --- model.attn_implementation ---------------------------------------------------------------------
+
 
 def test_attn_implementation_defaults_to_sdpa_and_is_checked():
     assert load_recipe(TINY).model.attn_implementation == "sdpa"
@@ -75,10 +79,13 @@ def test_flash_attention_on_cuda_needs_the_flash_attn_package(monkeypatch, insta
     assert asked == ["flash_attn"]
 
 
-@pytest.mark.parametrize("argv", [
-    ["chat", "tiny", "--prompt", "hi", "--attn-implementation", "flash_attention_2"],
-    ["train", TINY, "model.attn_implementation=flash_attention_2", "train.output_dir=/nonexistent/never"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "tiny", "--prompt", "hi", "--attn-implementation", "flash_attention_2"],
+        ["train", TINY, "model.attn_implementation=flash_attention_2", "train.output_dir=/nonexistent/never"],
+    ],
+)
 def test_flash_attention_exits_2_with_one_line(argv, capsys, tmp_path):
     if argv[0] == "train":
         argv = [*argv[:-1], f"train.output_dir={tmp_path / 'out'}"]
@@ -102,6 +109,7 @@ def test_load_model_uses_the_kernel_and_keeps_sliding_window(tiny_dir, attn):
 
 
 # --- serving layouts --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory):
@@ -155,7 +163,9 @@ def test_tgi_style_tokenizer_gives_mistral_commons_ids(merged):
 
     reference = load_tokenizer(merged, mode="test")
     fast = Tokenizer.from_file(str(merged / "tokenizer.json"))
-    template = jinja2.Environment().from_string(json.loads((merged / "tokenizer_config.json").read_text())["chat_template"])
+    template = jinja2.Environment().from_string(
+        json.loads((merged / "tokenizer_config.json").read_text())["chat_template"]
+    )
     for messages in CONVERSATIONS:
         for system in (None, "Answer briefly."):
             turns = messages if system is None else [{"role": "system", "content": system}, *messages]

@@ -26,10 +26,9 @@ def test_an_existing_empty_folder_is_replaced(tmp_path):
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_an_error_inside_leaves_nothing_and_propagates(tmp_path, error):
     out = tmp_path / "model"
-    with pytest.raises(type(error)):
-        with staged_folder(out, "OUT") as staging:
-            (staging / "half.bin").write_bytes(b"half")
-            raise error
+    with pytest.raises(type(error)), staged_folder(out, "OUT") as staging:
+        (staging / "half.bin").write_bytes(b"half")
+        raise error
     assert list(tmp_path.iterdir()) == []  # neither the destination nor the staging folder
 
 
@@ -41,32 +40,35 @@ def test_a_non_empty_destination_is_refused_and_untouched(tmp_path, kind):
     else:
         out.mkdir()
         (out / "keep.txt").write_text("keep me")
-    with pytest.raises(UserError, match=r"--out '.*model' already exists and is not empty"):
-        with staged_folder(out, "--out"):
-            pytest.fail("the body must not run")
+    with (
+        pytest.raises(UserError, match=r"--out '.*model' already exists and is not empty"),
+        staged_folder(out, "--out"),
+    ):
+        pytest.fail("the body must not run")
     assert (out.read_text() if kind == "file" else (out / "keep.txt").read_text()) == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_files_that_appear_in_the_destination_meanwhile_are_not_replaced(tmp_path):
     out = tmp_path / "model"
-    with pytest.raises(OSError):
-        with staged_folder(out, "OUT") as staging:
-            (staging / "weights.bin").write_bytes(b"ours")
-            out.mkdir()
-            (out / "theirs.txt").write_text("theirs")  # e.g. another run started on the same folder
+    with pytest.raises(OSError), staged_folder(out, "OUT") as staging:
+        (staging / "weights.bin").write_bytes(b"ours")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")  # e.g. another run started on the same folder
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 # --- issue 16, case 12: no leftovers from a killed merge, normal permissions -------------------------------
 
+
 def test_stale_staging_of_a_dead_process_is_removed_by_the_next_run(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = tmp_path / f".model-staging-{dead}-abcd"  # what a kill -9 mid-merge leaves
     stale.mkdir()
     (stale / "model-00001-of-00002.safetensors").write_bytes(b"partial")
@@ -79,10 +81,9 @@ def test_sigterm_inside_removes_the_staging_folder(tmp_path):
     import os
     import signal
 
-    with pytest.raises(SystemExit) as stopped:
-        with staged_folder(tmp_path / "model", "OUT") as staging:
-            (staging / "shard").write_bytes(b"x")
-            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, staged_folder(tmp_path / "model", "OUT") as staging:
+        (staging / "shard").write_bytes(b"x")
+        os.kill(os.getpid(), signal.SIGTERM)
     assert stopped.value.code == 143 and list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 

@@ -24,9 +24,7 @@ def merge(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_fp32_merge_verifies_ok_and_states_its_tolerance(adapter_run, tmp_path, capsys):
     out = tmp_path / "m32"
-    code, printed, err = merge(
-        [str(adapter_run), "--out", str(out), "--dtype", "float32", "--verify"], capsys
-    )
+    code, printed, err = merge([str(adapter_run), "--out", str(out), "--dtype", "float32", "--verify"], capsys)
     assert code == 0, err
     report = json.loads((out / "verify.json").read_text())
     assert report["verdict"] == "ok" and report["compute_dtype"] == "float32"
@@ -39,21 +37,15 @@ def test_fp32_merge_verifies_ok_and_states_its_tolerance(adapter_run, tmp_path, 
 
 def test_bf16_merge_is_judged_by_bf16_rounding_and_still_computed_in_fp32(adapter_run, tmp_path, capsys):
     out = tmp_path / "mbf16"
-    code, printed, err = merge(
-        [str(adapter_run), "--out", str(out), "--dtype", "bfloat16", "--verify"], capsys
-    )
+    code, printed, err = merge([str(adapter_run), "--out", str(out), "--dtype", "bfloat16", "--verify"], capsys)
     assert code == 0, err
     report = json.loads((out / "verify.json").read_text())
     assert report["verdict"] == "ok" and report["compute_dtype"] == "float32"
     assert report["weights_dtype"] == "bfloat16" and report["relative_tolerance"] == 5e-2
-    assert (
-        report["mean_abs_logit_diff"] > 1e-5 * report["mean_abs_logit"]
-    )  # bf16 rounding shows, and is allowed
+    assert report["mean_abs_logit_diff"] > 1e-5 * report["mean_abs_logit"]  # bf16 rounding shows, and is allowed
 
 
-def test_merge_with_the_lora_scale_doubled_fails_verify_and_exits_1(
-    adapter_run, tmp_path, capsys, monkeypatch
-):
+def test_merge_with_the_lora_scale_doubled_fails_verify_and_exits_1(adapter_run, tmp_path, capsys, monkeypatch):
     """A deliberately wrong merge: W + 2·scale·B·A written, adapter-on-base (scale·B·A) as the reference."""
     read_lora = export._read_lora
 
@@ -62,9 +54,7 @@ def test_merge_with_the_lora_scale_doubled_fails_verify_and_exits_1(
 
     monkeypatch.setattr(export, "_read_lora", doubled)
     out = tmp_path / "wrong"
-    code, printed, err = merge(
-        [str(adapter_run), "--out", str(out), "--dtype", "float32", "--verify"], capsys
-    )
+    code, printed, err = merge([str(adapter_run), "--out", str(out), "--dtype", "float32", "--verify"], capsys)
     assert code == 1
     report = json.loads((out / "verify.json").read_text())
     assert report["verdict"] == "FAILED" and report["mean_abs_logit_diff"] > report["tolerance"]

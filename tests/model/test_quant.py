@@ -24,8 +24,7 @@ def nf4_model(tiny_dir):
 def dequantized_reference(model) -> MixtralForCausalLM:
     """transformers' own Mixtral, holding exactly the weights our NF4 model computes with."""
     reference = MixtralForCausalLM(copy.deepcopy(model.config)).float()
-    state = {name: (dequantize_nf4(p) if is_4bit(p) else p).detach().float()
-             for name, p in model.named_parameters()}
+    state = {name: (dequantize_nf4(p) if is_4bit(p) else p).detach().float() for name, p in model.named_parameters()}
     result = reference.load_state_dict(state, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
     return reference.eval()
@@ -182,16 +181,23 @@ def test_load_memory_does_not_grow_with_depth_beyond_the_nf4_footprint(tmp_path)
     probe = str(Path(__file__).parents[1] / "load_memory_probe.py")
     measured = {}
     for layers in (8, 16):
-        config = MixtralConfig(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                               num_experts_per_tok=2, tie_word_embeddings=False)
+        config = MixtralConfig(
+            vocab_size=32000,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+        )
         torch.manual_seed(0)
         folder = tmp_path / f"L{layers}"
         MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="20MB")
         # A fixed mmap threshold and one arena make RSS follow live bytes instead of glibc's caching.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
-        out = subprocess.run([sys.executable, probe, str(folder)], capture_output=True, text=True, check=True,
-                             env=env)
+        out = subprocess.run([sys.executable, probe, str(folder)], capture_output=True, text=True, check=True, env=env)
         measured[layers] = json.loads(out.stdout.strip().splitlines()[-1])
     layer_bf16 = 8 * 3 * 256 * 1024 * 2
     growth = measured[16]["peak_growth"] - measured[8]["peak_growth"]

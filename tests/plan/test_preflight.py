@@ -107,8 +107,15 @@ def measured_peak(model, optimizer, batch, seq, *, checkpointing=True, fused=Fal
 
 
 def predicted(config, batch, seq, dtype_bytes=4, **kwargs) -> int:
-    run = Run(batch, seq, dtype_bytes=dtype_bytes, loop="trainer" if kwargs.pop("fused", False) else "plain",
-              triton=False, padded=False, **kwargs)  # bench's loop: no autocast, no attention mask
+    run = Run(
+        batch,
+        seq,
+        dtype_bytes=dtype_bytes,
+        loop="trainer" if kwargs.pop("fused", False) else "plain",
+        triton=False,
+        padded=False,
+        **kwargs,
+    )  # bench's loop: no autocast, no attention mask
     return estimate(Dims.of(config), run).peak
 
 
@@ -121,29 +128,43 @@ def tiny(trainer_like):
 
 # Two points with different shares of weights and logits (B2 x 128: logits 85% of the peak; B1 x 64: 60%),
 # so no constant factor passes both; then TRL's fused LM head (its CPU fallback) and no checkpointing.
-@pytest.mark.parametrize("batch, seq, options", [(2, 128, {}), (1, 64, {}), (1, 128, {"fused": True}),
-                                                 (1, 96, {"checkpointing": False})])
+@pytest.mark.parametrize(
+    "batch, seq, options", [(2, 128, {}), (1, 64, {}), (1, 128, {"fused": True}), (1, 96, {"checkpointing": False})]
+)
 def test_tiny_peak_within_ten_percent(tiny, batch, seq, options):
     config, model, optimizer = tiny
     measured = measured_peak(model, optimizer, batch, seq, **options)
     error = predicted(config, batch, seq, **options) / measured - 1
-    assert abs(error) < TOLERANCE, f"B{batch} x S{seq} {options}: measured {measured / 2**20:.2f} MiB, off by {error:+.1%}"
+    assert abs(error) < TOLERANCE, (
+        f"B{batch} x S{seq} {options}: measured {measured / 2**20:.2f} MiB, off by {error:+.1%}"
+    )
 
 
 @pytest.fixture(scope="module")
 def wider(trainer_like):
     from transformers import MixtralConfig
 
-    config = MixtralConfig(vocab_size=1024, hidden_size=128, intermediate_size=448, num_hidden_layers=2,
-                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                           sliding_window=None, tie_word_embeddings=False, output_router_logits=False)
+    config = MixtralConfig(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=448,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        output_router_logits=False,
+    )
     return config, functools.cache(lambda dtype: trainer_like(config, dtype))  # one model per dtype
 
 
 # bf16 adds what the GPU run has and fp32 hides: RMSNorm's fp32 input copies, peft's fp32 casts of the LoRA
 # inputs, the experts' fp32 output copy. (bf16 matmuls are slow on this CPU: the smallest shape.)
-@pytest.mark.parametrize("dtype, seq, checkpointing", [(torch.float32, 64, True), (torch.float32, 64, False),
-                                                       (torch.bfloat16, 32, True)])
+@pytest.mark.parametrize(
+    "dtype, seq, checkpointing", [(torch.float32, 64, True), (torch.float32, 64, False), (torch.bfloat16, 32, True)]
+)
 def test_layer_terms_on_a_wider_model(wider, dtype, seq, checkpointing):
     """Where a layer's recompute and dequantized experts set the peak (as on the GPU), not the logits."""
     config, (model, optimizer) = wider[0], wider[1](dtype)
@@ -167,6 +188,7 @@ def test_peft_keeps_lora_fp32_on_a_bf16_nf4_base():
 
 # --- the command -----------------------------------------------------------------------------------
 
+
 def plan_json(capsys, *argv) -> tuple[int, dict]:
     code = main(["plan", *argv, "--json"])
     return code, json.loads(capsys.readouterr().out)
@@ -178,8 +200,15 @@ def test_oasst_fits_80_and_matches_the_issue_measurement(capsys):
     # benchmarks/NOTES.md budgets 28.7 GiB by adding the logits (1.3) to the layer workspace, but the logits are
     # freed before the last layer's recompute; the issue measured 28.9 GiB for this design in bench's loop.
     assert 25 < report["peak_gib"] < 30
-    issue = {"model": "mixtral-8x7b-shape", "layers": 32, "batch": 2, "seq": 2048, "levers": DEFAULT_LEVERS,
-             "dtype": "bfloat16", "peak_gib": 28.9}
+    issue = {
+        "model": "mixtral-8x7b-shape",
+        "layers": 32,
+        "batch": 2,
+        "seq": 2048,
+        "levers": DEFAULT_LEVERS,
+        "dtype": "bfloat16",
+        "peak_gib": 28.9,
+    }
     assert abs(compare_bench(issue)["error"]) < TOLERANCE
     assert sum(c["bytes"] for c in report["components"]) == report["peak_bytes"]
     names = [c["name"] for c in report["components"]]
@@ -237,8 +266,13 @@ def test_bad_input_exits_2(capsys, argv):
 def test_gpu_benchmark_results():
     """Plan against every GPU `mixtral-ft bench` run at default levers; skipped until one exists (CPU holds RSS)."""
     reports = [json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))]
-    runs = [run for report in reports if report.get("device", "cpu") != "cpu" for run in report.get("runs", [])
-            if run["levers"] == DEFAULT_LEVERS]
+    runs = [
+        run
+        for report in reports
+        if report.get("device", "cpu") != "cpu"
+        for run in report.get("runs", [])
+        if run["levers"] == DEFAULT_LEVERS
+    ]
     if not runs:
         pytest.skip("no GPU result in benchmarks/results: run `mixtral-ft bench --batch 2 8` on a GPU")
     for run in runs:

@@ -28,9 +28,7 @@ def validate(capsys, recipe: str, *overrides: str) -> str:
 
 
 def bomb(levels: int) -> str:
-    lines = ["x0: &x0 {a: 1, b: 2}"] + [
-        f"x{n}: &x{n} {{a: *x{n - 1}, b: *x{n - 1}}}" for n in range(1, levels + 1)
-    ]
+    lines = ["x0: &x0 {a: 1, b: 2}"] + [f"x{n}: &x{n} {{a: *x{n - 1}, b: *x{n - 1}}}" for n in range(1, levels + 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -101,12 +99,12 @@ def test_push_scans_every_file_it_would_upload(tmp_path, monkeypatch, name):
     (folder / "adapter_config.json").write_text("{}")
     (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     (folder / "logs").mkdir()
-    (folder / "logs" / name).write_bytes(
-        b"\x00\x01binary" + b"x" * 100 + b"HF_TOKEN=" + TOKEN.encode() + b"\xff"
-    )
+    (folder / "logs" / name).write_bytes(b"\x00\x01binary" + b"x" * 100 + b"HF_TOKEN=" + TOKEN.encode() + b"\xff")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(UserError, match="contains the value of HF_TOKEN"):
         push_folder(folder, "my-org/run", dry_run=True)
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(UserError, match="contains the value of HF_TOKEN"):  # an hf_ token that is not ours is refused too
+    with pytest.raises(
+        UserError, match="contains the value of HF_TOKEN"
+    ):  # an hf_ token that is not ours is refused too
         push_folder(folder, "my-org/run", dry_run=True)

@@ -16,8 +16,16 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 
 
 def test_overrides_are_parsed_as_yaml():
-    recipe = load_recipe(TINY, ["lora.r=8", "lora.target_modules=[q_proj,v_proj]", "data.max_rows=null",
-                                "train.learning_rate=1e-4", "train.packing=true"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "lora.r=8",
+            "lora.target_modules=[q_proj,v_proj]",
+            "data.max_rows=null",
+            "train.learning_rate=1e-4",
+            "train.packing=true",
+        ],
+    )
     assert recipe.lora.r == 8
     assert recipe.lora.target_modules == ("q_proj", "v_proj")
     assert recipe.data.max_rows is None
@@ -28,19 +36,56 @@ def test_overrides_are_parsed_as_yaml():
 # The defaults README's recipe reference documents, written out: a changed default must change this table
 # (and README) on purpose.
 DOCUMENTED_DEFAULTS = {
-    "model": {"quantize_experts": True, "compute_dtype": "auto", "revision": None, "adapter": None,
-              "attn_implementation": "sdpa"},
-    "data": {"split": "train", "eval_split": None, "test_size": 0.0, "format": "auto", "max_bad_fraction": 0.1,
-             "max_rows": None, "mixture": [], "mixture_size": None},
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-             "allow_other_targets": False},
-    "train": {"method": "sft", "max_steps": -1, "num_train_epochs": 1.0, "save_steps": 500, "seed": 42,
-              "learning_rate": 2e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
-              "max_grad_norm": 0.3, "optim": "adamw_torch", "per_device_train_batch_size": 2,
-              "gradient_accumulation_steps": 1, "max_length": 2048, "packing": False,
-              "gradient_checkpointing": True, "compile": False, "assistant_only_loss": True, "logging_steps": 1,
-              "eval_steps": None, "overwrite": False, "resume": "auto", "router_aux_loss_coef": 0.0,
-              "check_fit": True},
+    "model": {
+        "quantize_experts": True,
+        "compute_dtype": "auto",
+        "revision": None,
+        "adapter": None,
+        "attn_implementation": "sdpa",
+    },
+    "data": {
+        "split": "train",
+        "eval_split": None,
+        "test_size": 0.0,
+        "format": "auto",
+        "max_bad_fraction": 0.1,
+        "max_rows": None,
+        "mixture": [],
+        "mixture_size": None,
+    },
+    "lora": {
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "allow_other_targets": False,
+    },
+    "train": {
+        "method": "sft",
+        "max_steps": -1,
+        "num_train_epochs": 1.0,
+        "save_steps": 500,
+        "seed": 42,
+        "learning_rate": 2e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.03,
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.3,
+        "optim": "adamw_torch",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_length": 2048,
+        "packing": False,
+        "gradient_checkpointing": True,
+        "compile": False,
+        "assistant_only_loss": True,
+        "logging_steps": 1,
+        "eval_steps": None,
+        "overwrite": False,
+        "resume": "auto",
+        "router_aux_loss_coef": 0.0,
+        "check_fit": True,
+    },
     "hub": {"push": False, "repo_id": None, "private": True},
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "max_prompt_length": 512},
     "logging": {"report_to": ["none"], "project": "mixtral-ft", "run_name": None, "router_stats_steps": 10},
@@ -80,30 +125,33 @@ def test_every_value_a_shipped_recipe_sets_is_the_value_loaded(path):
             assert resolved[section][key] == value, f"{path.name}: {section}.{key}"
 
 
-@pytest.mark.parametrize("overrides, key, fix", [
-    (["lora.rank=8"], "lora.rank", "did you mean 'lora.r'"),
-    (["train.lr=0.1"], "train.lr", "did you mean 'train.learning_rate'"),
-    (["bogus.key=1"], "bogus", "valid keys here are"),
-    (["lora.r=0"], "lora.r", "must be > 0"),
-    (["lora.r=-4"], "lora.r", "must be > 0"),
-    (["lora.r=eight"], "lora.r", "must be an integer"),
-    (["train.learning_rate=0"], "train.learning_rate", "must be > 0"),
-    (["train.learning_rate=fast"], "train.learning_rate", "must be a number"),
-    (["lora.dropout=1.5"], "lora.dropout", "[0, 1)"),
-    (["lora.target_modules=[q_proj,w1]"], "lora.target_modules", "allow_other_targets"),
-    (["lora.target_modules=[]"], "lora.target_modules", "at least one"),
-    (["train.output_dir=null"], "train.output_dir", "missing required key"),
-    (["model.name=null"], "model.name", "missing required key"),
-    (["train.max_steps=2.5"], "train.max_steps", "must be an integer"),
-    (["train.max_steps=0"], "train.max_steps", "-1 to train by epochs"),
-    (["train.packing=maybe"], "train.packing", "true or false"),
-    (["train.save_steps=0"], "train.save_steps", "must be > 0"),
-    (["data.format=csv"], "data.format", "alpaca, prompt_completion"),
-    (["hub.token=hf_abc"], "hub.token", "HF_TOKEN"),
-    (["model.api_key=xyz"], "model.api_key", "huggingface-cli login"),
-    (["model=3"], "model", "must be a mapping"),
-    (["oops"], "oops", "key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, fix",
+    [
+        (["lora.rank=8"], "lora.rank", "did you mean 'lora.r'"),
+        (["train.lr=0.1"], "train.lr", "did you mean 'train.learning_rate'"),
+        (["bogus.key=1"], "bogus", "valid keys here are"),
+        (["lora.r=0"], "lora.r", "must be > 0"),
+        (["lora.r=-4"], "lora.r", "must be > 0"),
+        (["lora.r=eight"], "lora.r", "must be an integer"),
+        (["train.learning_rate=0"], "train.learning_rate", "must be > 0"),
+        (["train.learning_rate=fast"], "train.learning_rate", "must be a number"),
+        (["lora.dropout=1.5"], "lora.dropout", "[0, 1)"),
+        (["lora.target_modules=[q_proj,w1]"], "lora.target_modules", "allow_other_targets"),
+        (["lora.target_modules=[]"], "lora.target_modules", "at least one"),
+        (["train.output_dir=null"], "train.output_dir", "missing required key"),
+        (["model.name=null"], "model.name", "missing required key"),
+        (["train.max_steps=2.5"], "train.max_steps", "must be an integer"),
+        (["train.max_steps=0"], "train.max_steps", "-1 to train by epochs"),
+        (["train.packing=maybe"], "train.packing", "true or false"),
+        (["train.save_steps=0"], "train.save_steps", "must be > 0"),
+        (["data.format=csv"], "data.format", "alpaca, prompt_completion"),
+        (["hub.token=hf_abc"], "hub.token", "HF_TOKEN"),
+        (["model.api_key=xyz"], "model.api_key", "huggingface-cli login"),
+        (["model=3"], "model", "must be a mapping"),
+        (["oops"], "oops", "key=value"),
+    ],
+)
 def test_bad_recipes_name_the_key(overrides, key, fix):
     with pytest.raises(UserError) as info:
         load_recipe(TINY, overrides)
@@ -152,8 +200,12 @@ def test_every_shipped_recipe_validates():
 @pytest.mark.slow
 def test_console_script_error_is_one_line_exit_2(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "mixtral_ft.cli", "train", str(TINY), "lora.rank=3",
-                           f"train.output_dir={out}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixtral_ft.cli", "train", str(TINY), "lora.rank=3", f"train.output_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown key 'lora.rank' (did you mean 'lora.r'?)"
     assert "Traceback" not in proc.stderr

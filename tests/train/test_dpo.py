@@ -34,8 +34,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def load(path, tokenizer, *, max_length=256, max_prompt_length=128, **data):
-    return load_preference_data(DataSection(path=str(path), **data), tokenizer, max_length=max_length,
-                                max_prompt_length=max_prompt_length, seed=0)
+    return load_preference_data(
+        DataSection(path=str(path), **data),
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,7 @@ def tokenizer():
 
 
 # --- pairs in Mixtral's format -------------------------------------------------------------------------
+
 
 def test_pair_is_mistral_commons_encoding(tokenizer, tmp_path):
     reference = MistralTokenizer.from_file(str(bundled_tokenizer_file()), mode=ValidationMode.finetuning)
@@ -58,19 +64,27 @@ def test_pair_is_mistral_commons_encoding(tokenizer, tmp_path):
 
 
 def test_string_trl_and_ultrafeedback_layouts_agree(tokenizer, tmp_path):
-    user, good, bad = ({"role": "user", "content": QUESTION}, {"role": "assistant", "content": GOOD},
-                       {"role": "assistant", "content": BAD})
-    layouts = [PAIR,
-               {"prompt": [user], "chosen": [good], "rejected": [bad]},  # TRL conversational
-               {"prompt": QUESTION, "chosen": [user, good], "rejected": [user, bad]},  # ultrafeedback_binarized
-               {"chosen": [user, good], "rejected": [user, bad]}]  # the same without the prompt column
+    user, good, bad = (
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": GOOD},
+        {"role": "assistant", "content": BAD},
+    )
+    layouts = [
+        PAIR,
+        {"prompt": [user], "chosen": [good], "rejected": [bad]},  # TRL conversational
+        {"prompt": QUESTION, "chosen": [user, good], "rejected": [user, bad]},  # ultrafeedback_binarized
+        {"chosen": [user, good], "rejected": [user, bad]},
+    ]  # the same without the prompt column
     encoded = [load(write_jsonl(tmp_path / f"{i}.jsonl", [row]), tokenizer).train[0] for i, row in enumerate(layouts)]
     assert all(e == encoded[0] for e in encoded)
 
 
 def test_multi_turn_prompt_keeps_earlier_turns(tokenizer, tmp_path):
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-             {"role": "user", "content": QUESTION}]
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": QUESTION},
+    ]
     row = load(write_jsonl(tmp_path / "m.jsonl", [{"prompt": turns, "chosen": GOOD, "rejected": BAD}]), tokenizer)
     prompt = row.train[0]["prompt_ids"]
     assert tokenizer.decode(prompt, skip_special_tokens=True) == f"[INST] Hi [/INST] Hello! [INST] {QUESTION} [/INST]"
@@ -96,8 +110,13 @@ def test_hub_layout_from_a_local_dataset_folder(tokenizer, tmp_path):
     import datasets
 
     user = {"role": "user", "content": QUESTION}
-    row = {"prompt": QUESTION, "chosen": [user, {"role": "assistant", "content": GOOD}],
-           "rejected": [user, {"role": "assistant", "content": BAD}], "score_chosen": 9.0, "score_rejected": 2.0}
+    row = {
+        "prompt": QUESTION,
+        "chosen": [user, {"role": "assistant", "content": GOOD}],
+        "rejected": [user, {"role": "assistant", "content": BAD}],
+        "score_chosen": 9.0,
+        "score_rejected": 2.0,
+    }
     (tmp_path / "uf" / "data").mkdir(parents=True)
     for split, n in (("train_prefs", 6), ("test_prefs", 2)):
         datasets.Dataset.from_list([row] * n).to_parquet(tmp_path / "uf" / "data" / f"{split}-00000-of-00001.parquet")
@@ -122,10 +141,14 @@ def test_bad_rows_are_counted_and_dropped(tokenizer, tmp_path):
     data = load(write_jsonl(tmp_path / "bad.jsonl", [PAIR] * 54 + BAD_ROWS), tokenizer)
     report = data.reports[0]
     assert (report.read, report.kept, len(data.train)) == (60, 54, 54)
-    assert report.dropped == {"missing chosen": 1, "chosen identical to rejected": 1, "empty prompt": 1,
-                              "chosen is not a string or a list of turns": 1,
-                              "prompt is not a string or a list of turns": 1,
-                              "chosen does not end on an assistant turn": 1}
+    assert report.dropped == {
+        "missing chosen": 1,
+        "chosen identical to rejected": 1,
+        "empty prompt": 1,
+        "chosen is not a string or a list of turns": 1,
+        "prompt is not a string or a list of turns": 1,
+        "chosen does not end on an assistant turn": 1,
+    }
     line = report.line()
     assert "read 60, kept 54, dropped 6" in line and "chosen identical to rejected: 1" in line
 
@@ -142,14 +165,17 @@ def test_missing_columns_name_the_layout(tokenizer, tmp_path):
         load(write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}]), tokenizer)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["train.method=ppo"], "train.method"),
-    (["dpo.beta=0"], "dpo.beta"),
-    (["dpo.loss_type=exo_pair"], "dpo.loss_type"),
-    (["dpo.max_prompt_length=192"], "dpo.max_prompt_length"),
-    (["train.packing=true"], "train.packing"),
-    (["data.format=chatml"], "data.format"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.method=ppo"], "train.method"),
+        (["dpo.beta=0"], "dpo.beta"),
+        (["dpo.loss_type=exo_pair"], "dpo.loss_type"),
+        (["dpo.max_prompt_length=192"], "dpo.max_prompt_length"),
+        (["train.packing=true"], "train.packing"),
+        (["data.format=chatml"], "data.format"),
+    ],
+)
 def test_dpo_recipe_errors_name_the_key(overrides, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_recipe(TINY_DPO, overrides)
@@ -157,10 +183,25 @@ def test_dpo_recipe_errors_name_the_key(overrides, key):
 
 # --- training ----------------------------------------------------------------------------------------
 
+
 def dpo_run(out: Path, data: Path, *extra: str) -> Path:
-    assert main(["train", TINY_DPO, f"data.path={data}", "data.test_size=0", f"train.output_dir={out}",
-                 "train.logging_steps=1", "train.lr_scheduler_type=constant", "train.warmup_ratio=0",
-                 "logging.router_stats_steps=0", *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                TINY_DPO,
+                f"data.path={data}",
+                "data.test_size=0",
+                f"train.output_dir={out}",
+                "train.logging_steps=1",
+                "train.lr_scheduler_type=constant",
+                "train.warmup_ratio=0",
+                "logging.router_stats_steps=0",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -168,8 +209,14 @@ def dpo_run(out: Path, data: Path, *extra: str) -> Path:
 def repeated_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo_repeated")
     data = write_jsonl(tmp / "pairs.jsonl", [PAIR] * 40)
-    return dpo_run(tmp / "run", data, "train.max_steps=5", "train.save_steps=5", "train.learning_rate=2e-3",
-                   "train.gradient_checkpointing=false")  # the chain run below keeps it on
+    return dpo_run(
+        tmp / "run",
+        data,
+        "train.max_steps=5",
+        "train.save_steps=5",
+        "train.learning_rate=2e-3",
+        "train.gradient_checkpointing=false",
+    )  # the chain run below keeps it on
 
 
 @pytest.mark.slow
@@ -198,7 +245,9 @@ def live_tensor_bytes() -> int:
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta" and not is_fake(obj):  # torch.compile's leftovers
+        if (
+            isinstance(obj, torch.Tensor) and obj.device.type != "meta" and not is_fake(obj)
+        ):  # torch.compile's leftovers
             storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
     return sum(storages.values())
 
@@ -238,11 +287,30 @@ def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chain")
     conversation = {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": GOOD}]}
     sft = tmp / "sft"
-    assert main(["train", TINY_SFT, f"data.path={write_jsonl(tmp / 'sft.jsonl', [conversation] * 8)}",
-                 "data.test_size=0", f"train.output_dir={sft}", "train.max_steps=2", "train.save_steps=2",
-                 "train.max_length=64", "logging.router_stats_steps=0"]) == 0
-    dpo = dpo_run(tmp / "dpo", write_jsonl(tmp / "pairs.jsonl", [PAIR] * 8), f"model.adapter={sft}",
-                  "train.max_steps=2", "train.save_steps=2", "train.learning_rate=1e-5")
+    assert (
+        main(
+            [
+                "train",
+                TINY_SFT,
+                f"data.path={write_jsonl(tmp / 'sft.jsonl', [conversation] * 8)}",
+                "data.test_size=0",
+                f"train.output_dir={sft}",
+                "train.max_steps=2",
+                "train.save_steps=2",
+                "train.max_length=64",
+                "logging.router_stats_steps=0",
+            ]
+        )
+        == 0
+    )
+    dpo = dpo_run(
+        tmp / "dpo",
+        write_jsonl(tmp / "pairs.jsonl", [PAIR] * 8),
+        f"model.adapter={sft}",
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "train.learning_rate=1e-5",
+    )
     return sft, dpo
 
 
@@ -274,8 +342,9 @@ def test_trl_private_hook_we_override_is_unchanged():
     params = list(inspect.signature(DPOTrainer._prepare_dataset).parameters)
     assert params == ["self", "dataset", "processing_class", "args", "dataset_name"], params
     assert list(inspect.signature(TokenizedDPOTrainer._prepare_dataset).parameters) == params
-    assert "self._prepare_dataset(train_dataset, processing_class, args, \"train\")" in inspect.getsource(
-        DPOTrainer.__init__)
+    assert 'self._prepare_dataset(train_dataset, processing_class, args, "train")' in inspect.getsource(
+        DPOTrainer.__init__
+    )
 
 
 def test_pyproject_pins_the_trl_minor_the_override_was_checked_against():

@@ -7,8 +7,6 @@ the same seed must too, and it is also the one whose every written byte is searc
 two-process DDP run, SIGTERM to one rank stops both at the same step with one complete checkpoint.
 """
 
-import contextlib
-import io
 import json
 import os
 import select
@@ -19,15 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from safetensors.torch import save_file
 
-import mixtral_ft.train.callbacks
-from mixtral_ft.cli import main
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import load_recipe
-from mixtral_ft.train.checksums import write_manifest
 from mixtral_ft.train.outdir import replace_deferred
 from mixtral_ft.train.resume import (
     check_existing_run,
@@ -35,50 +27,17 @@ from mixtral_ft.train.resume import (
     find_resume_checkpoint,
     newest_complete,
 )
+from tests.conftest import RUN, adapter_bytes, make_checkpoint, signal_at, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 # 6 cosine-scheduled steps with warmup and LoRA dropout 0.05; save_steps high so only stops save checkpoints.
-RUN = ["data.test_size=0", "train.max_length=128", "train.max_steps=6", "train.logging_steps=1",
-       "train.save_steps=100"]
+
 HF_SECRET, WANDB_SECRET = "hf_SENTINELq8ZtWq3nL0vR7xKc2", "SENTINELwandb5f0e9d8c7b6a5f4e3d2c1b0a9"
-
-
-def train(out: Path, *extra: str) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["train", TINY, *RUN, f"train.output_dir={out}", *extra])
-    return code, err.getvalue()
 
 
 def losses(out: Path) -> list:
     return json.loads((out / "run.json").read_text())["losses"]
-
-
-def adapter_bytes(out: Path) -> bytes:
-    return (out / "adapter_model.safetensors").read_bytes()
-
-
-@contextlib.contextmanager
-def signal_at(step: int | str, signum: int):
-    """A real signal to this process at the end of `step` (or "end": of training), from a callback ahead of the guards."""
-    from transformers import TrainerCallback
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                os.kill(os.getpid(), signum)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if step == "end":  # after the last step, just before the final save
-                os.kill(os.getpid(), signum)
-
-    make = mixtral_ft.train.callbacks.make_callbacks
-    mixtral_ft.train.callbacks.make_callbacks = lambda recipe, out: [Kill(), *make(recipe, out)]
-    try:
-        yield
-    finally:
-        mixtral_ft.train.callbacks.make_callbacks = make
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +93,13 @@ def test_a_signal_as_the_run_ends_waits_for_the_final_save(reference, tmp_path):
 def test_sigterm_mid_run_exits_143_with_a_complete_checkpoint(reference, tmp_path):
     out = tmp_path / "preempted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mixtral_ft.cli", "train", TINY, *RUN, f"train.output_dir={out}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mixtral_ft.cli", "train", TINY, *RUN, f"train.output_dir={out}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline, seen = time.time() + 300, ""
     while "'loss'" not in seen and time.time() < deadline and proc.poll() is None:
         if select.select([proc.stdout], [], [], 1)[0]:
@@ -158,8 +122,13 @@ def test_sigterm_mid_run_exits_143_with_a_complete_checkpoint(reference, tmp_pat
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     # An absurd learning rate: step 1 is finite; its update overflows the LoRA product, so step 2 is not.
-    code, err = train(out, "train.learning_rate=1e30", "train.warmup_ratio=0", "train.lr_scheduler_type=constant",
-                      "train.save_steps=1")
+    code, err = train(
+        out,
+        "train.learning_rate=1e30",
+        "train.warmup_ratio=0",
+        "train.lr_scheduler_type=constant",
+        "train.save_steps=1",
+    )
     assert code == 1
     (line,) = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error:")]  # among tqdm's bars
     assert line.startswith("error: training diverged at step 2: the gradient norm is nan")
@@ -173,11 +142,32 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
 def test_no_secret_is_written_anywhere_and_the_same_seed_gives_the_same_adapter(reference, tmp_path):
     out, home, tmp = tmp_path / "run", tmp_path / "hf_home", tmp_path / "tmp"
     tmp.mkdir()
-    env = {**os.environ, "HF_TOKEN": HF_SECRET, "HUGGING_FACE_HUB_TOKEN": HF_SECRET, "WANDB_API_KEY": WANDB_SECRET,
-           "WANDB_MODE": "offline", "HF_HOME": str(home), "TMPDIR": str(tmp)}
-    proc = subprocess.run([sys.executable, "-m", "mixtral_ft.cli", "train", TINY, *RUN, f"train.output_dir={out}",
-                           "train.save_steps=3", "logging.report_to=[wandb,tensorboard]"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "HF_TOKEN": HF_SECRET,
+        "HUGGING_FACE_HUB_TOKEN": HF_SECRET,
+        "WANDB_API_KEY": WANDB_SECRET,
+        "WANDB_MODE": "offline",
+        "HF_HOME": str(home),
+        "TMPDIR": str(tmp),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixtral_ft.cli",
+            "train",
+            TINY,
+            *RUN,
+            f"train.output_dir={out}",
+            "train.save_steps=3",
+            "logging.report_to=[wandb,tensorboard]",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = [p for root in (out, home, tmp) for p in root.rglob("*") if p.is_file()]
     assert any(p.name == "training_args.bin" for p in written) and any(p.name == "optimizer.pt" for p in written)
@@ -195,20 +185,6 @@ def test_no_secret_is_written_anywhere_and_the_same_seed_gives_the_same_adapter(
 
 # --- checkpoint discovery and train.resume, on hand-made checkpoints (no training) --------------------------
 
-def make_checkpoint(out: Path, step: int, recipe_overrides: tuple[str, ...] = ()) -> Path:
-    """The files a resume reads, in the formats the HF Trainer writes them."""
-    folder = out / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
-    save_file({"lora_A": torch.zeros(4, 8)}, str(folder / "adapter_model.safetensors"))
-    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
-    torch.save({"last_epoch": step}, folder / "scheduler.pt")
-    torch.save({"cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
-    recipe = load_recipe(TINY, [f"train.output_dir={out}", *recipe_overrides])
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
-    write_manifest(folder)  # last, as carry.CarryState does
-    return folder
-
 
 def recipe_for(out: Path, *overrides: str):
     return load_recipe(TINY, [f"train.output_dir={out}", *overrides])
@@ -219,18 +195,24 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (lambda f: (f / "trainer_state.json").unlink(), "no trainer_state.json"),
-    (lambda f: (f / "trainer_state.json").write_text('{"global_st'), "trainer_state.json is unreadable"),
-    (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
-    (lambda f: truncate(f / "adapter_model.safetensors", 0.9), "adapter_model.safetensors is truncated"),
-    (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 3), "adapter_model.safetensors is unreadable"),
-    (lambda f: (f / "optimizer.pt").unlink(), "no optimizer.pt"),
-    (lambda f: truncate(f / "optimizer.pt"), "optimizer.pt is truncated"),
-    (lambda f: (f / "scheduler.pt").write_bytes(b""), "scheduler.pt is empty"),
-    (lambda f: (f / "rng_state.pth").unlink(), "no rng_state.pth"),
-    (lambda f: (f / "rng_state.pth").rename(f / "rng_state_1.pth"), "RNG states for ranks [1]"),
-])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda f: (f / "trainer_state.json").unlink(), "no trainer_state.json"),
+        (lambda f: (f / "trainer_state.json").write_text('{"global_st'), "trainer_state.json is unreadable"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
+        (lambda f: truncate(f / "adapter_model.safetensors", 0.9), "adapter_model.safetensors is truncated"),
+        (
+            lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 3),
+            "adapter_model.safetensors is unreadable",
+        ),
+        (lambda f: (f / "optimizer.pt").unlink(), "no optimizer.pt"),
+        (lambda f: truncate(f / "optimizer.pt"), "optimizer.pt is truncated"),
+        (lambda f: (f / "scheduler.pt").write_bytes(b""), "scheduler.pt is empty"),
+        (lambda f: (f / "rng_state.pth").unlink(), "no rng_state.pth"),
+        (lambda f: (f / "rng_state.pth").rename(f / "rng_state_1.pth"), "RNG states for ranks [1]"),
+    ],
+)
 def test_incomplete_checkpoints_are_skipped_with_a_reason(tmp_path, damage, problem, capsys):
     out = tmp_path / "run"
     good = make_checkpoint(out, 2)
@@ -248,7 +230,7 @@ def test_corrupted_torch_file_fails_its_crc(tmp_path):
     folder = make_checkpoint(tmp_path, 1)
     data = bytearray((folder / "optimizer.pt").read_bytes())
     start = data.find(b"param_groups")  # inside the pickled payload, a stored (uncompressed) zip member
-    data[start: start + 4] = b"XXXX"
+    data[start : start + 4] = b"XXXX"
     (folder / "optimizer.pt").write_bytes(bytes(data))
     assert checkpoint_problem(folder) == "optimizer.pt is corrupted"
 
@@ -276,14 +258,20 @@ def test_a_checkpoint_resumes_only_the_recipe_that_wrote_it(tmp_path):
     with pytest.raises(UserError, match=r"different recipe \(lora.r: 16 -> 8; train.learning_rate: 0.005 -> 0.001\)"):
         find_resume_checkpoint(recipe_for(out, "lora.r=8", "train.learning_rate=1e-3"), out)
     # Where it saves and how often it logs may change.
-    assert find_resume_checkpoint(recipe_for(out, "train.save_steps=7", "train.logging_steps=3"), out) == out / "checkpoint-2"
+    assert (
+        find_resume_checkpoint(recipe_for(out, "train.save_steps=7", "train.logging_steps=3"), out)
+        == out / "checkpoint-2"
+    )
 
 
 def test_output_dir_rules(tmp_path):
     out = tmp_path / "run"
     make_checkpoint(out, 2)
-    with pytest.raises(UserError, match="holds checkpoints of an unfinished run: set train.resume=auto to continue "
-                                        "it, or train.overwrite=true to start over"):
+    with pytest.raises(
+        UserError,
+        match="holds checkpoints of an unfinished run: set train.resume=auto to continue "
+        "it, or train.overwrite=true to start over",
+    ):
         check_existing_run(recipe_for(out, "train.resume=false"), out)
     check_existing_run(recipe_for(out), out)  # auto: resumable, nothing touched
     assert (out / "checkpoint-2").is_dir()
@@ -308,6 +296,7 @@ def test_overwrite_does_not_restart_an_unfinished_run_that_can_resume(tmp_path):
 
 
 # --- signal handling -----------------------------------------------------------------------------------------
+
 
 def test_handler_only_sets_a_flag_and_a_second_ctrl_c_aborts():
     from mixtral_ft.train.guards import PreemptionGuard
@@ -343,9 +332,24 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(tmp_path):
     # One node of a multi-node job preempted: only its ranks get SIGTERM. The others must stop at the same
     # step, save their part of the checkpoint with them, and exit the same way.
     out = tmp_path / "ddp"
-    proc = subprocess.Popen([sys.executable, "-m", "mixtral_ft.cli", "train", TINY, "--num-processes", "2", *RUN,
-                             "train.max_steps=8", f"train.output_dir={out}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mixtral_ft.cli",
+            "train",
+            TINY,
+            "--num-processes",
+            "2",
+            *RUN,
+            "train.max_steps=8",
+            f"train.output_dir={out}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline, seen = time.time() + 300, ""
     while "'loss'" not in seen and time.time() < deadline and proc.poll() is None:
         if select.select([proc.stdout], [], [], 1)[0]:

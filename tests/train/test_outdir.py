@@ -8,8 +8,7 @@ from pathlib import Path
 
 from mixtral_ft.cli import main
 from mixtral_ft.train.outdir import LOCK, lock, unlock
-from tests.test_bad_input import convo, jsonl, snapshot
-from tests.test_reliability import make_checkpoint
+from tests.conftest import convo, jsonl, make_checkpoint, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")

@@ -72,9 +72,7 @@ def test_output_folder_card_is_ours_and_what_push_uploads(run):
         assert section in card
     assert "format chatml (auto-detected)" in card and "![loss_curve](loss_curve.png)" in card
     assert "audit: ok" in card and "Eval loss at step 4" in card
-    assert card == render_card(
-        out, "adapter"
-    )  # `mixtral-ft push` renders the same card (titled by the repo id)
+    assert card == render_card(out, "adapter")  # `mixtral-ft push` renders the same card (titled by the repo id)
     assert (
         render_card(out, "adapter", "org/name")
         .replace("# org/name", f"# {out.name}")

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 import mixtral_ft.train.callbacks
 from mixtral_ft.train.checksums import MANIFEST
 from mixtral_ft.train.resume import checkpoint_problem, newest_complete
-from tests.test_reliability import adapter_bytes, make_checkpoint, signal_at, train
+from tests.conftest import adapter_bytes, make_checkpoint, signal_at, train
 
 TIMINGS = {"tokens_per_s", "train_runtime_s", "wall_s", "peak_memory_gib"}
 
@@ -71,9 +71,7 @@ def fill_disk_at(step: int, limit: int):
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
     make = mixtral_ft.callbacks.make_callbacks
     mixtral_ft.callbacks.make_callbacks = lambda recipe, out: [Fill(), *make(recipe, out)]
-    previous = signal.signal(
-        signal.SIGXFSZ, signal.SIG_IGN
-    )  # the write fails with EFBIG instead of killing us
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
     return make, previous, hard
 
 

@@ -11,8 +11,10 @@ from mixtral_ft.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
-CONVERSATION = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-                "The capital of France is Paris. It lies on the Seine.<|im_end|>\n")
+CONVERSATION = (
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    "The capital of France is Paris. It lies on the Seine.<|im_end|>\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,20 @@ def repeated_run(tmp_path_factory):
     data = tmp / "repeated.jsonl"
     data.write_text("".join(json.dumps({"text": CONVERSATION}) + "\n" for _ in range(40)))
     out = tmp / "run"
-    code = main(["train", TINY, f"data.path={data}", "data.test_size=0", f"train.output_dir={out}",
-                 "train.max_steps=20", "train.logging_steps=1", "train.warmup_ratio=0",
-                 "train.lr_scheduler_type=constant", "train.save_steps=20"])
+    code = main(
+        [
+            "train",
+            TINY,
+            f"data.path={data}",
+            "data.test_size=0",
+            f"train.output_dir={out}",
+            "train.max_steps=20",
+            "train.logging_steps=1",
+            "train.warmup_ratio=0",
+            "train.lr_scheduler_type=constant",
+            "train.save_steps=20",
+        ]
+    )
     assert code == 0
     return out
 
@@ -49,8 +62,14 @@ def test_adapter_targets_exactly_the_attention_projections(repeated_run):
 def test_run_outputs(repeated_run):
     from transformers import AutoTokenizer
 
-    for name in ("adapter_model.safetensors", "adapter_config.json", "recipe.yaml", "run.json",
-                 "tokenizer.model.v1", "tokenizer_config.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "recipe.yaml",
+        "run.json",
+        "tokenizer.model.v1",
+        "tokenizer_config.json",
+    ):
         assert (repeated_run / name).is_file(), name
     tokenizer = AutoTokenizer.from_pretrained(repeated_run)
     assert type(tokenizer).__name__ == "MistralCommonBackend"
@@ -113,10 +132,24 @@ def test_compiled_layers_train_like_eager(tmp_path):
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compile-{compiled}"
-        assert main(["train", TINY, f"train.compile={str(compiled).lower()}", "model.compute_dtype=bfloat16",
-                     "train.max_steps=2", "train.logging_steps=1", f"train.output_dir={out}"]) == 0
-        runs[compiled] = (json.loads((out / "run.json").read_text())["losses"],
-                          [json.loads(line) for line in (out / "router_stats.jsonl").read_text().splitlines()])
+        assert (
+            main(
+                [
+                    "train",
+                    TINY,
+                    f"train.compile={str(compiled).lower()}",
+                    "model.compute_dtype=bfloat16",
+                    "train.max_steps=2",
+                    "train.logging_steps=1",
+                    f"train.output_dir={out}",
+                ]
+            )
+            == 0
+        )
+        runs[compiled] = (
+            json.loads((out / "run.json").read_text())["losses"],
+            [json.loads(line) for line in (out / "router_stats.jsonl").read_text().splitlines()],
+        )
     (eager_losses, eager_router), (compiled_losses, compiled_router) = runs[False], runs[True]
     assert compiled_losses[0]["loss"] == pytest.approx(eager_losses[0]["loss"], rel=1e-3)
     assert compiled_losses[1]["loss"] == pytest.approx(eager_losses[1]["loss"], rel=2e-3)

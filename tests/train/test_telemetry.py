@@ -21,6 +21,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # --- statistics and hooks, no training run ---------------------------------------------------------
 
+
 def test_padding_is_excluded_from_routing_stats():
     torch.manual_seed(0)
     logits = torch.randn(6, 4)
@@ -93,10 +94,13 @@ def test_resumed_run_keeps_records_up_to_its_checkpoint(tmp_path):
     from mixtral_ft.model.shapes import tiny_config
 
     stats = tmp_path / "router_stats.jsonl"
-    stats.write_text("".join(json.dumps({"step": s, "expert_fraction": [[0.5, 0.5]], "entropy": [0.1]}) + "\n"
-                             for s in (1, 10, 20)))
+    stats.write_text(
+        "".join(json.dumps({"step": s, "expert_fraction": [[0.5, 0.5]], "entropy": [0.1]}) + "\n" for s in (1, 10, 20))
+    )
     telemetry = RouterTelemetry(tmp_path, every=10)
-    telemetry.on_train_begin(None, TrainerState(global_step=10), TrainerControl(), model=MixtralForCausalLM(tiny_config()))
+    telemetry.on_train_begin(
+        None, TrainerState(global_step=10), TrainerControl(), model=MixtralForCausalLM(tiny_config())
+    )
     telemetry.on_train_end(None, None, None)
     assert [json.loads(line)["step"] for line in stats.read_text().splitlines()] == [1, 10]  # 20 is redone
     assert telemetry.baseline["step"] == 1
@@ -107,23 +111,38 @@ def test_logging_section_is_checked():
     assert recipe.logging.report_to == ("none",) and recipe.logging.router_stats_steps == 10
     assert recipe.train.router_aux_loss_coef == 0.0
     assert load_recipe(TINY, ["logging.report_to=[wandb, tensorboard]"]).logging.report_to == ("wandb", "tensorboard")
-    for bad, key in (("logging.report_to=[mlflow]", "logging.report_to"),
-                     ("logging.report_to=[none, wandb]", "logging.report_to"),
-                     ("logging.router_stats_steps=-1", "logging.router_stats_steps"),
-                     ("train.router_aux_loss_coef=-0.1", "train.router_aux_loss_coef")):
+    for bad, key in (
+        ("logging.report_to=[mlflow]", "logging.report_to"),
+        ("logging.report_to=[none, wandb]", "logging.report_to"),
+        ("logging.router_stats_steps=-1", "logging.router_stats_steps"),
+        ("train.router_aux_loss_coef=-0.1", "train.router_aux_loss_coef"),
+    ):
         with pytest.raises(UserError, match=key):
             load_recipe(TINY, [bad])
 
 
 # --- one tiny run with wandb (offline) and tensorboard ------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("telemetry") / "run"
-    code = main(["train", TINY, f"train.output_dir={out}", "data.test_size=0", "data.max_rows=16",
-                 "train.max_steps=4", "train.logging_steps=1", "train.max_length=128", "train.save_steps=100",
-                 "logging.router_stats_steps=2", "logging.report_to=[wandb, tensorboard]",
-                 "logging.run_name=telemetry-test"])
+    code = main(
+        [
+            "train",
+            TINY,
+            f"train.output_dir={out}",
+            "data.test_size=0",
+            "data.max_rows=16",
+            "train.max_steps=4",
+            "train.logging_steps=1",
+            "train.max_length=128",
+            "train.save_steps=100",
+            "logging.router_stats_steps=2",
+            "logging.report_to=[wandb, tensorboard]",
+            "logging.run_name=telemetry-test",
+        ]
+    )
     assert code == 0
     return out
 
@@ -192,7 +211,7 @@ def _wandb_records(path: Path):
         _, length, kind = struct.unpack_from("<IHB", data, pos)
         if kind == 0:
             break
-        chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         buffer = chunk if kind in (1, 2) else buffer + chunk  # 1 full, 2 first, 3 middle, 4 last
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -204,8 +223,11 @@ def _wandb_records(path: Path):
 def test_wandb_offline_run_holds_the_loss(run):
     runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-               for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "history"]
+    history = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        for r in _wandb_records(runs[0])
+        if r.WhichOneof("record_type") == "history"
+    ]
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert any("train/router/max_expert_load" in h for h in history)

@@ -34,18 +34,27 @@ def greedy_reference(model, tokenizer, ids: list[int], max_new_tokens: int) -> s
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     prompt = torch.tensor([ids], device=device)
     with torch.no_grad():
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
-    return tokenizer.decode(out[0, prompt.shape[1]:].tolist(), skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return tokenizer.decode(out[0, prompt.shape[1] :].tolist(), skip_special_tokens=True).strip()
 
 
 @pytest.mark.slow
 def test_one_shot_on_an_adapter_prints_the_greedy_reply(adapter_run, loaded, capsys):
     from mixtral_ft.use.chat import GenerationSettings, build_messages, chat, encode_prompt
 
-    code = main(["chat", str(adapter_run), "--prompt", "Hello, who are you?", "--max-new-tokens", "8",
-                 "--temperature", "0"])
+    code = main(
+        ["chat", str(adapter_run), "--prompt", "Hello, who are you?", "--max-new-tokens", "8", "--temperature", "0"]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "adapter" in captured.err and "NF4" in captured.err  # status goes to stderr, not into the reply
@@ -63,8 +72,12 @@ def test_one_shot_on_an_adapter_prints_the_greedy_reply(adapter_run, loaded, cap
 def test_repl_through_stdin_two_turns_and_exit(adapter_run):
     result = subprocess.run(
         [sys.executable, "-m", "mixtral_ft.cli", "chat", str(adapter_run), "--max-new-tokens", "6", "--seed", "0"],
-        input="hello\n/reset\nhi again\n/exit\n", capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, cwd=ROOT,
+        input="hello\n/reset\nhi again\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
@@ -124,8 +137,21 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(loaded):
 @pytest.mark.slow
 def test_plain_model_folder_loads_unquantized(tiny_dir, capsys):
     # `mixtral-ft tiny` output is a plain save_pretrained folder, the shape `mixtral-ft merge` writes.
-    code = main(["chat", str(tiny_dir), "--no-quantize", "--prompt", "hi", "--max-new-tokens", "4",
-                 "--temperature", "0", "--system", "Answer in French."])
+    code = main(
+        [
+            "chat",
+            str(tiny_dir),
+            "--no-quantize",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--system",
+            "Answer in French.",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0 and "unquantized" in captured.err
     from transformers import AutoModelForCausalLM
@@ -143,8 +169,11 @@ def test_plain_model_folder_loads_unquantized(tiny_dir, capsys):
 def test_system_prompt_is_folded_into_the_first_user_turn():
     from mixtral_ft.use.chat import build_messages
 
-    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-               {"role": "user", "content": "Bye"}]
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
     messages = build_messages(history, "Be brief.")
     assert messages[0] == {"role": "user", "content": "Be brief.\n\nHi"}
     assert messages[1:] == history[1:]
@@ -165,13 +194,16 @@ def test_fit_history_drops_the_oldest_exchanges():
     assert kept == history[-3:]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--temperature", "-1"], "--temperature"),
-    (["--top-p", "0"], "--top-p"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--prompt", "  "], "--prompt is empty"),
-    (["--adapter", "/nonexistent/adapter"], "not an adapter folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--adapter", "/nonexistent/adapter"], "not an adapter folder"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["chat", "tiny", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -64,12 +64,34 @@ def test_base_column_matches_a_base_only_eval(adapter_run, report, tmp_path):
 @pytest.mark.slow
 def test_data_file_is_held_out_whole(adapter_run, tmp_path):
     data = tmp_path / "held_out.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(3)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
+        }
+        for i in range(3)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval.json"
-    assert main(["eval", str(adapter_run), "--data", str(data), "--samples", "1", "--max-new-tokens", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(adapter_run),
+                "--data",
+                str(data),
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["rows"] == 3 and report["data"] == str(data)
     assert all(math.isfinite(s["perplexity"]) for s in report["scores"].values())
@@ -85,10 +107,13 @@ def test_recipe_without_held_out_rows_asks_for_data(tmp_path, capsys):
     assert "pass --data FILE" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda tmp: tmp / "missing.txt", "neither a training output folder nor a .yaml recipe"),
-    (lambda tmp: tmp, "has no recipe.yaml"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "missing.txt", "neither a training output folder nor a .yaml recipe"),
+        (lambda tmp: tmp, "has no recipe.yaml"),
+    ],
+)
 def test_bad_target_is_one_line_and_exit_2(make, message, tmp_path, capsys):
     assert main(["eval", str(make(tmp_path))]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -22,11 +22,17 @@ def tiny_loaded(tiny_dir):
 
 
 def test_history_from_gradio_messages_alternates_and_reads_typed_parts():
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": ""}]},
-               {"role": "user", "content": [{"type": "text", "text": "again"}]},
-               {"role": "user", "content": "and again"}]
-    assert history_messages(history) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "…"},
-                                         {"role": "user", "content": "again\nand again"}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+        {"role": "user", "content": [{"type": "text", "text": "again"}]},
+        {"role": "user", "content": "and again"},
+    ]
+    assert history_messages(history) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "…"},
+        {"role": "user", "content": "again\nand again"},
+    ]
 
 
 def test_stream_reply_yields_growing_text_over_two_turns(tiny_loaded):
@@ -92,15 +98,21 @@ def test_browser_types_a_message_and_sees_a_streamed_reply(tiny_loaded, tmp_path
     from mixtral_ft.use.webchat import build_app, launch
 
     model, tokenizer = tiny_loaded
-    app = build_app(model, tokenizer, title="mixtral-ft test", system="Be brief.",
-                    settings=GenerationSettings(max_new_tokens=12, temperature=0.0))
+    app = build_app(
+        model,
+        tokenizer,
+        title="mixtral-ft test",
+        system="Be brief.",
+        settings=GenerationSettings(max_new_tokens=12, temperature=0.0),
+    )
     port = _free_port()
     url = launch(app, host="127.0.0.1", port=port, block=False)
     try:
         assert url.startswith(f"http://127.0.0.1:{port}")
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                        args=["--no-sandbox", "--disable-dev-shm-usage"])
+            browser = p.chromium.launch(
+                executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+            )
             page = browser.new_page()
             page.goto(url, timeout=60_000)
             box = page.locator("#message textarea")
@@ -110,7 +122,9 @@ def test_browser_types_a_message_and_sees_a_streamed_reply(tiny_loaded, tmp_path
                 bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']")
                 page.wait_for_function(
                     "n => document.querySelectorAll(\"#chatbot [data-testid='bot']\").length >= n",
-                    arg=turn, timeout=120_000)
+                    arg=turn,
+                    timeout=120_000,
+                )
                 page.wait_for_timeout(500)
                 assert bot.last.inner_text().strip()
             user_turns = page.locator("#chatbot [data-testid='user']")

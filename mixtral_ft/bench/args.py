@@ -1,0 +1,100 @@
+"""`mixtral-ft bench`'s options: the model, the batches, the output folder and the speed levers.
+
+benchmarks/compare.py adds the peers' options to the same parser. Bad options are one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from mixtral_ft.errors import UserError
+
+OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
+DESCRIPTION = "Throughput and memory of full-width Mixtral built straight into NF4 (our model; peers: benchmarks/)."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 through the CLI, like every other bad option
+        hint = " (the peers are measured by python benchmarks/compare.py)" if "--peer-" in message else ""
+        raise UserError(f"{message}{hint}: see {self.prog} --help")
+
+
+def build_parser(prog: str = "mixtral-ft bench", description: str | None = None) -> argparse.ArgumentParser:
+    """Our options; benchmarks/compare.py adds the peers' to the same parser."""
+    parser = _Parser(prog=prog, description=description or DESCRIPTION)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[2])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU smoke mode)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=OUT_DIR,
+        metavar="DIR",
+        help="folder for the result file, created if needed (default: ./bench-results)",
+    )
+    parser.add_argument("--tag", help="suffix of the result file's name, e.g. the lever measured")
+    parser.add_argument("--profile", action="store_true", help="also write each batch's torch.profiler op table")
+    lever = parser.add_argument_group("speed levers (benchmarks/NOTES.md)")
+    lever.add_argument("--no-checkpointing", action="store_true")
+    lever.add_argument(
+        "--skip-checkpoint-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the last N layers' activations instead of recomputing them",
+    )
+    lever.add_argument(
+        "--experts",
+        choices=["grouped", "loop"],
+        default="grouped",
+        help="grouped GEMM (one call per layer) or one matmul per expert",
+    )
+    lever.add_argument(
+        "--reuse-dequantized",
+        action="store_true",
+        help="backward reuses the recompute's dequantized experts (2 dequantizations a step, not 3)",
+    )
+    lever.add_argument("--lora-dropout", type=float, default=0.0)
+    lever.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm, RoPE and fused linear cross-entropy")
+    lever.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Reject bad options with a UserError (one line, exit 2) and gather the levers."""
+    for name in ("layers", "batch", "seq", "steps"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.tiny:
+        args.seq, args.layers = min(args.seq, 256), 2
+    if not 0 <= args.skip_checkpoint_layers <= args.layers:
+        raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
+    if args.liger and not args.device.startswith("cuda"):
+        raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
+    if args.liger and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("--liger needs liger-kernel: pip install liger-kernel")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UserError(f"--out-dir {args.out_dir} is a file, not a folder: pass a folder for the result files")
+    args.levers = {
+        "checkpointing": not args.no_checkpointing,
+        "skip_layers": args.skip_checkpoint_layers,
+        "experts": args.experts,
+        "reuse_dequantized": args.reuse_dequantized,
+        "lora_dropout": args.lora_dropout,
+        "liger": args.liger,
+        "compile": args.compile,
+    }
+    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return check_args(build_parser().parse_args(argv))

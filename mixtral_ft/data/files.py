@@ -1,0 +1,164 @@
+"""Reading one source's rows: the bundled samples, local .jsonl/.json/.parquet files, dataset folders (also
+`save_to_disk` ones) and hub dataset ids. Every failure becomes a one-line `UserError` naming the source and
+the fix; JSON Lines are checked row by row (size, encoding) before `datasets` reads them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import DataSection
+
+BUILTIN = {
+    "oasst_top1": str(Path(__file__).parent / "sample_data" / "oasst_top1.jsonl"),
+    "preferences": str(Path(__file__).parent / "sample_data" / "preferences.jsonl"),
+}
+LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MAX_ROW_BYTES = 8 * 2**20  # one JSON Lines row; a 32k-token conversation is well under 1 MiB
+
+
+def read_rows(cfg: DataSection, split: str):
+    """The raw rows of one source's split (at most data.max_rows) and its label for messages."""
+    dataset = _read_source(cfg.path, split)
+    label = f"{cfg.path} [{split}]"
+    if cfg.max_rows is not None and len(dataset) > cfg.max_rows:
+        dataset = dataset.select(range(cfg.max_rows))
+    if len(dataset) == 0:
+        raise UserError(f"data: {label} has no rows; check data.path and data.split")
+    return dataset, label
+
+
+def _read_source(path: str, split: str):
+    """The named split of a source as a datasets.Dataset, with every failure turned into a UserError."""
+    import datasets
+
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name not in BUILTIN:
+            raise UserError(f"data: unknown built-in dataset '{name}'; use one of {[f'builtin:{n}' for n in BUILTIN]}")
+        return _read_file(Path(BUILTIN[name]), path, split)
+    local = Path(path).expanduser()
+    suffix = local.suffix.lower()
+    if suffix in LOCAL_LOADERS:
+        if not local.is_file():
+            raise UserError(
+                f"data: file '{path}' not found; fix data.path (relative paths are from the "
+                "current directory) or use builtin:oasst_top1 for the bundled sample"
+            )
+        return _read_file(local, path, split)
+    if local.is_file():
+        raise UserError(f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet")
+    if local.is_dir() and saved_kind(local):
+        return _read_saved(local, path, split)
+    if local.is_dir():
+        where = f"local dataset folder '{path}'"
+        fix = "check the folder holds data files (.jsonl/.json/.parquet/.csv) and the split exists"
+    elif path.startswith((".", "/", "~")):
+        raise UserError(f"data: '{path}' not found; fix data.path")
+    else:
+        where = f"hub dataset '{path}'"
+        fix = (
+            "check the id and split, your network, and `huggingface-cli login` for gated datasets; "
+            "or pass a local .jsonl/.json/.parquet file"
+        )
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as exc:  # datasets/hub raise many unrelated types; each means "cannot load this"
+        raise UserError(f"data: cannot load {where} (split '{split}'): {_why(exc)}; {fix}") from None
+
+
+def saved_kind(folder: Path) -> str | None:
+    """ "dataset" or "dataset_dict" for a `save_to_disk` folder (load_dataset cannot read those), else None."""
+    if (folder / "dataset_dict.json").is_file():
+        return "dataset_dict"
+    return "dataset" if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file() else None
+
+
+def _read_saved(folder: Path, label: str, split: str):
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # a damaged folder: arrow and json errors of many types
+        raise UserError(f"data: cannot read the saved dataset '{label}': {_why(exc)}; save it again") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise UserError(
+                f"data: saved dataset '{label}' has splits {list(saved)}, not '{split}'; "
+                "set data.split (and data.eval_split) to one of them"
+            )
+        return saved[split]
+    if split != "train":
+        raise UserError(
+            f"data: '{label}' was saved from one Dataset, which is read as the 'train' split, not "
+            f"'{split}'; set data.split: train, and data.test_size (not data.eval_split) for eval"
+        )
+    return saved
+
+
+def _read_file(file: Path, label: str, split: str):
+    import datasets
+
+    if split != "train":
+        raise UserError(
+            f"data: {label} is a single file with only a 'train' split, not '{split}'; "
+            "set data.split: train, and data.test_size (not data.eval_split) for eval"
+        )
+    loader = LOCAL_LOADERS[file.suffix.lower()]
+    if loader == "json":
+        check_json_text(file, label)
+    try:
+        return datasets.load_dataset(loader, data_files=str(file), split="train")
+    except Exception as exc:  # malformed JSON and broken Parquet arrive as assorted wrapped errors
+        kind = "JSON Lines (or one JSON list of objects)" if loader == "json" else "Parquet"
+        raise UserError(f"data: cannot read '{label}' as {kind}: {_why(exc)}; fix the file") from None
+
+
+def check_json_text(file: Path, label: str, max_bytes: int | None = None) -> None:
+    """One streaming pass (the first `max_bytes` only, if given): UTF-8, one JSON value per line, rows of at most
+    MAX_ROW_BYTES. pyarrow accepts invalid UTF-8 and fails later, mid-iteration, its JSON errors name no line, and
+    it would tokenize a giant row for minutes before max_length drops it: here each gets a line number instead."""
+    json_list = None
+    read = 0
+    decoder = codecs.getincrementaldecoder("utf-8")()  # a JSON list's long line arrives in chunks
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_ROW_BYTES + 1), b""), 1):
+            if json_list is None and raw.strip():
+                json_list = raw.lstrip().startswith(b"[")  # one JSON list of rows: left to datasets' parser
+            if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES and not json_list:
+                raise UserError(
+                    f"data: line {number} of '{label}' is longer than {MAX_ROW_BYTES // 2**20} MiB: "
+                    "a row that size cannot fit train.max_length; remove or split it"
+                )
+            try:
+                line = decoder.decode(raw).strip()
+            except UnicodeDecodeError:
+                raise UserError(
+                    f"data: line {number} of '{label}' is not UTF-8 text; re-save the file as UTF-8"
+                ) from None
+            if line and not json_list:
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(
+                        f"data: line {number} of '{label}' is not valid JSON ({exc.msg}); "
+                        "each line of a .jsonl file must be one JSON object"
+                    ) from None
+            read += len(raw)
+            if max_bytes is not None and read >= max_bytes:
+                return
+    if json_list is None:
+        raise UserError(f"data: '{label}' has no rows; check data.path")
+
+
+def _why(exc: BaseException) -> str:
+    from datasets.exceptions import DatasetGenerationError
+
+    # The generic "error while generating the dataset" wraps the useful message (e.g. pyarrow's).
+    while isinstance(exc, DatasetGenerationError) and (exc.__cause__ or exc.__context__):
+        exc = exc.__cause__ or exc.__context__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else 'no details'}"

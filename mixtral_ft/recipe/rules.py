@@ -1,0 +1,174 @@
+"""The recipe's rules: the values each key accepts and the checks that tie keys together.
+
+Every rule failure is a `UserError` naming the key and a value that would do, raised by `validate` before
+anything heavy runs, so that a run never fails late on something the recipe already said.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import TYPE_CHECKING
+
+from mixtral_ft.errors import UserError
+
+if TYPE_CHECKING:
+    from mixtral_ft.recipe.sections import Recipe
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SFT_FORMATS = ("messages", "sharegpt", "chatml", "alpaca", "prompt_completion")  # data.format (data/formats.py)
+PREFERENCE_FORMATS = ("preference", "implicit_prompt")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+# TRL 1.16's DPO losses that need no setting beyond beta (exo_pair and robust need label smoothing; sft is
+# not a preference loss).
+DPO_LOSSES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+# --- range and consistency checks ----------------------------------------------------------------
+
+
+def check_recipe(recipe: Recipe) -> None:
+    m, d, lo, t = recipe.model, recipe.data, recipe.lora, recipe.train
+    _need(
+        m.compute_dtype in ("auto", "bfloat16", "float16", "float32"),
+        "model.compute_dtype",
+        "must be auto, bfloat16, float16 or float32",
+    )
+    _need(
+        m.attn_implementation in ATTN_IMPLEMENTATIONS,
+        "model.attn_implementation",
+        "must be sdpa, flash_attention_2 or eager",
+    )
+    known = ("auto", *(PREFERENCE_FORMATS if t.method == "dpo" else SFT_FORMATS))
+    _need(d.format in known, "data.format", f"must be one of {', '.join(known)} (train.method: {t.method})")
+    _check_sources(recipe)
+    _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
+    _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1], e.g. 0.1")
+    _need(d.max_rows is None or d.max_rows > 0, "data.max_rows", "must be > 0 or null")
+    _need(lo.r > 0, "lora.r", "must be > 0, e.g. 16")
+    _need(lo.alpha > 0, "lora.alpha", "must be > 0, e.g. 32 (twice r)")
+    _need(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1), e.g. 0.05")
+    _need(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one of q_proj, k_proj, v_proj, o_proj")
+    others = [x for x in lo.target_modules if x not in ATTENTION_TARGETS]
+    _need(
+        not others or lo.allow_other_targets,
+        "lora.target_modules",
+        f"has {others}: only {list(ATTENTION_TARGETS)} are supported (router and experts stay frozen); "
+        "set lora.allow_other_targets: true to override",
+    )
+    _need(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", "must be > 0, or -1 to train by epochs")
+    _need(t.num_train_epochs > 0, "train.num_train_epochs", "must be > 0")
+    _need(t.save_steps > 0, "train.save_steps", "must be > 0, e.g. 500")
+    _need(t.learning_rate > 0, "train.learning_rate", "must be > 0, e.g. 2e-4")
+    _need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+    _need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _need(t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0, e.g. 0.3")
+    _need(t.per_device_train_batch_size > 0, "train.per_device_train_batch_size", "must be > 0")
+    _need(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
+    _need(t.max_length >= 16, "train.max_length", "must be >= 16 tokens, e.g. 2048")
+    _need(t.logging_steps > 0, "train.logging_steps", "must be > 0")
+    _need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", "must be > 0 or null")
+    _need(0 <= t.seed < 2**32, "train.seed", "must be >= 0 and below 2**32 (numpy's seed range), e.g. 42")
+    _need(t.method in ("sft", "dpo"), "train.method", "must be sft or dpo")
+    if t.method == "dpo":
+        _need(recipe.dpo.beta > 0, "dpo.beta", "must be > 0, e.g. 0.1")
+        _need(recipe.dpo.loss_type in DPO_LOSSES, "dpo.loss_type", f"must be one of {', '.join(DPO_LOSSES)}")
+        _need(
+            0 < recipe.dpo.max_prompt_length < t.max_length,
+            "dpo.max_prompt_length",
+            f"must be > 0 and below train.max_length ({t.max_length}) to leave room for the answer",
+        )
+        _need(not t.packing, "train.packing", "applies to SFT only: DPO compares whole answers; set it to false")
+    _need(t.router_aux_loss_coef >= 0, "train.router_aux_loss_coef", "must be >= 0 (0 turns it off), e.g. 0.01")
+    g = recipe.logging
+    _need(
+        set(g.report_to) <= {"wandb", "tensorboard", "none"} and len(g.report_to) > 0,
+        "logging.report_to",
+        f"must list wandb, tensorboard or none, e.g. [wandb, tensorboard]; got {list(g.report_to)}",
+    )
+    _need("none" not in g.report_to or len(g.report_to) == 1, "logging.report_to", "cannot combine none with others")
+    _need(g.router_stats_steps >= 0, "logging.router_stats_steps", "must be >= 0 (0 turns telemetry off), e.g. 10")
+    h = recipe.hub
+    _need(
+        not h.push or h.repo_id is not None, "hub.repo_id", "is required when hub.push is true: e.g. my-org/mixtral-sft"
+    )
+    _need(
+        h.repo_id is None or is_repo_id(h.repo_id),
+        "hub.repo_id",
+        f"must be ORG/NAME (letters, digits, '-', '_', '.'), e.g. my-org/mixtral-sft; got '{h.repo_id}'",
+    )
+
+
+def is_repo_id(repo_id: str | None) -> bool:
+    """ORG/NAME, and huggingface_hub's own rule ('..', '--', a '.git' ending): checked at validation and at push,
+    so a push never refuses after training what the recipe accepted."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not (repo_id and HUB_REPO_ID.match(repo_id)):
+        return False
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _check_sources(recipe: Recipe) -> None:
+    d = recipe.data
+    if d.path is not None and d.mixture:
+        raise UserError(
+            "'data.path' and 'data.mixture' are mutually exclusive: keep one (each mixture entry has its own path)"
+        )
+    if d.path is None and not d.mixture:
+        raise UserError("missing required key 'data.path': add it to the recipe, or list sources in 'data.mixture'")
+    _need(d.mixture_size is None or d.mixture, "data.mixture_size", "applies to data.mixture only: remove it")
+    _need(d.mixture_size is None or d.mixture_size > 0, "data.mixture_size", "must be > 0 or null")
+    _need(
+        not d.mixture or (d.split == "train" and d.eval_split is None),
+        "data.split",
+        "and data.eval_split do not apply to a mixture: set split / eval_split on each data.mixture entry",
+    )
+    for i, source in enumerate(d.mixture):
+        key = f"data.mixture[{i}]"
+        _need(source.weight > 0, f"{key}.weight", "must be > 0, e.g. 1.0")
+        known = ("auto", *(PREFERENCE_FORMATS if recipe.train.method == "dpo" else SFT_FORMATS))
+        _need(
+            source.format is None or source.format in known,
+            f"{key}.format",
+            f"must be null (data.format) or one of {', '.join(known)}",
+        )
+        _need(source.max_rows is None or source.max_rows > 0, f"{key}.max_rows", "must be > 0 or null")
+
+
+def _need(ok: bool, key: str, fix: str) -> None:
+    if not ok:
+        raise UserError(f"'{key}' {fix}")
+
+
+def check_trainer_names(recipe: Recipe) -> None:
+    """train.optim and train.lr_scheduler_type against the installed transformers. Called by `train` before the
+    model loads (transformers would otherwise raise a traceback after it); not by load_recipe, which stays light."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, names in (
+        ("train.optim", recipe.train.optim, OptimizerNames),
+        ("train.lr_scheduler_type", recipe.train.lr_scheduler_type, SchedulerType),
+    ):
+        valid = [n.value for n in names]
+        close = [n for n in valid if n.startswith(value)][:3] or difflib.get_close_matches(value, valid, n=3)
+        _need(value in valid, key, f"must be a transformers name, e.g. {', '.join(close or valid[:5])}; got '{value}'")
