@@ -2,7 +2,8 @@
 
 One home for the environment variables torchrun / accelerate set (RANK, LOCAL_RANK, WORLD_SIZE), read
 before torch.distributed is initialised (the data report and audit print before the Trainer exists). It
-imports only torch, so the transformers 4.57 peer in benchmarks/ can measure through it in its side folder.
+imports nothing heavy (torch only inside the memory functions): `train` reads it before deciding to load
+torch, and the transformers 4.57 peer in benchmarks/ measures through it in its side folder.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def rank() -> int:
@@ -59,6 +62,8 @@ def cache_root() -> Path:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:  # "5" resets the kernel's peak-RSS mark (VmHWM) to the current RSS
@@ -70,6 +75,8 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_gib(device: torch.device) -> float:
     """Peak accelerator memory, or on CPU the process's peak resident memory (model, data and libraries)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     # VmHWM rather than ru_maxrss, which survives exec and so counts a forking parent's pages too.

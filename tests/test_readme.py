@@ -53,8 +53,11 @@ def test_ci_extracts_exactly_readmes_second_command():
 def test_ci_runs_the_extracted_command_not_a_copy(tmp_path):
     ci = (ROOT / ".ci" / "run").read_text()
     code = [line for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    # pytest appears only in the extraction: the test command itself is nowhere else in the script.
-    assert [line for line in code if "pytest" in line] == [f"command=$({ci_extraction()})"]
+    # pytest appears only in the extraction and in the numeric second pass (CPU bf16 detection flipped): the
+    # test command itself is nowhere else in the script.
+    second_pass = [line for line in code if "pytest" in line and "MIXTRAL_FT_CPU_BF16=" in line]
+    assert [line for line in code if "pytest" in line and line not in second_pass] == [f"command=$({ci_extraction()})"]
+    assert any('-m "numeric and not gpu"' in line for line in second_pass)
     assert 'bash -c "$command"' in code
     # Run the real script on a stand-in README: it must execute whatever README's test command says.
     (tmp_path / ".ci").mkdir()
@@ -67,6 +70,13 @@ def test_ci_runs_the_extracted_command_not_a_copy(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "chromium").write_text("#!/bin/sh\n")  # present, so the script installs nothing
     (bin_dir / "chromium").chmod(0o755)
+    # The venv README's command made: a stand-in python that answers the bf16 probe and records the second pass.
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(
+        '#!/bin/sh\nif [ "$1" = -c ]; then echo 1; else echo "$MIXTRAL_FT_CPU_BF16 $*" > numeric.txt; fi\n'
+    )
+    venv_python.chmod(0o755)
     result = subprocess.run(
         ["bash", str(tmp_path / ".ci" / "run")],
         cwd=tmp_path,
@@ -77,6 +87,7 @@ def test_ci_runs_the_extracted_command_not_a_copy(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ran.txt").read_text() == "ran pytest\n"
+    assert (tmp_path / "numeric.txt").read_text() == "0 -m pytest -q -m numeric and not gpu\n"
     # A README without a test command fails CI instead of passing vacuously.
     (tmp_path / "README.md").write_text("# stand-in\n")
     result = subprocess.run(

@@ -31,15 +31,14 @@ def read_rows(cfg: DataSection, split: str):
     return dataset, label
 
 
-def _read_source(path: str, split: str):
-    """The named split of a source as a datasets.Dataset, with every failure turned into a UserError."""
-    import datasets
-
+def locate(path: str) -> tuple[str, Path | None]:
+    """What `data.path` names, without reading it: ("file", a .jsonl/.json/.parquet file; builtins too),
+    ("folder", a local dataset folder) or ("hub", None). A UserError when it cannot be any of them."""
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name not in BUILTIN:
             raise UserError(f"data: unknown built-in dataset '{name}'; use one of {[f'builtin:{n}' for n in BUILTIN]}")
-        return _read_file(Path(BUILTIN[name]), path, split)
+        return "file", Path(BUILTIN[name])
     local = Path(path).expanduser()
     suffix = local.suffix.lower()
     if suffix in LOCAL_LOADERS:
@@ -48,16 +47,28 @@ def _read_source(path: str, split: str):
                 f"data: file '{path}' not found; fix data.path (relative paths are from the "
                 "current directory) or use builtin:oasst_top1 for the bundled sample"
             )
-        return _read_file(local, path, split)
+        return "file", local
     if local.is_file():
         raise UserError(f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet")
-    if local.is_dir() and saved_kind(local):
-        return _read_saved(local, path, split)
     if local.is_dir():
+        return "folder", local
+    if path.startswith((".", "/", "~")):
+        raise UserError(f"data: '{path}' not found; fix data.path")
+    return "hub", None
+
+
+def _read_source(path: str, split: str):
+    """The named split of a source as a datasets.Dataset, with every failure turned into a UserError."""
+    import datasets
+
+    kind, local = locate(path)
+    if kind == "file":
+        return _read_file(local, path, split)
+    if kind == "folder" and saved_kind(local):
+        return _read_saved(local, path, split)
+    if kind == "folder":
         where = f"local dataset folder '{path}'"
         fix = "check the folder holds data files (.jsonl/.json/.parquet/.csv) and the split exists"
-    elif path.startswith((".", "/", "~")):
-        raise UserError(f"data: '{path}' not found; fix data.path")
     else:
         where = f"hub dataset '{path}'"
         fix = (

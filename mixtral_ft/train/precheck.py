@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtral_ft.data.files import BUILTIN, LOCAL_LOADERS, check_json_text
+from mixtral_ft.data.files import LOCAL_LOADERS, check_json_text, locate
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe
 
@@ -28,29 +28,12 @@ def precheck(recipe: Recipe) -> None:
 
 
 def _check_source(path: str, split: str) -> None:
-    if path.startswith("builtin:"):
-        if path.removeprefix("builtin:") not in BUILTIN:
-            raise UserError(
-                f"data: unknown built-in dataset '{path.removeprefix('builtin:')}'; use one of "
-                f"{[f'builtin:{n}' for n in BUILTIN]}"
-            )
-        return
-    local = Path(path).expanduser()
-    suffix = local.suffix.lower()
-    if suffix in LOCAL_LOADERS:
-        if not local.is_file():
-            raise UserError(
-                f"data: file '{path}' not found; fix data.path (relative paths are from the "
-                "current directory) or use builtin:oasst_top1 for the bundled sample"
-            )
+    kind, local = locate(path)
+    if kind == "file" and not path.startswith("builtin:"):
         if split != "train":
             raise UserError(
                 f"data: {path} is a single file with only a 'train' split, not '{split}'; "
                 "set data.split: train, and data.test_size (not data.eval_split) for eval"
             )
-        if LOCAL_LOADERS[suffix] == "json":
+        if LOCAL_LOADERS[local.suffix.lower()] == "json":
             check_json_text(local, path, max_bytes=FIRST_PASS_BYTES)
-    elif local.is_file():
-        raise UserError(f"data: '{path}' has an unsupported extension '{suffix}'; use .jsonl, .json or .parquet")
-    elif not local.is_dir() and path.startswith((".", "/", "~")):
-        raise UserError(f"data: '{path}' not found; fix data.path")

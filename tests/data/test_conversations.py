@@ -9,8 +9,6 @@ import datasets
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mixtral_ft.data.conversations import (
     encode_conversation,
@@ -19,22 +17,11 @@ from mixtral_ft.data.conversations import (
     parse_chatml,
 )
 from mixtral_ft.data.files import BUILTIN
-from mixtral_ft.data.tokenizer import bundled_tokenizer_file, load_tokenizer
+from mixtral_ft.data.tokenizer import load_tokenizer
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
 
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None, mode="finetuning")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    # mistral-common on its own, independent of transformers' backend and of mixtral_ft.
-    return MistralTokenizer.from_file(str(bundled_tokenizer_file()), mode=ValidationMode.finetuning)
 
 
 def chatml(*turns: tuple[str, str]) -> str:

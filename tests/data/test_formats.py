@@ -16,22 +16,12 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mixtral_ft.data.conversations import load_sft_data
 from mixtral_ft.data.formats import completion_only, parse_hh
 from mixtral_ft.data.prefs import load_preference_data
-from mixtral_ft.data.tokenizer import bundled_tokenizer_file, load_tokenizer
+from mixtral_ft.data.tokenizer import bundled_tokenizer_file
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
 
-DATA = Path(__file__).resolve().parents[2] / "samples"
+DATA = Path(__file__).resolve().parents[1] / "samples"
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None, mode="finetuning")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return MistralTokenizer.from_file(str(bundled_tokenizer_file()), mode=ValidationMode.finetuning)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def test_a_second_run_into_a_locked_folder_exits_2_naming_the_holder(tmp_path, c
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
-            "from mixtral_ft.outdir import lock; lock(Path(sys.argv[1])); print('locked', "
+            "from mixtral_ft.train.outdir import lock; lock(Path(sys.argv[1])); print('locked', "
             "flush=True); time.sleep(120)",
             str(out),
         ],
