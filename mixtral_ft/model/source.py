@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from mixtral_ft.errors import UserError
@@ -27,6 +28,12 @@ class ModelSource:
     revision: str | None = None
 
     def local_path(self) -> Path:
+        """The folder to load from; a hub id is downloaded once per source (training asks for the tokenizer
+        and the weights: one snapshot_download)."""
+        return self._path
+
+    @cached_property
+    def _path(self) -> Path:
         if self.kind == "tiny":
             return tiny_model_dir()
         if self.kind == "local":

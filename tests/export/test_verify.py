@@ -59,5 +59,8 @@ def test_merge_with_the_lora_scale_doubled_fails_verify_and_exits_1(adapter_run,
     report = json.loads((out / "verify.json").read_text())
     assert report["verdict"] == "FAILED" and report["mean_abs_logit_diff"] > report["tolerance"]
     assert "verify: FAILED: mean |Δlogit|" in printed
-    errors = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # progress bars aside
+    # Progress bars and merge's progress lines (`merge: [12s] ...`) aside, one error line.
+    errors = [
+        line for line in err.splitlines() if line.strip() and "%|" not in line and not line.startswith("merge: [")
+    ]
     assert errors == [f"merge --verify FAILED: see {out}/verify.json"]

@@ -69,8 +69,8 @@ def fill_disk_at(step: int, limit: int):
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-    make = mixtral_ft.callbacks.make_callbacks
-    mixtral_ft.callbacks.make_callbacks = lambda recipe, out: [Fill(), *make(recipe, out)]
+    make = mixtral_ft.train.callbacks.make_callbacks
+    mixtral_ft.train.callbacks.make_callbacks = lambda recipe, out: [Fill(), *make(recipe, out)]
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
     return make, previous, hard
 
@@ -85,7 +85,7 @@ def test_a_full_disk_mid_run_is_one_line_exit_74_and_the_last_checkpoint_survive
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
         signal.signal(signal.SIGXFSZ, previous)
-        mixtral_ft.callbacks.make_callbacks = make
+        mixtral_ft.train.callbacks.make_callbacks = make
     lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error:")]
     assert code == 74, err[-2000:]
     assert "Traceback" not in err and len(lines) == 1, err[-3000:]
