@@ -3,7 +3,7 @@
 We add no launcher of our own. With N > 1 or a config file, the job goes to `accelerate launch` (torchrun,
 FSDP or DeepSpeed underneath) exactly as TRL's CLI does it: `launch_command_parser()` parses the launch
 flags plus `-m mixtral_ft.train RECIPE key=value ...`, and `launch_command(args)` runs it. Every process
-then loads the recipe and the model itself; `train.py` lets rank 0 alone print and write. With N = 1 and
+then loads the recipe and the model itself; `train/run.py` lets rank 0 alone print and write. With N = 1 and
 no config, training stays in this process. `accelerate launch -m mixtral_ft.train ...` and
 `torchrun --nproc-per-node N -m mixtral_ft.train ...` reach the same code without this module's launcher.
 
@@ -12,7 +12,7 @@ processes only through MPI (without `mpirun` it silently starts one), so we take
 `ACCELERATE_USE_CPU=true`. FSDP and DeepSpeed need GPUs: accelerate enables FSDP only for GPU-like devices
 and quietly runs DDP instead on CPU, so such configs are refused there rather than mislabelled.
 
-The helpers at the bottom are what `train.py` needs in every process: who is rank 0 and how to make the
+The helpers at the bottom are what `train/run.py` needs in every process: who is rank 0 and how to make the
 NF4 model safe to wrap (see `prepare_for_distributed`).
 """
 

@@ -2,7 +2,7 @@
 
 Every case runs `mixtral-ft train` in-process on a scratch folder that already holds an output_dir with a file
 in it; afterwards every file under the scratch folder must be byte-for-byte what it was. The layers underneath
-have their own unit tests (test_recipe.py, test_data.py); this table checks what a user sees.
+have their own unit tests (tests/recipe/, tests/data/); this table checks what a user sees.
 """
 
 import re

@@ -6,7 +6,8 @@ ShareGPT, ChatML text, Alpaca, prompt-completion). Each row becomes `input_ids` 
 (1 on assistant content and its `</s>`; for prompt-completion rows only on the completion), which TRL's
 SFTTrainer uses as-is without re-tokenizing.
 Bad rows are dropped and counted per reason; too many of them stop the run with a `UserError`.
-Reading sources and mixing them lives in sources.py, shared with preference data (prefs.py).
+Reading sources (files.py) and holding out and mixing them (sources.py) are shared with preference data
+(prefs.py).
 """
 
 from __future__ import annotations

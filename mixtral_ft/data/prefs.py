@@ -10,10 +10,10 @@ Accepted rows (columns `prompt`, `chosen`, `rejected`):
   whole conversations that include the prompt turns; those turns are the prompt, and the `prompt` column,
   which only repeats the question, may be absent.
 Each pair becomes `prompt_ids` (`<s>[INST] … [/INST]`) plus `chosen_ids` / `rejected_ids` (answer tokens and
-`</s>`): mistral-common's own encoding of prompt + answer, cut where the answer starts. dpo.py hands these ids
+`</s>`): mistral-common's own encoding of prompt + answer, cut where the answer starts. train/dpo.py hands these ids
 to TRL as they are, because TRL's tokenization goes through `apply_chat_template`, which MistralCommonBackend
 cannot do for a pair (finetuning mode refuses a prompt that ends on a user turn, test mode refuses an answer).
-Bad pairs are dropped and counted per reason, exactly like bad SFT rows (data.py).
+Bad pairs are dropped and counted per reason, exactly like bad SFT rows (conversations.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Which rows a run trains and evaluates on: the sources of `data.path` or `data.mixture`, held out and mixed.
 
-Every failure to read becomes a one-line `UserError` naming the source and the fix. `load_sources` gives
-the train and eval rows of `data.path` or of each `data.mixture` source, mixed by weight; the format
-modules (data.py for conversations, prefs.py for preference pairs) supply how one split is tokenized.
+Reading one source is files.py's job. `load_sources` gives the train and eval rows of `data.path` or of each
+`data.mixture` source, mixed by weight; the encoders (conversations.py for conversations, prefs.py for
+preference pairs) pass in how one split is read and tokenized, as a plain function argument.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The estimate accounts for the tensors alive at the step's peak, term by term: th
 weights, gradients and optimizer states, the activations kept for backward, and the working set of the
 moment the step peaks: the loss over the logits, or one layer's recompute and backward, where an expert
 weight is dequantized whole (quant._NF4GroupedLinear). That is what `torch.cuda.max_memory_allocated`
-reports. It needs only the model's shape (`Dims`) and the run's settings (`Run`); plan.py reads those
+reports. It needs only the model's shape (`Dims`) and the run's settings (`Run`); preflight.py reads those
 from a recipe and turns the estimate into a verdict and advice.
 """
 
@@ -69,7 +69,7 @@ class Run:
     lora_targets: tuple[str, ...] = ATTENTION_TARGETS
     lora_dropout: float = 0.0
     optim: str = "adamw_torch"
-    loop: str = "trainer"  # trainer: TRL (autocast, fused LM head on a GPU); plain: bench.py's loop
+    loop: str = "trainer"  # trainer: TRL (autocast, fused LM head on a GPU); plain: bench/throughput.py's loop
     triton: bool = True  # TRL's fused head runs Triton kernels (GPU); else its torch fallback (CPU)
     padded: bool = True  # batches carry an attention mask (not packed): sdpa repeats k/v per head
     num_gpus: int = 1

@@ -4,8 +4,8 @@ Only the model's config.json is read. peak.py estimates the tensors alive at the
 `torch.cuda.max_memory_allocated` reports; the CUDA context comes on top (RESERVE_GIB). This module turns
 a recipe into that estimate's inputs, and the estimate into a verdict and concrete overrides that fit.
 
-Checked against exact measurements: tests/test_plan.py runs the tiny model on CPU under a tensor-bytes
-tracker, and `compare_bench` checks a `mixtral-ft bench` result file from a GPU (bench.py's plain loop).
+Checked against exact measurements: tests/plan/test_preflight.py runs the tiny model on CPU under a tensor-bytes
+tracker, and `compare_bench` checks a `mixtral-ft bench` result file from a GPU (bench/throughput.py's plain loop).
 """
 
 from __future__ import annotations

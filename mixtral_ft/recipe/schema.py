@@ -1,6 +1,6 @@
 """Strict YAML -> frozen dataclasses: every mistake is a one-line `UserError` naming the dotted key.
 
-Generic machinery behind recipe.py: read a YAML mapping, apply `dotted.key=value` overrides (values
+Generic machinery behind sections.py: read a YAML mapping, apply `dotted.key=value` overrides (values
 parsed as YAML), reject secret-looking keys anywhere in the tree, and build nested dataclasses from their
 type hints (unknown keys with a suggestion, wrong types, missing required values).
 """

@@ -1,7 +1,7 @@
 """Trainer callbacks a recipe turns on: one list, assembled here, handed to the TRL trainer.
 
 Each concern lives in its own module (router telemetry, safety guards); this file only decides which
-callbacks a run gets, so train.py stays a linear story.
+callbacks a run gets, so run.py stays a linear story.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   true            resume from the newest complete checkpoint; if there is none, that is an error
   false           never resume; an output_dir holding checkpoints of an unfinished run is an error
   PATH            resume from that checkpoint folder, which must be complete
-A run is finished once run.json exists (train.py writes it last); `train.overwrite` replaces a finished run only,
+A run is finished once run.json exists (train/run.py writes it last); `train.overwrite` replaces a finished run only,
 so a preempted job whose recipe says `overwrite: true` still resumes instead of starting over on every restart.
 
 The HF Trainer's `get_last_checkpoint` trusts the folder name, so a save cut short by a preemption or a full
@@ -162,7 +162,7 @@ def check_existing_run(recipe: Recipe, out: Path) -> None:
 
 def _clear(out: Path, checkpoints: list[Path]) -> None:
     # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up. They go only
-    # once the new run has passed every check that can fail with exit 2 (outdir.replace_deferred, from train.py).
+    # once the new run has passed every check that can fail with exit 2 (outdir.replace_deferred, from train/run.py).
     from mixtral_ft.train.outdir import defer_replace
 
     defer_replace(out, [*checkpoints, out / "run.json"])
