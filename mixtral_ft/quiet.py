@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 
-# Plain `logging` loggers: their level is ours to set (no library resets it).
+# Their loggers at ERROR; transformers and datasets reset theirs at import, from the variables below.
 LOGGERS = ("bitsandbytes", "trl", "torch", "accelerate", "peft", "datasets", "transformers")
 # Libraries that configure their own root logger on import read these instead (a user's setting wins).
 VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
