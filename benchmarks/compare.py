@@ -79,16 +79,7 @@ def run_peers(args, config, batch: int, device: torch.device, dtype: torch.dtype
         small = bench.bench_config(args, min(args.peer_v5_layers, config.num_hidden_layers))
         v5 = peers.run_stock_v5(small, full_depth=config.num_hidden_layers, folder=v5_folder, **common)
         bench.free_memory(device)
-        ours_small = bench.run_benchmark(
-            layers=small.num_hidden_layers,
-            batch=batch,
-            seq=args.seq,
-            steps_=args.steps,
-            warmup=args.warmup,
-            device=device,
-            tiny=args.tiny,
-            levers=args.levers,
-        )
+        ours_small = bench.run_ours(args, batch, device, layers=small.num_hidden_layers)
         v5 |= {
             "ours_at_same_depth": {k: ours_small[k] for k in ("tok_per_s", "peak_gib", "weights_gib")},
             "our_speedup": round(ours_small["tok_per_s"] / v5["tok_per_s"], 3),

@@ -121,6 +121,10 @@ def test_launch_flags_for_cpu_and_gpu():
             launch_args(8, str(CONFIGS / "multi_gpu.yaml"), cuda=True, env={})
 
 
+TRAIN_TINY = [sys.executable, "-m", "mixtral_ft.cli", "train", "recipes/tiny.yaml"]
+FOUR_STEPS = ["train.max_steps=4", "train.save_steps=4", "train.logging_steps=1"]
+
+
 # --- DDP on CPU ----------------------------------------------------------------------------------------
 
 
@@ -128,19 +132,7 @@ def test_launch_flags_for_cpu_and_gpu():
 def test_two_process_ddp_through_the_cli(tmp_path):
     out = tmp_path / "run"
     proc = run(
-        [
-            sys.executable,
-            "-m",
-            "mixtral_ft.cli",
-            "train",
-            "recipes/tiny.yaml",
-            "--num-processes",
-            "2",
-            f"train.output_dir={out}",
-            "train.max_steps=4",
-            "train.save_steps=4",
-            "train.logging_steps=1",
-        ],
+        [*TRAIN_TINY, "--num-processes", "2", f"train.output_dir={out}", *FOUR_STEPS],
         # torch's own per-rank DDP log: proves both ranks built a DDP model and ran backward.
         TORCH_DISTRIBUTED_DEBUG="INFO",
         TORCH_CPP_LOG_LEVEL="INFO",
@@ -216,20 +208,9 @@ def test_fsdp_through_the_cli_on_gpus(tmp_path):
     out = tmp_path / "run"
     proc = run(
         [
-            sys.executable,
-            "-m",
-            "mixtral_ft.cli",
-            "train",
-            "recipes/tiny.yaml",
-            "--accelerate-config",
-            "accelerate_configs/fsdp_qlora.yaml",
-            "--num-processes",
-            "2",
-            f"train.output_dir={out}",
-            "train.max_steps=4",
-            "train.save_steps=4",
-            "train.logging_steps=1",
-            "model.compute_dtype=bfloat16",
+            *TRAIN_TINY,
+            *("--accelerate-config", "accelerate_configs/fsdp_qlora.yaml", "--num-processes", "2"),
+            *(f"train.output_dir={out}", *FOUR_STEPS, "model.compute_dtype=bfloat16"),
         ]
     )
     summary = json.loads((out / "run.json").read_text())

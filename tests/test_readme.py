@@ -77,27 +77,18 @@ def test_ci_runs_the_extracted_command_not_a_copy(tmp_path):
         '#!/bin/sh\nif [ "$1" = -c ]; then echo 1; else echo "$MIXTRAL_FT_CPU_BF16 $*" > numeric.txt; fi\n'
     )
     venv_python.chmod(0o755)
-    result = subprocess.run(
-        ["bash", str(tmp_path / ".ci" / "run")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
-        timeout=60,
-    )
+
+    def run_ci():
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        return subprocess.run(["bash", ".ci/run"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+
+    result = run_ci()
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ran.txt").read_text() == "ran pytest\n"
     assert (tmp_path / "numeric.txt").read_text() == "0 -m pytest -q -m numeric and not gpu\n"
     # A README without a test command fails CI instead of passing vacuously.
     (tmp_path / "README.md").write_text("# stand-in\n")
-    result = subprocess.run(
-        ["bash", str(tmp_path / ".ci" / "run")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
-        timeout=60,
-    )
+    result = run_ci()
     assert result.returncode != 0 and "lost its test command" in result.stderr
 
 

@@ -213,11 +213,12 @@ def open_result(args, report: dict) -> Path:
     return result_path(report, args.out_dir, args.tag)
 
 
-def run_ours(args, batch: int, device: torch.device, path: Path) -> dict:
-    """Our model at `batch`, its figures added to nothing yet; the memory is given back afterwards."""
-    profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile else None
+def run_ours(args, batch: int, device: torch.device, path: Path | None = None, layers: int | None = None) -> dict:
+    """Our model at `batch` (and `layers`, default --layers); the memory is given back afterwards. With --profile,
+    the op table goes beside the result file `path`."""
+    profile = path.with_name(f"{path.stem}-b{batch}-profile.txt") if args.profile and path else None
     ours = run_benchmark(
-        layers=args.layers,
+        layers=layers or args.layers,
         batch=batch,
         seq=args.seq,
         steps_=args.steps,

@@ -16,6 +16,14 @@ import torch
 
 from mixtral_ft.recipe import Recipe
 
+# train.* keys that are TrainingArguments of the same name and meaning: the recipe maps onto the trainer's own
+# arguments rather than copying them field by field.
+SAME_NAME = (
+    "output_dir", "max_steps", "num_train_epochs", "save_steps", "seed", "learning_rate", "lr_scheduler_type",
+    "weight_decay", "max_grad_norm", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "gradient_checkpointing", "logging_steps",
+)  # fmt: skip
+
 
 def trainer_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool) -> dict[str, Any]:
     """The transformers TrainingArguments both methods share, from the recipe's train and logging sections."""
@@ -23,26 +31,12 @@ def trainer_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool) -> dic
 
     t = recipe.train
     cuda = torch.cuda.is_available()
-    return dict(
-        output_dir=t.output_dir,
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_train_epochs,
-        save_steps=t.save_steps,
+    return {name: getattr(t, name) for name in SAME_NAME} | dict(
         save_strategy="steps",
-        seed=t.seed,
         data_seed=t.seed,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of all steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=t.logging_steps,
         # eval_steps null: at each checkpoint, so the loss plot has an eval curve. Not by default under
         # train.compile: compiled layers fail in eval (bitsandbytes' fake-kernel strides under no_grad).
         eval_strategy="steps" if has_eval and (t.eval_steps or not t.compile) else "no",

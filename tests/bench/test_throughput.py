@@ -363,21 +363,12 @@ def test_each_lever_trains_the_same_model(lever):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_load_peak_is_final_footprint_plus_one_layer(tmp_path):
     """Issue 3: loading never holds more than the NF4 model plus one layer of bf16 experts."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
     from mixtral_ft.model.load import load_model
+    from mixtral_ft.model.shapes import mixtral_config
 
-    config = MixtralConfig(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=3584,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
+    config = mixtral_config(4, hidden_size=1024, intermediate_size=3584, num_attention_heads=8, num_key_value_heads=2)
     MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="200MB")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

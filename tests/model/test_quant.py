@@ -176,21 +176,15 @@ def test_load_memory_does_not_grow_with_depth_beyond_the_nf4_footprint(tmp_path)
     import subprocess
     import sys
 
-    from transformers import MixtralConfig
+    from transformers import MixtralForCausalLM
+
+    from mixtral_ft.model.shapes import mixtral_config
 
     probe = str(Path(__file__).parents[1] / "load_memory_probe.py")
     measured = {}
     for layers in (8, 16):
-        config = MixtralConfig(
-            vocab_size=32000,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            tie_word_embeddings=False,
+        config = mixtral_config(
+            layers, hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2
         )
         torch.manual_seed(0)
         folder = tmp_path / f"L{layers}"

@@ -142,21 +142,10 @@ def test_tiny_peak_within_ten_percent(tiny, batch, seq, options):
 
 @pytest.fixture(scope="module")
 def wider(trainer_like):
-    from transformers import MixtralConfig
+    from mixtral_ft.model.shapes import mixtral_config
 
-    config = MixtralConfig(
-        vocab_size=1024,
-        hidden_size=128,
-        intermediate_size=448,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        output_router_logits=False,
-    )
+    shape = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 448, "num_key_value_heads": 2}
+    config = mixtral_config(2, num_attention_heads=8, output_router_logits=False, **shape)
     return config, functools.cache(lambda dtype: trainer_like(config, dtype))  # one model per dtype
 
 
