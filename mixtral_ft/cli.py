@@ -51,19 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a recipe says")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lora.r=8 train.max_steps=5")
-    p.add_argument(
-        "--num-processes",
-        type=int,
-        default=None,
-        metavar="N",
-        help="processes (GPUs) to train on through accelerate (default: 1, or the config's)",
-    )
-    p.add_argument(
-        "--accelerate-config",
-        default=None,
-        metavar="PATH",
-        help="accelerate config, e.g. accelerate_configs/fsdp_qlora.yaml",
-    )
+    p.add_argument("--num-processes", type=int, metavar="N", help="processes (GPUs) via accelerate (default: 1)")
+    p.add_argument("--accelerate-config", metavar="PATH", help="e.g. accelerate_configs/fsdp_qlora.yaml")
     p.add_argument(
         "--force",
         action="store_true",
@@ -119,11 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         "original: the checkpoint's bf16 weights",
     )
     p.add_argument("--base", default=None, help="base model (default: the one the adapter was trained on)")
+    dtypes = ["auto", "bfloat16", "float16", "float32"]
     p.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
-        default="auto",
-        help="dtype of the written weights (auto: the checkpoint's)",
+        "--dtype", choices=dtypes, default="auto", help="dtype of the written weights (auto: the checkpoint's)"
     )
     p.add_argument(
         "--verify", action="store_true", help="compare with adapter-on-NF4-base on held-out rows; writes verify.json"
@@ -134,12 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", help="upload an adapter or merged model folder to the Hub, with a model card")
     p.add_argument("dir", help="adapter folder or merged model folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    p.add_argument(
-        "--private",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="create the repo private (default) or public (--no-private)",
-    )
+    visibility = "create the repo private (default) or public (--no-private)"
+    p.add_argument("--private", action=argparse.BooleanOptionalAction, default=True, help=visibility)
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no token")
     p.set_defaults(func=commands.cmd_push)
 

@@ -12,6 +12,11 @@ from pathlib import Path
 from mixtral_ft.errors import UserError
 
 
+def _pick(args, *names: str) -> dict:
+    """The flags a command hands on by the same name."""
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_train(args) -> int:
     from mixtral_ft.plan.fit_check import check_can_train
     from mixtral_ft.recipe import load_recipe
@@ -141,15 +146,7 @@ def cmd_quantize(args) -> int:
 def cmd_merge(args) -> int:
     from mixtral_ft.export.merge import merge_adapter
 
-    info = merge_adapter(
-        args.adapter,
-        args.out,
-        base_weights=args.base_weights,
-        base=args.base,
-        dtype=args.dtype,
-        verify=args.verify,
-        device=args.device,
-    )
+    info = merge_adapter(args.adapter, args.out, **_pick(args, "base_weights", "base", "dtype", "verify", "device"))
     print(f"wrote merged model ({info['base_weights']} base weights, {info['dtype']}) to {args.out}")
     if info.get("verify", {}).get("verdict") == "FAILED":  # the folder stays, with verify.json saying why
         print(f"merge --verify FAILED: see {args.out}/verify.json", file=sys.stderr)
@@ -206,16 +203,8 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from mixtral_ft.use.evaluate import evaluate
 
-    evaluate(
-        args.target,
-        adapter=args.adapter,
-        data=args.data,
-        samples=args.samples,
-        out=args.out,
-        max_rows=args.max_rows,
-        settings=_generation(args),
-        attn_implementation=args.attn_implementation,
-    )
+    keys = ("adapter", "data", "samples", "out", "max_rows", "attn_implementation")
+    evaluate(args.target, settings=_generation(args), **_pick(args, *keys))
     return 0
 
 
