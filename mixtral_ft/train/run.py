@@ -104,8 +104,7 @@ def train(recipe: Recipe) -> dict:
     from transformers import set_seed
 
     from mixtral_ft.common import is_main_process
-    from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
-    from mixtral_ft.model.load import set_adapter_base
+    from mixtral_ft.data.tokenizer import load_tokenizer
     from mixtral_ft.train.callbacks import make_callbacks
     from mixtral_ft.train.guards import Preempted, run_trainer
     from mixtral_ft.train.outdir import replace_deferred
@@ -129,17 +128,7 @@ def train(recipe: Recipe) -> dict:
     model, audit = trainable_model(recipe, source)
 
     dtype = model.get_base_model().dtype
-    if (
-        recipe.train.packing
-        and torch.cuda.is_available()
-        and recipe.model.attn_implementation != "flash_attention_2"
-        and is_main_process()
-    ):  # correct either way (position_ids); only the speed differs
-        print(
-            "note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
-            "flash_attention_2 keeps the flash kernel",
-            flush=True,
-        )
+    note_packing_kernel(recipe)
     replace_deferred(out)  # train.overwrite: the previous run goes only now that nothing can fail with exit 2
     callbacks = make_callbacks(recipe, out)
     configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
@@ -149,18 +138,7 @@ def train(recipe: Recipe) -> dict:
     def finish(result) -> dict:
         summary = summarize(recipe, trainer, result, started, dtype)
         summary.update(method.summary(trainer))  # DPO: reward accuracy and margins from TRL's log history
-        # Every rank calls save_model: under FSDP and ZeRO-3 gathering the adapter is collective; only rank 0 writes.
-        trainer.save_model(str(out))
-        if trainer.is_world_process_zero():
-            method.after_save(out)
-            save_tokenizer(tokenizer, out)
-            set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
-            dump_recipe(recipe, out / "recipe.yaml")
-            (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-            from mixtral_ft.train.outputs import closing_line, write_run_files
-
-            write_run_files(out, audit, data.reports)  # audit.json, data_report.json and our model card
-            print(closing_line(out), flush=True)
+        save_outputs(recipe, trainer, tokenizer, summary, audit=audit, reports=data.reports)
         return summary
 
     # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
@@ -172,6 +150,40 @@ def train(recipe: Recipe) -> dict:
             late_signal,
         )
     return summary
+
+
+def note_packing_kernel(recipe: Recipe) -> None:
+    """Packing is correct either way (position_ids); on a GPU only flash-attention keeps it fast."""
+    from mixtral_ft.common import is_main_process
+
+    t, m = recipe.train, recipe.model
+    if t.packing and torch.cuda.is_available() and m.attn_implementation != "flash_attention_2" and is_main_process():
+        print(
+            "note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
+            "flash_attention_2 keeps the flash kernel",
+            flush=True,
+        )
+
+
+def save_outputs(recipe: Recipe, trainer, tokenizer, summary: dict, *, audit, reports) -> None:
+    """The adapter, then (rank 0) the tokenizer, recipe.yaml, run.json, audit, data report and model card."""
+    from mixtral_ft.data.tokenizer import save_tokenizer
+    from mixtral_ft.model.load import set_adapter_base
+    from mixtral_ft.train.outputs import closing_line, write_run_files
+    from mixtral_ft.train.trainers import METHODS
+
+    out = Path(recipe.train.output_dir)
+    # Every rank calls save_model: under FSDP and ZeRO-3 gathering the adapter is collective; only rank 0 writes.
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    METHODS[recipe.train.method].after_save(out)  # DPO: drop TRL's frozen reference copy
+    save_tokenizer(tokenizer, out)
+    set_adapter_base(out, recipe.model.name)  # the hub id, not the local cache folder, for serving engines
+    dump_recipe(recipe, out / "recipe.yaml")
+    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_run_files(out, audit, reports)  # audit.json, data_report.json and our model card
+    print(closing_line(out), flush=True)
 
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
