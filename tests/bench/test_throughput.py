@@ -22,19 +22,8 @@ from mixtral_ft.model.shapes import tiny_config
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[2]
-OUR_KEYS = (
-    "date",
-    "device",
-    "versions",
-    "layers",
-    "seq",
-    "levers",
-    "batch",
-    "tok_per_s",
-    "step_s",
-    "peak_gib",
-    "hfu",
-    "runs",
+OUR_KEYS = tuple(
+    ["date", "device", "versions", "layers", "seq", "levers", "batch", "tok_per_s", "step_s", "peak_gib", "hfu", "runs"]
 )
 SMOKE = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--seq", "16"]
 
@@ -127,21 +116,12 @@ def test_compare_smoke_measures_us_and_both_peers(tmp_path, v4_site):
         [
             sys.executable,
             str(ROOT / "benchmarks" / "compare.py"),
-            "--device",
-            "cpu",
-            "--tiny",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--seq",
-            "64",
+            *["--device", "cpu", "--tiny", "--tag", "smoke"],
+            *["--steps", "1", "--warmup", "1", "--seq", "64"],
             "--out-dir",
             str(tmp_path / "out"),
             "--peer-v4-site",
             str(v4_site),
-            "--tag",
-            "smoke",
         ],
         cwd=tmp_path,
         env=env,

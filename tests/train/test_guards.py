@@ -18,21 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import load_recipe
-from mixtral_ft.train.outdir import replace_deferred
 from mixtral_ft.train.resume import (
-    check_existing_run,
     checkpoint_problem,
-    find_resume_checkpoint,
-    newest_complete,
 )
-from tests.conftest import RUN, adapter_bytes, make_checkpoint, signal_at, train
+from tests.conftest import RUN, adapter_bytes, signal_at, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
-# 6 cosine-scheduled steps with warmup and LoRA dropout 0.05; save_steps high so only stops save checkpoints.
-
 HF_SECRET, WANDB_SECRET = "hf_SENTINELq8ZtWq3nL0vR7xKc2", "SENTINELwandb5f0e9d8c7b6a5f4e3d2c1b0a9"
 
 
@@ -183,118 +176,6 @@ def test_no_secret_is_written_anywhere_and_the_same_seed_gives_the_same_adapter(
     assert run["losses"] == losses(reference)
 
 
-# --- checkpoint discovery and train.resume, on hand-made checkpoints (no training) --------------------------
-
-
-def recipe_for(out: Path, *overrides: str):
-    return load_recipe(TINY, [f"train.output_dir={out}", *overrides])
-
-
-def truncate(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-
-
-@pytest.mark.parametrize(
-    "damage, problem",
-    [
-        (lambda f: (f / "trainer_state.json").unlink(), "no trainer_state.json"),
-        (lambda f: (f / "trainer_state.json").write_text('{"global_st'), "trainer_state.json is unreadable"),
-        (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
-        (lambda f: truncate(f / "adapter_model.safetensors", 0.9), "adapter_model.safetensors is truncated"),
-        (
-            lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 3),
-            "adapter_model.safetensors is unreadable",
-        ),
-        (lambda f: (f / "optimizer.pt").unlink(), "no optimizer.pt"),
-        (lambda f: truncate(f / "optimizer.pt"), "optimizer.pt is truncated"),
-        (lambda f: (f / "scheduler.pt").write_bytes(b""), "scheduler.pt is empty"),
-        (lambda f: (f / "rng_state.pth").unlink(), "no rng_state.pth"),
-        (lambda f: (f / "rng_state.pth").rename(f / "rng_state_1.pth"), "RNG states for ranks [1]"),
-    ],
-)
-def test_incomplete_checkpoints_are_skipped_with_a_reason(tmp_path, damage, problem, capsys):
-    out = tmp_path / "run"
-    good = make_checkpoint(out, 2)
-    bad = make_checkpoint(out, 4)
-    damage(bad)
-    assert problem in checkpoint_problem(bad)
-    assert newest_complete(out) == (good, [(bad, checkpoint_problem(bad))])
-    assert find_resume_checkpoint(recipe_for(out), out) == good
-    printed = capsys.readouterr().out
-    assert f"resume: skipping incomplete {bad}: {problem}" in printed
-    assert f"resume: continuing from {good} (step 2)" in printed
-
-
-def test_corrupted_torch_file_fails_its_crc(tmp_path):
-    folder = make_checkpoint(tmp_path, 1)
-    data = bytearray((folder / "optimizer.pt").read_bytes())
-    start = data.find(b"param_groups")  # inside the pickled payload, a stored (uncompressed) zip member
-    data[start : start + 4] = b"XXXX"
-    (folder / "optimizer.pt").write_bytes(bytes(data))
-    assert checkpoint_problem(folder) == "optimizer.pt is corrupted"
-
-
-def test_resume_modes(tmp_path, capsys):
-    empty, out = tmp_path / "empty", tmp_path / "run"
-    empty.mkdir()
-    assert find_resume_checkpoint(recipe_for(empty), empty) is None  # auto, nothing there: fresh start
-    with pytest.raises(UserError, match="train.resume=true but .* holds no complete checkpoint"):
-        find_resume_checkpoint(recipe_for(empty, "train.resume=true"), empty)
-    partial = make_checkpoint(out, 3)
-    (partial / "optimizer.pt").unlink()
-    assert find_resume_checkpoint(recipe_for(out), out) is None  # auto with only a partial one: fresh start
-    with pytest.raises(UserError, match=r"is not a complete checkpoint \(no optimizer.pt\)"):
-        find_resume_checkpoint(recipe_for(out, f"train.resume={partial}"), out)
-    elsewhere = make_checkpoint(tmp_path / "old", 5)
-    assert find_resume_checkpoint(recipe_for(out, f"train.resume={elsewhere}"), out) == elsewhere
-    assert find_resume_checkpoint(recipe_for(out, "train.resume=false"), out) is None
-    capsys.readouterr()
-
-
-def test_a_checkpoint_resumes_only_the_recipe_that_wrote_it(tmp_path):
-    out = tmp_path / "run"
-    make_checkpoint(out, 2)
-    with pytest.raises(UserError, match=r"different recipe \(lora.r: 16 -> 8; train.learning_rate: 0.005 -> 0.001\)"):
-        find_resume_checkpoint(recipe_for(out, "lora.r=8", "train.learning_rate=1e-3"), out)
-    # Where it saves and how often it logs may change.
-    assert (
-        find_resume_checkpoint(recipe_for(out, "train.save_steps=7", "train.logging_steps=3"), out)
-        == out / "checkpoint-2"
-    )
-
-
-def test_output_dir_rules(tmp_path):
-    out = tmp_path / "run"
-    make_checkpoint(out, 2)
-    with pytest.raises(
-        UserError,
-        match="holds checkpoints of an unfinished run: set train.resume=auto to continue "
-        "it, or train.overwrite=true to start over",
-    ):
-        check_existing_run(recipe_for(out, "train.resume=false"), out)
-    check_existing_run(recipe_for(out), out)  # auto: resumable, nothing touched
-    assert (out / "checkpoint-2").is_dir()
-    (out / "run.json").write_text("{}")  # now a finished run
-    with pytest.raises(UserError, match="already holds a run"):
-        check_existing_run(recipe_for(out), out)
-    with pytest.raises(UserError, match="nothing to resume"):
-        check_existing_run(recipe_for(out, "train.resume=true", "train.overwrite=true"), out)
-    # overwrite replaces a finished run: its checkpoints go too, or a later resume would pick them up.
-    check_existing_run(recipe_for(out, "train.overwrite=true"), out)
-    assert (out / "run.json").exists() and (out / "checkpoint-2").is_dir()  # nothing goes before the run starts
-    replace_deferred(out)
-    assert list(out.iterdir()) == []
-
-
-def test_overwrite_does_not_restart_an_unfinished_run_that_can_resume(tmp_path):
-    # A preemptible job whose recipe says overwrite: true must make progress across restarts.
-    out = tmp_path / "run"
-    make_checkpoint(out, 4)
-    check_existing_run(recipe_for(out, "train.overwrite=true"), out)
-    assert find_resume_checkpoint(recipe_for(out, "train.overwrite=true"), out) == out / "checkpoint-4"
-
-
 # --- signal handling -----------------------------------------------------------------------------------------
 
 
@@ -371,14 +252,3 @@ def test_preempted_exit_codes():
 
     assert Preempted("x", signal.SIGTERM).exit_code == 143
     assert Preempted("x", signal.SIGINT).exit_code == 130
-
-
-def test_only_rank_zero_clears_a_replaced_run(tmp_path, monkeypatch):
-    # Every rank runs the output-dir check; one deletes, the others only decide (to start fresh).
-    out = tmp_path / "run"
-    make_checkpoint(out, 1)
-    (out / "run.json").write_text("{}")
-    monkeypatch.setenv("RANK", "1")
-    check_existing_run(recipe_for(out, "train.overwrite=true"), out)
-    replace_deferred(out)
-    assert (out / "checkpoint-1").is_dir() and (out / "run.json").exists()
