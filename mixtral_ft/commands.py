@@ -123,14 +123,15 @@ def cmd_quantize(args) -> int:
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
     from mixtral_ft.model.load import load_model
     from mixtral_ft.model.loader import save_prequantized
-    from mixtral_ft.model.source import resolve_model_path
+    from mixtral_ft.model.source import model_source
 
     out = Path(args.out)
     refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral
     say("quantize", f"resolving {args.model}")
-    source = resolve_model_path(args.model)
+    model_from = model_source(args.model)
+    source = model_from.local_path()
     say("quantize", f"loading and quantizing {args.model} to NF4 (Mixtral: minutes)")
-    model = load_model(str(source), quantize_experts=not args.bf16_experts, device=args.device)
+    model = load_model(model_from, quantize_experts=not args.bf16_experts, device=args.device)
     with staged_folder(out, "OUT") as staging:  # an interrupted run leaves no half model
         say("quantize", f"writing {out}")
         save_prequantized(model, staging, source=args.model)

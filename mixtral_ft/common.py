@@ -36,6 +36,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def distributed_initialized() -> bool:
+    """True once torch.distributed has a process group (inside a DDP/FSDP run)."""
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def under_launcher() -> bool:
     """True inside a worker started by torchrun / accelerate launch."""
     return "LOCAL_RANK" in os.environ
@@ -48,8 +55,8 @@ def fsdp_enabled() -> bool:
 
 def human_bytes(n: float, digits: int = 2) -> str:
     """1536 -> '1.50 KiB': sizes in audit tables and upload lists."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     return f"{n:.{digits}f} GiB"

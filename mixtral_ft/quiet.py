@@ -19,7 +19,7 @@ LOGGERS = ("bitsandbytes", "trl", "torch", "accelerate", "peft", "datasets", "tr
 # Libraries that configure their own root logger on import read these instead (a user's setting wins).
 VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
 WARNING_MODULES = r"(bitsandbytes|transformers|trl|datasets|torch|accelerate|peft)(\.|$)"
-WARNING_CATEGORIES = (UserWarning, DeprecationWarning, FutureWarning, RuntimeWarning)
+WARNING_CATEGORIES = (UserWarning, RuntimeWarning)  # Future/DeprecationWarning: ignored everywhere, below
 
 
 def quiet_third_party() -> None:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mixtral_ft.common import peak_gib, reset_peak  # noqa: F401  (re-exported: the peers measure through steps)
+from mixtral_ft.common import peak_gib, reset_peak
 from mixtral_ft.recipe import ATTENTION_TARGETS
 
 LORA_TARGETS = list(ATTENTION_TARGETS)

@@ -16,7 +16,7 @@ from collections import Counter
 
 from mixtral_ft.data import formats
 from mixtral_ft.data.files import read_rows
-from mixtral_ft.data.formats import ROLE_ALIASES, parse_chatml  # noqa: F401  (parse_chatml: the ChatML format)
+from mixtral_ft.data.formats import ROLE_ALIASES
 from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, settle
 from mixtral_ft.recipe import DataSection
 
@@ -32,7 +32,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
         raise ValueError("conversation is not a list of turns")
     if not messages:
         raise ValueError("empty conversation")
-    turns = _fold_system([_turn(message) for message in messages])
+    turns = fold_system([_turn(message) for message in messages])
     if any(t["role"] == "system" for t in turns):
         raise ValueError("system turn after the start")
     if turns[0]["role"] != "user":
@@ -67,7 +67,7 @@ def _turn(message) -> dict:
     return {"role": role, "content": content}
 
 
-def _fold_system(turns: list[dict]) -> list[dict]:
+def fold_system(turns: list[dict]) -> list[dict]:
     """Mixtral's template has no system role; mistral-common itself folds a system prompt into the first user turn."""
     if turns[0]["role"] != "system":
         return turns

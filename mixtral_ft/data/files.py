@@ -110,17 +110,22 @@ def _read_saved(folder: Path, label: str, split: str):
     return saved
 
 
-def _read_file(file: Path, label: str, split: str):
-    import datasets
-
+def check_file_source(file: Path, label: str, split: str, max_bytes: int | None = None) -> None:
+    """A single data file has only a 'train' split, and JSON text is checked row by row (up to `max_bytes`)."""
     if split != "train":
         raise UserError(
             f"data: {label} is a single file with only a 'train' split, not '{split}'; "
             "set data.split: train, and data.test_size (not data.eval_split) for eval"
         )
+    if LOCAL_LOADERS[file.suffix.lower()] == "json":
+        check_json_text(file, label, max_bytes)
+
+
+def _read_file(file: Path, label: str, split: str):
+    import datasets
+
+    check_file_source(file, label, split)
     loader = LOCAL_LOADERS[file.suffix.lower()]
-    if loader == "json":
-        check_json_text(file, label)
     try:
         return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as exc:  # malformed JSON and broken Parquet arrive as assorted wrapped errors

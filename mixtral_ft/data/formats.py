@@ -123,8 +123,8 @@ def prompt_completion_messages(row: dict) -> tuple[list[dict], int]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], 0
     if not isinstance(prompt, list) or not isinstance(completion, list) or not completion:
         raise ValueError("prompt or completion is not a string or a list of turns")
-    context = sum(1 for turn in prompt if _role(turn) == "assistant")
-    if _role(prompt[-1] if prompt else None) != "user":
+    context = sum(1 for turn in prompt if turn_role(turn) == "assistant")
+    if turn_role(prompt[-1] if prompt else None) != "user":
         raise ValueError("prompt does not end on a user turn")
     return [*prompt, *completion], context
 
@@ -143,10 +143,11 @@ def completion_only(mask: list[int], context_answers: int) -> list[int]:
 
 def ends_on_user(messages) -> bool:
     """True if a conversation ends on a user turn (normalize_messages drops it: a prompt without an answer)."""
-    return isinstance(messages, list) and bool(messages) and _role(messages[-1]) == "user"
+    return isinstance(messages, list) and bool(messages) and turn_role(messages[-1]) == "user"
 
 
-def _role(turn) -> str | None:
+def turn_role(turn) -> str | None:
+    """user / assistant / system for a messages or ShareGPT turn (role or `from`); None if it has none we know."""
     if not isinstance(turn, dict):
         return None
     role = turn.get("role") if turn.get("role") is not None else turn.get("from")

@@ -22,7 +22,6 @@ from collections import Counter
 
 from mixtral_ft.data import formats
 from mixtral_ft.data.conversations import (
-    ROLE_ALIASES,
     _finetuning_tokenizer,
     encode_conversation,
     normalize_messages,
@@ -78,8 +77,7 @@ def _answer(value: str | list, name: str) -> tuple[list[dict], str]:
     if not value or not isinstance(value[-1], dict):
         raise ValueError(f"{name} is not a string or a list of turns")
     last = value[-1]
-    role = last.get("role") if last.get("role") is not None else last.get("from")
-    if not isinstance(role, str) or ROLE_ALIASES.get(role.strip().lower()) != "assistant":
+    if formats.turn_role(last) != "assistant":
         raise ValueError(f"{name} does not end on an assistant turn")
     if len(value) == 1:  # TRL's conversational layout: the answer turn alone
         content = last.get("content") if last.get("content") is not None else last.get("value")

@@ -23,10 +23,10 @@ import torch
 
 from mixtral_ft.common import say
 from mixtral_ft.errors import UserError
+from mixtral_ft.model.load import DTYPES
 
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BASE_WEIGHTS = ("dequantized", "original")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 TIMEOUT_S = 5.0
 
@@ -28,7 +29,7 @@ def fetch_config(name: str, revision: str | None = None) -> dict:
 
     cached = try_to_load_from_cache(name, "config.json", revision=revision)
     if isinstance(cached, str):
-        return json.loads(open(cached, encoding="utf-8").read())
+        return json.loads(Path(cached).read_text(encoding="utf-8"))
     if offline():
         raise ConfigUnavailable("HF_HUB_OFFLINE is set and it is not in the cache")
     import httpx

@@ -16,7 +16,9 @@ from torch import nn
 from mixtral_ft.common import local_rank
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
-from mixtral_ft.model.source import HUB_ID, ModelSource, model_source
+from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def default_device() -> torch.device:
@@ -37,7 +39,7 @@ def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) 
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return DTYPES[name]
 
 
 def check_attn_implementation(name: str | None, device: str | torch.device | None = None) -> str:
@@ -98,7 +100,6 @@ def load_model(
     # peft and the HF Trainer read these flags to treat the model as bitsandbytes-4-bit.
     model.is_loaded_in_4bit = True
     model.quantization_method = "bitsandbytes"
-    model.mixtral_ft_source = source.name
     model.mixtral_ft_quantize_experts = quantize_experts
     model.name_or_path = str(path)
     return model
@@ -121,8 +122,6 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
     The exact folder training loaded if it is still here (no download); else the recipe's model.name; else
     what peft recorded. The raw YAML, not load_recipe: only the model section matters to chat and merge.
     """
-    import json
-
     import yaml
 
     recipe_file = adapter / "recipe.yaml"
@@ -147,8 +146,7 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+        check_adapter_folder(adapter)
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     config = LoraConfig(
         r=lora.r,

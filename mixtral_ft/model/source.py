@@ -76,6 +76,13 @@ def model_source(name: str | Path | ModelSource, revision: str | None = None) ->
     return ModelSource(name, "hub", revision)
 
 
+def check_adapter_folder(adapter: str | Path, key: str = "model.adapter") -> Path:
+    """`adapter` as a LoRA adapter folder (one with adapter_config.json); a UserError naming `key` otherwise."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{key} '{adapter}' is not an adapter folder (no adapter_config.json)")
+    return Path(adapter)
+
+
 def resolve_model_path(name: str | Path | ModelSource, revision: str | None = None) -> Path:
     """`tiny`, a local folder, or a hub id (downloaded through huggingface_hub, safetensors only)."""
     return model_source(name, revision).local_path()

@@ -31,11 +31,10 @@ def load_dims(name: str, revision: str | None = None) -> tuple[Dims, bool | None
     from mixtral_ft.model.source import model_source
 
     source = model_source(name, revision)  # the same rules and messages as training
-    if source.kind == "local":
-        manifest = read_manifest(source.local_path())  # a pre-quantized folder is what it is (as load_model)
-        return Dims.of(source.config_dict()), manifest["quantize_experts"] if manifest else None, []
+    # A pre-quantized local folder is what it is (as load_model); a hub id is never downloaded here.
+    manifest = read_manifest(source.local_path()) if source.kind == "local" else None
     try:
-        return Dims.of(source.config_dict()), None, []
+        return Dims.of(source.config_dict()), manifest["quantize_experts"] if manifest else None, []
     except ConfigUnavailable as exc:  # offline, gated, missing: fall back only where the shape is known
         if "mixtral-8x7b" not in name.lower():
             raise UserError(
@@ -118,8 +117,9 @@ def _levers(d: Dims, run: Run, accumulation: int, usable: float) -> list[tuple[l
 def _to_fit(d: Dims, run: Run, accumulation: int, usable: float, peak: float) -> list[str]:
     out = []
     for keys, r in _levers(d, run, accumulation, usable):
-        if _gib(d, r) < 0.99 * peak:  # a lever that saves under 1% is not advice
-            out.append(f"{' '.join(keys)}: {_gib(d, r):.1f} GiB ({'fits' if _gib(d, r) <= usable else 'does not fit'})")
+        gib = _gib(d, r)
+        if gib < 0.99 * peak:  # a lever that saves under 1% is not advice
+            out.append(f"{' '.join(keys)}: {gib:.1f} GiB ({'fits' if gib <= usable else 'does not fit'})")
     least = replace(run, checkpointing=True, quantize_experts=True, batch=1, seq=min(run.seq, 256), optim="sgd")
     if _gib(d, least) > usable:  # nothing in the recipe helps: the weights themselves are too big
         est = estimate(d, replace(run, checkpointing=True, quantize_experts=True))
@@ -138,19 +138,16 @@ def _to_fit(d: Dims, run: Run, accumulation: int, usable: float, peak: float) ->
 
 
 def _with_room(d: Dims, run: Run, accumulation: int, usable: float) -> list[str]:
-    out, B = [], run.batch
-    bigger = [b for b in range(2 * B, 65) if _gib(d, replace(run, batch=b)) <= 0.85 * usable]
+    out, B, room = [], run.batch, 0.85 * usable
+    bigger = [(b, gib) for b in range(2 * B, 65) if (gib := _gib(d, replace(run, batch=b))) <= room]
     if bigger:
-        b = bigger[-1]
+        b, gib = bigger[-1]
         acc = f" train.gradient_accumulation_steps={max(1, B * accumulation // b)}" if accumulation > 1 else ""
+        out.append(f"room to spare: train.per_device_train_batch_size={b}{acc}: {gib:.1f} GiB (fits; faster steps)")
+    no_recompute = _gib(d, replace(run, checkpointing=False)) if run.checkpointing else None
+    if no_recompute is not None and no_recompute <= room:
         out.append(
-            f"room to spare: train.per_device_train_batch_size={b}{acc}: "
-            f"{_gib(d, replace(run, batch=b)):.1f} GiB (fits; faster steps)"
-        )
-    if run.checkpointing and _gib(d, replace(run, checkpointing=False)) <= 0.85 * usable:
-        out.append(
-            f"train.gradient_checkpointing=false: {_gib(d, replace(run, checkpointing=False)):.1f} GiB "
-            "(fits; no recompute: about a quarter faster)"
+            f"train.gradient_checkpointing=false: {no_recompute:.1f} GiB (fits; no recompute: about a quarter faster)"
         )
     return out
 

@@ -53,7 +53,7 @@ def check_recipe(recipe: Recipe) -> None:
         "model.attn_implementation",
         "must be sdpa, flash_attention_2 or eager",
     )
-    known = ("auto", *(PREFERENCE_FORMATS if t.method == "dpo" else SFT_FORMATS))
+    known = known_formats(t.method)
     _need(d.format in known, "data.format", f"must be one of {', '.join(known)} (train.method: {t.method})")
     _check_sources(recipe)
     _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
@@ -127,6 +127,11 @@ def is_repo_id(repo_id: str | None) -> bool:
     return True
 
 
+def known_formats(method: str) -> tuple[str, ...]:
+    """The data.format values a method reads: conversations for SFT, preference pairs for DPO."""
+    return ("auto", *(PREFERENCE_FORMATS if method == "dpo" else SFT_FORMATS))
+
+
 def _check_sources(recipe: Recipe) -> None:
     d = recipe.data
     if d.path is not None and d.mixture:
@@ -142,10 +147,10 @@ def _check_sources(recipe: Recipe) -> None:
         "data.split",
         "and data.eval_split do not apply to a mixture: set split / eval_split on each data.mixture entry",
     )
+    known = known_formats(recipe.train.method)
     for i, source in enumerate(d.mixture):
         key = f"data.mixture[{i}]"
         _need(source.weight > 0, f"{key}.weight", "must be > 0, e.g. 1.0")
-        known = ("auto", *(PREFERENCE_FORMATS if recipe.train.method == "dpo" else SFT_FORMATS))
         _need(
             source.format is None or source.format in known,
             f"{key}.format",

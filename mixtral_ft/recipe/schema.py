@@ -231,12 +231,15 @@ def reject_secrets(raw: Any, prefix: str) -> None:
         reject_secrets(value, dotted + ".")
 
 
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")  # where the tokens we know live
+
+
 def token_kind(value: str, dotted: str = "") -> str | None:
     """What kind of token `value` looks like (None: none). A 40-hex model.revision is a commit, not a wandb key."""
     for pattern, what in TOKEN_PATTERNS:
         if pattern.search(value) and not (what == WANDB and dotted.endswith("revision")):
             return what
-    secrets = [os.environ.get(name, "").strip() for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")]
+    secrets = [os.environ.get(name, "").strip() for name in SECRET_ENV]
     if any(len(s) >= 8 and s in value for s in secrets):
         return "the value of HF_TOKEN or WANDB_API_KEY"
     return None

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from mixtral_ft.model.source import HUB_ID
+from mixtral_ft.recipe.schema import SECRET_ENV
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 BUILTIN_DATASETS = {"builtin:oasst_top1": "OpenAssistant/oasst_top1_2023-08-25"}  # what the sample is from
 
 

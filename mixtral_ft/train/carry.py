@@ -20,18 +20,15 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from mixtral_ft.common import distributed_initialized
 from mixtral_ft.train.checksums import write_manifest
 
 STATE = "mixtral_ft_state.json"
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _per_rank(value: float, device) -> list[float]:
     """`value` from every rank (float64 holds the fp32 loss sum exactly); a collective when distributed."""
-    if not _distributed():
+    if not distributed_initialized():
         return [value]
     mine = torch.tensor([value], dtype=torch.float64, device=device)
     every = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
@@ -64,7 +61,7 @@ class CarryState(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         t = self.trainer
         partials = _per_rank(float(t._tr_loss), args.device)  # every rank: a collective
-        if _distributed():
+        if distributed_initialized():
             torch.distributed.barrier()  # every rank's files (rng_state_N.pth) are written before rank 0 seals
         if not state.is_world_process_zero:
             return
@@ -84,9 +81,9 @@ class CarryState(TrainerCallback):
 
 
 def restore(trainer, saved: dict) -> None:
-    rank = torch.distributed.get_rank() if _distributed() else 0
+    rank = torch.distributed.get_rank() if distributed_initialized() else 0
     window = saved["window_loss"]
-    world = torch.distributed.get_world_size() if _distributed() else 1
+    world = torch.distributed.get_world_size() if distributed_initialized() else 1
     trainer._tr_loss.fill_(window[rank] if len(window) == world else sum(window) / len(window))
     trainer._total_loss_scalar = saved["total_loss"]
     trainer._globalstep_last_logged = saved["window_start"]

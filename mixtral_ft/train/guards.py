@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from mixtral_ft.common import distributed_initialized
 from mixtral_ft.recipe import Recipe, dump_recipe
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -40,13 +41,9 @@ class Preempted(Exception):
         self.exit_code = 128 + signum
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _all_reduce(value: float, device, op: str) -> float:
     """`op` ("max" or "sum") of `value` over all ranks; every rank must call this at the same point."""
-    if not _distributed():
+    if not distributed_initialized():
         return value
     tensor = torch.tensor([value], dtype=torch.float32, device=device)  # NCCL needs it on the rank's GPU
     torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op.upper()))
@@ -156,14 +153,14 @@ def run_trainer(trainer, resume_from: Path | None, finish) -> tuple:
     """
     from mixtral_ft.train.carry import train_or_finish
 
-    guard = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionGuard)), None)
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionGuard))
     try:
-        with guard.installed() if guard else _nothing():
+        with guard.installed():
             result = train_or_finish(trainer, resume_from)  # from the last step's checkpoint: no extra step
-            if not (guard and guard.stopped):
+            if not guard.stopped:
                 value = finish(result)
                 # ranks may see a late signal or not: agree, so that all exit alike
-                late = int(_all_reduce(guard.received if guard else 0, trainer.args.device, "max"))
+                late = int(_all_reduce(guard.received, trainer.args.device, "max"))
     except Exception:  # diverged, or a full disk (fsio.py)
         for callback in trainer.callback_handler.callbacks:  # end the progress bar's line, so that the
             bar = getattr(callback, "training_bar", None)  # error line the CLI prints starts a line of its own
@@ -171,9 +168,9 @@ def run_trainer(trainer, resume_from: Path | None, finish) -> tuple:
                 bar.close()
                 callback.training_bar = None
         raise
-    if guard and guard.stopped:
+    if guard.stopped:
         signum, step = guard.stopped
-        if _distributed():
+        if distributed_initialized():
             torch.distributed.barrier()  # no rank exits (and gets the others killed) before all have saved
         folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
         raise Preempted(
@@ -182,8 +179,3 @@ def run_trainer(trainer, resume_from: Path | None, finish) -> tuple:
             signum,
         )
     return value, late
-
-
-@contextmanager
-def _nothing():
-    yield

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mixtral_ft.common import is_main_process
 from mixtral_ft.errors import UserError
 
 LOCK = ".lock"
@@ -28,10 +29,6 @@ _deferred: dict[str, list[Path]] = {}  # resolved output_dir -> what train.overw
 
 def _key(out: Path) -> str:
     return str(Path(out).resolve())
-
-
-def _rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0  # set by torchrun/accelerate before Python starts
 
 
 def lock(out: Path) -> None:
@@ -86,19 +83,27 @@ def _missing(out: Path) -> list[Path]:
     return missing
 
 
+def prepare(out: Path) -> None:
+    """`out` as a folder this process can write in (created if missing); a UserError naming the fix otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir '{out}' is a file: choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"  # one per process: ranks probe the same folder at once
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
+
+
 @contextmanager
 def claimed(output_dir: str | Path) -> Iterator[Path]:
     """Create and lock the output folder for the run inside the block; undo the creation if the run fails empty."""
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"train.output_dir '{out}' is a file: choose a folder path")
     created = _missing(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
-    try:
-        if _rank_zero():
+        prepare(out)  # inside: a folder created here and found unwritable is removed again
+        if is_main_process():
             lock(out)
             for stale in out.glob(f"{ASIDE}*"):  # a replacement cut short by a kill
                 shutil.rmtree(stale, ignore_errors=True)
@@ -106,7 +111,7 @@ def claimed(output_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         unlock(out)
         _deferred.pop(_key(out), None)
-        for folder in created if _rank_zero() else ():
+        for folder in created if is_main_process() else ():
             try:
                 folder.rmdir()  # only if empty: what the run wrote stays
             except OSError:
@@ -128,7 +133,7 @@ def deferred(out: Path) -> list[Path]:
 def replace_deferred(out: Path) -> None:
     """Rename the replaced run aside (run.json last, so a cut-short move still reads as a finished run), delete it."""
     paths = _deferred.pop(_key(out), [])
-    if not paths or not _rank_zero():
+    if not paths or not is_main_process():
         return
     aside = Path(out) / f"{ASIDE}{os.getpid()}"
     try:

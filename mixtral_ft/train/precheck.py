@@ -8,10 +8,8 @@ an adapter. The output folder is checked and locked by outdir.claimed.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mixtral_ft.data.files import LOCAL_LOADERS, check_json_text, locate
-from mixtral_ft.errors import UserError
+from mixtral_ft.data.files import check_file_source, locate
+from mixtral_ft.model.source import check_adapter_folder
 from mixtral_ft.recipe import Recipe
 
 FIRST_PASS_BYTES = 64 * 2**20
@@ -22,18 +20,11 @@ def precheck(recipe: Recipe) -> None:
     sources = [(d.path, d.split)] if d.path is not None else [(s.path, s.split) for s in d.mixture]
     for path, split in sources:
         _check_source(path, split)
-    adapter = recipe.model.adapter
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+    if recipe.model.adapter:
+        check_adapter_folder(recipe.model.adapter)
 
 
 def _check_source(path: str, split: str) -> None:
     kind, local = locate(path)
     if kind == "file" and not path.startswith("builtin:"):
-        if split != "train":
-            raise UserError(
-                f"data: {path} is a single file with only a 'train' split, not '{split}'; "
-                "set data.split: train, and data.test_size (not data.eval_split) for eval"
-            )
-        if LOCAL_LOADERS[local.suffix.lower()] == "json":
-            check_json_text(local, path, max_bytes=FIRST_PASS_BYTES)
+        check_file_source(local, path, split, max_bytes=FIRST_PASS_BYTES)

@@ -30,6 +30,7 @@ from mixtral_ft.common import is_main_process, world_size
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe
 from mixtral_ft.train.checksums import manifest_problem
+from mixtral_ft.train.outdir import defer_replace, deferred
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
@@ -163,8 +164,6 @@ def check_existing_run(recipe: Recipe, out: Path) -> None:
 def _clear(out: Path, checkpoints: list[Path]) -> None:
     # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up. They go only
     # once the new run has passed every check that can fail with exit 2 (outdir.replace_deferred, from train/run.py).
-    from mixtral_ft.train.outdir import defer_replace
-
     defer_replace(out, [*checkpoints, out / "run.json"])
 
 
@@ -187,8 +186,6 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
                 "checkpoint-N folder written by a run, or train.resume=auto"
             )
     else:
-        from mixtral_ft.train.outdir import deferred
-
         replacing = any(p.name.startswith("checkpoint-") for p in deferred(out))  # train.overwrite replaces them
         folder, skipped = (None, []) if replacing else newest_complete(out)
         for bad, why in skipped:

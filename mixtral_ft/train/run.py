@@ -8,7 +8,6 @@ purpose: seed, tokenizer, data, model, audit, trainer, train, save. TRL owns the
 from __future__ import annotations
 
 import json
-import os
 import platform
 import signal
 import time
@@ -22,20 +21,13 @@ from mixtral_ft.recipe import Recipe, check_trainer_names, dump_recipe
 
 def check_output_dir(recipe: Recipe) -> Path:
     """Refuse to overwrite another run or to write where we cannot, before any heavy work."""
-    out = Path(recipe.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"train.output_dir '{out}' is a file: choose a folder path")
-    if out.is_dir():
-        from mixtral_ft.train.resume import check_existing_run
+    from mixtral_ft.train.outdir import prepare
+    from mixtral_ft.train.resume import check_existing_run
 
+    out = Path(recipe.train.output_dir)
+    if out.is_dir():
         check_existing_run(recipe, out)  # a finished run, or checkpoints with train.resume=false: UserError
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"  # one per process: ranks probe the same folder at once
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"train.output_dir '{out}' is not writable ({exc.strerror}): choose another folder") from None
+    prepare(out)
     return out
 
 
@@ -65,12 +57,11 @@ def library_versions() -> dict[str, str]:
 
 def check_inputs(recipe: Recipe):
     """What can be checked before minutes of loading: trainer names, the adapter folder, the model source."""
-    from mixtral_ft.model.source import model_source
+    from mixtral_ft.model.source import check_adapter_folder, model_source
 
     check_trainer_names(recipe)  # a misspelled train.optim / train.lr_scheduler_type
-    adapter = recipe.model.adapter  # apply_lora checks it too, but only after the model has loaded
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"model.adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+    if recipe.model.adapter:  # apply_lora checks it too, but only after the model has loaded
+        check_adapter_folder(recipe.model.adapter)
     return model_source(recipe.model.name, recipe.model.revision)
 
 

@@ -21,6 +21,8 @@ from time import perf_counter
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
+from mixtral_ft.common import distributed_initialized
+
 ROUTER_NAME = re.compile(r"^(?:(?P<backbone>.*)\.)?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.gate$")
 
 
@@ -145,7 +147,7 @@ class RouterTelemetry(TrainerCallback):
         for row, layer in enumerate(self.routers):
             if layer in self.sums:
                 table[row] = self.sums[layer].to(table.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed_initialized():
             torch.distributed.all_reduce(table)  # every rank reaches this step, even one that saw nothing
         if table[0, -1] == 0:
             return  # no training forward this step (nothing counted on any rank)

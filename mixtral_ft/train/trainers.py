@@ -119,8 +119,7 @@ def dpo_finish(folder) -> None:
 @dataclass(frozen=True)
 class Method:
     rows: Callable  # (recipe, tokenizer) -> SFTData with .train, .eval, .reports
-    config: Callable[[], type]  # TRL's config class (imported when used: TRL is slow to import)
-    trainer: Callable[[], type]
+    classes: Callable[[], tuple[type, type]]  # TRL's config and trainer classes (imported when used: TRL is slow)
     arguments: Callable[[Recipe, str], dict[str, Any]]
     trainer_kwargs: dict[str, Any]
     summary: Callable = lambda trainer: {}  # method-specific run.json entries
@@ -142,12 +141,11 @@ def _dpo_classes():
 
 
 METHODS = {
-    "sft": Method(sft_rows, lambda: _sft_classes()[0], lambda: _sft_classes()[1], sft_arguments, {}),
+    "sft": Method(sft_rows, _sft_classes, sft_arguments, {}),
     # ref_model=None and no peft_config: TRL keeps the reference as a frozen copy of the starting adapter (dpo.py).
     "dpo": Method(
         dpo_rows,
-        lambda: _dpo_classes()[0],
-        lambda: _dpo_classes()[1],
+        _dpo_classes,
         dpo_arguments,
         {"ref_model": None},
         summary=dpo_summary,
@@ -162,11 +160,12 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, callb
     dtype = model.get_base_model().dtype
     # MistralCommonBackend names id 0 "<pad>" but its vocabulary calls it "<unk>"; TRL looks the name up.
     pad_token = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
-    args = method.config()(
+    config_class, trainer_class = method.classes()
+    args = config_class(
         **trainer_arguments(recipe, dtype, eval_rows is not None), **method.arguments(recipe, pad_token)
     )
     trainable = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
-    trainer = method.trainer()(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_rows,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -59,6 +60,13 @@ class Target:
     compute_dtype: str = "auto"
     revision: str | None = None
     attn_implementation: str | None = None  # None: the run's recipe, else sdpa
+
+    @cached_property
+    def source(self):
+        """The base's ModelSource: its name checked at once, a hub id downloaded at most once."""
+        from mixtral_ft.model.source import model_source
+
+        return model_source(self.base, self.revision)
 
 
 def resolve_target(model: str, adapter: str | None = None) -> Target:
@@ -109,16 +117,14 @@ def load_for_inference(target: Target, *, quantize: bool = True, attn_implementa
         load_model,
         resolve_compute_dtype,
     )
-    from mixtral_ft.model.source import resolve_model_path
 
     attn = check_attn_implementation(attn_implementation or target.attn_implementation)
-    path = resolve_model_path(target.base, target.revision)
+    path = target.source.local_path()
     if quantize:
         model = load_model(
-            str(path),
+            target.source,
             quantize_experts=target.quantize_experts,
             compute_dtype=target.compute_dtype,
-            revision=target.revision,
             attn_implementation=attn,
         )
     else:
@@ -152,10 +158,11 @@ def load_for_inference(target: Target, *, quantize: bool = True, attn_implementa
 
 def build_messages(history: list[dict], system: str | None) -> list[dict]:
     """History plus the system prompt folded into the first user turn (Mixtral has no system role)."""
+    from mixtral_ft.data.conversations import fold_system
+
     if not system or not history:
         return list(history)
-    first = history[0]
-    return [{"role": "user", "content": f"{system}\n\n{first['content']}"}, *history[1:]]
+    return fold_system([{"role": "system", "content": system}, *history])  # as training folds it
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -248,11 +255,10 @@ def repl(model, tokenizer, system: str | None, settings: GenerationSettings, std
 def load_announced(model: str, adapter: str | None, *, quantize: bool, attn_implementation: str | None):
     """(model, tokenizer, what) for `mixtral-ft chat`, terminal or web: checked first, the load announced."""
     from mixtral_ft.model.load import check_attn_implementation
-    from mixtral_ft.model.source import model_source
 
     target = resolve_target(model, adapter)
     check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load
-    model_source(target.base, target.revision)  # a bad name fails before the status line: one line on stderr
+    target.source  # noqa: B018  (a bad name fails here, before the status line: one line on stderr)
     what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
     # Status goes to stderr, so stdout holds only the conversation (one-shot output can be piped).
     print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from mixtral_ft.common import bar, say
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.scoring import assistant_nll
+from mixtral_ft.model.source import check_adapter_folder
 from mixtral_ft.use.chat import GenerationSettings, Target, generate, load_for_inference
 
 
@@ -42,8 +42,8 @@ def resolve_eval_target(target: str, adapter: str | None):
         raise UserError(f"'{target}' is neither a training output folder nor a .yaml recipe")
     if adapter is None and (out_dir / "adapter_config.json").is_file():
         adapter = str(out_dir)
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"--adapter '{adapter}' is not an adapter folder (no adapter_config.json)")
+    if adapter is not None:
+        check_adapter_folder(adapter, "--adapter")
     m = recipe.model
     return (
         recipe,
@@ -58,11 +58,10 @@ def resolve_eval_target(target: str, adapter: str | None):
     )
 
 
-def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
+def held_out_rows(recipe, target: Target, data_path: str | None, max_rows: int | None):
     """(dataset with input_ids + assistant_masks, description) of the rows to evaluate on."""
     from mixtral_ft.data.conversations import load_sft_data
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.source import resolve_model_path
 
     if data_path is None and getattr(recipe.train, "method", "sft") != "sft":
         # Preference pairs have no single reference answer to score: perplexity needs conversations.
@@ -70,7 +69,7 @@ def held_out_rows(recipe, data_path: str | None, max_rows: int | None):
             f"this is a {recipe.train.method} run: its data are preference pairs; pass "
             "--data FILE with conversations (e.g. --data builtin:oasst_top1)"
         )
-    tokenizer = load_tokenizer(resolve_model_path(recipe.model.name, recipe.model.revision), mode="finetuning")
+    tokenizer = load_tokenizer(target.source.local_path(), mode="finetuning")
     cfg = recipe.data
     if data_path is not None:
         # A given file is held out as a whole: its train split, nothing split off.
@@ -143,8 +142,8 @@ def evaluate(
         raise UserError("--max-rows must be >= 1")
     recipe, loaded_target, default_out = resolve_eval_target(target, adapter)
     out_path = Path(out) if out else default_out
-    rows, what = held_out_rows(recipe, data, max_rows)
-    print(f"eval: {len(rows)} held-out rows from {what}", file=sys.stderr, flush=True)
+    rows, what = held_out_rows(recipe, loaded_target, data, max_rows)
+    say("eval", f"{len(rows)} held-out rows from {what}")
     say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''}")
     model, tokenizer = load_for_inference(loaded_target, attn_implementation=attn_implementation)
     device = next(p for p in model.parameters() if p.device.type != "meta").device

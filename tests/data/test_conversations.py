@@ -10,13 +10,9 @@ import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from mixtral_ft.data.conversations import (
-    encode_conversation,
-    load_sft_data,
-    normalize_messages,
-    parse_chatml,
-)
+from mixtral_ft.data.conversations import encode_conversation, load_sft_data, normalize_messages
 from mixtral_ft.data.files import BUILTIN
+from mixtral_ft.data.formats import parse_chatml
 from mixtral_ft.data.tokenizer import load_tokenizer
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
