@@ -129,3 +129,27 @@ def test_audit_records_the_expert_path_and_compiling_decides_it_first(monkeypatc
     assert report.expert_compute == "grouped" and '"expert_compute": "grouped"' in report.to_json()
     quant.configure_experts(model, grouped_mm=False)  # the --experts loop lever
     assert audit_model(model).expert_compute == "loop"
+
+
+@pytest.mark.parametrize("mode", ["grouped", "grouped-contiguous"])
+def test_a_trace_uses_the_eager_decision(monkeypatch, mode):
+    """Under torch.compile the probe cannot run: the traced graph follows what eager decided, whole."""
+    monkeypatch.setitem(quant._MODES, ("cpu", torch.bfloat16), mode)
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        return graph_module.forward
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(20, 32, generator=generator), torch.randn(3, 24, 32, generator=generator)
+    x, weight, counts = x.bfloat16(), weight.bfloat16(), torch.tensor([7, 0, 13])
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda *a: quant._grouped_mm(*a), backend=backend, fullgraph=True)
+        out = compiled(x, weight.transpose(1, 2), counts)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, quant._grouped_mm(x, weight.transpose(1, 2), counts, "loop"))
+    assert len(graphs) == 1 and "grouped_mm" in graphs[0]
+    assert ("contiguous" in graphs[0]) == (mode == "grouped-contiguous")
