@@ -3,7 +3,8 @@
 Groups every parameter (embeddings, attention, router, experts, norms, lm_head, LoRA) with its dtypes,
 storage bytes (4-bit statistics included), logical count and trainable count. The audit fails when an
 attention or expert weight is not 4-bit (experts may be bf16 when the recipe says
-`quantize_experts: false`) or when anything but LoRA is trainable. Training runs it before step one.
+`quantize_experts: false`) or when anything but LoRA is trainable. Training runs it before step one. It also
+records how the NF4 experts compute (`expert_compute`: grouped, grouped-contiguous or loop; see quant.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from mixtral_ft.common import human_bytes
-from mixtral_ft.model.quant import is_4bit, logical_numel, storage_bytes
+from mixtral_ft.model.quant import NF4Experts, is_4bit, logical_numel, storage_bytes
 
 GROUPS = ("embeddings", "attention", "router", "experts", "norms", "lm_head", "lora", "other")
 
@@ -35,6 +36,7 @@ class AuditReport:
     rows: list[GroupRow]
     failures: list[str]
     notes: list[str]
+    expert_compute: str | None = None  # quant.EXPERT_MODES; None: the experts are not NF4
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,7 @@ class AuditReport:
                 "failures": self.failures,
                 "notes": self.notes,
                 "expert_bytes_per_param": round(self.expert_bytes_per_param(), 4),
+                "expert_compute": self.expert_compute,
             },
             indent=2,
         )
@@ -129,7 +132,13 @@ def audit_model(model: nn.Module, *, quantize_experts: bool | None = None) -> Au
         )
     if rows["experts"].tensors == 0:
         failures.append("no expert weights found: is this a Mixtral model?")
-    return AuditReport([rows[g] for g in GROUPS], failures[:20], notes)
+    return AuditReport([rows[g] for g in GROUPS], failures[:20], notes, expert_compute(model))
+
+
+def expert_compute(model: nn.Module) -> str | None:
+    """How `model`'s NF4 experts compute (None: none are NF4), probing grouped GEMM now if not yet done."""
+    experts = next((m for m in model.modules() if isinstance(m, NF4Experts)), None)
+    return experts.compute_mode(model.get_input_embeddings().weight.dtype) if experts else None
 
 
 def _base(model: nn.Module) -> nn.Module:

@@ -163,7 +163,11 @@ def compile_layers(model) -> None:
     """torch.compile each decoder layer (LoRA and checkpointing inside): one graph, reused by every layer.
 
     It fuses the memory-bound work between the matmuls (norms, RoPE, routing, SwiGLU, residuals). In bf16
-    a layer compiles whole; in fp32 on CPU the per-expert loop's host sync splits it.
+    a layer compiles whole; in fp32 on CPU the per-expert loop's host sync splits it. The grouped GEMM probe
+    cannot run inside a trace, so it runs here first and the compiled layers use its decision.
     """
+    from mixtral_ft.model.audit import expert_compute
+
+    expert_compute(model)
     for layer in model.get_base_model().model.layers:
         layer.compile()
