@@ -4,9 +4,10 @@
     python benchmarks/cuda_checks.py --device cpu --small --out F  # dry run of the same code on CPU
 
 1. The expert compute path the product chose on this device (the grouped-GEMM probe in `model/quant.py`).
-2. `F.grouped_mm` against one matmul per expert on the exact operands we pass: the forward's transposed,
-   non-contiguous view of the dequantized [E, out, in] weight, the same made contiguous, and the backward's
-   contiguous weight (pytorch#186365: some builds miscompute a transposed bf16 view), at Mixtral's shapes.
+2. `F.grouped_mm` (raw) and the product's chosen path against an fp32 per-expert loop on the exact operands
+   we pass: the forward's transposed, non-contiguous view of the dequantized [E, out, in] weight, the same
+   made contiguous, and the backward's contiguous weight (pytorch#186365: some builds miscompute a transposed
+   bf16 view), at Mixtral's shapes. The raw figures say whether the probe's choice was needed.
 3. Our NF4 model against transformers' own Mixtral holding the dequantized weights (fp32): logits, loss and
    every LoRA gradient, once per expert path (grouped, loop, reuse of the recompute's dequantization) with
    non-reentrant checkpointing on, as training runs it.
@@ -73,15 +74,15 @@ def gemm_layouts(device: torch.device, dtype: torch.dtype, hidden: int, inter: i
         }
         for layout, (inp, weight_t) in operands.items():
             reference = loop_reference(inp, weight_t, counts)
-            for path, grouped in (("grouped", True), ("loop", False)):
-                ours = quant._grouped_mm(inp, weight_t, counts_t, grouped)
+            for path, mode in (("product", None), ("loop", "loop")):  # product: the mode the probe chose
+                ours = quant._grouped_mm(inp, weight_t, counts_t, mode)
                 found[f"{name}.{layout}.{path}"] = round(rel_error(ours, reference), 6)
             if hasattr(torch.nn.functional, "grouped_mm"):  # the raw kernel, whatever the product decided
                 offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
                 raw = torch.nn.functional.grouped_mm(inp, weight_t, offs=offsets)
                 found[f"{name}.{layout}.raw_grouped_mm"] = round(rel_error(raw, reference), 6)
         del dense, x, grad
-    found["ok"] = all(v <= GEMM_TOLERANCE for k, v in found.items() if k.endswith((".grouped", ".loop")))
+    found["ok"] = all(v <= GEMM_TOLERANCE for k, v in found.items() if k.endswith((".product", ".loop")))
     return found
 
 
@@ -171,11 +172,10 @@ def model_against_reference(device: torch.device, dtype: torch.dtype, small: boo
 
 
 def compute_mode(device: torch.device, dtype: torch.dtype) -> dict:
-    decide = getattr(quant, "expert_compute_mode", None)
-    if decide is None:  # before the probe existed: only "does grouped_mm run"
-        return {"grouped_mm_runs": quant.grouped_mm_works(device.type, dtype)}
+    """The product's decision (model/quant.py's probe, cached per device type and dtype) and what it cost."""
     started = time.perf_counter()
-    return {"mode": decide(device, dtype), "probe_s": round(time.perf_counter() - started, 4)}
+    mode = quant.expert_compute_mode(device, dtype)
+    return {"mode": mode, "probe_s": round(time.perf_counter() - started, 4), "ok": mode in quant.EXPERT_MODES}
 
 
 def main(argv: list[str] | None = None) -> int:

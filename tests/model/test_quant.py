@@ -156,12 +156,18 @@ def test_incomplete_checkpoint_is_a_user_error(tmp_path):
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_bf16_matches_reference(tiny_dir):
+    """Within twice the rounding noise of transformers' own bf16 run on the same weights (fp32 is the truth)."""
     model = load_model(str(tiny_dir), device="cuda", compute_dtype="bfloat16")
-    reference = dequantized_reference(model).cuda()
+    truth_model = dequantized_reference(model).cuda()
+    bf16_model = copy.deepcopy(truth_model).to(torch.bfloat16)
     ids = torch.randint(3, 32000, (2, 32), device="cuda")
     with torch.no_grad():
-        ours, theirs = model(ids).logits.float(), reference(ids).logits
-    assert ((ours - theirs).norm() / theirs.norm()).item() <= 2e-2
+        ours, truth, noise = (m(ids).logits.float() for m in (model, truth_model, bf16_model))
+
+    def error(logits):
+        return ((logits - truth).norm() / truth.norm()).item()
+
+    assert error(ours) <= 2 * error(noise) + 1e-3, (error(ours), error(noise))
 
 
 @pytest.mark.slow
