@@ -67,17 +67,34 @@ def cache_root() -> Path:
     return Path(os.environ.get("MIXTRAL_FT_CACHE", Path.home() / ".cache" / "mixtral_ft"))
 
 
-def reset_peak(device: torch.device) -> None:
+def reset_peak(device: torch.device) -> bool:
+    """Start a new peak from what is held now; False where the kernel refuses (CPU: the peak stays the process's)."""
     if device.type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:  # "5" resets the kernel's peak-RSS mark (VmHWM) to the current RSS
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
     except OSError:
-        pass
+        return False
+    return True
+
+
+def _proc_status_gib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        kib = next((int(line.split()[1]) for line in status if line.startswith(field + ":")), 0)
+    return kib / 2**20
+
+
+def current_gib(device: torch.device) -> float:
+    """Memory held now: allocated tensors on a GPU, or on CPU the process's resident memory (libraries and data too)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    return _proc_status_gib("VmRSS")
 
 
 def peak_gib(device: torch.device) -> float:
@@ -87,9 +104,7 @@ def peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     # VmHWM rather than ru_maxrss, which survives exec and so counts a forking parent's pages too.
-    with open("/proc/self/status") as status:
-        kib = next((int(line.split()[1]) for line in status if line.startswith("VmHWM")), 0)
-    return kib / 2**20
+    return _proc_status_gib("VmHWM")
 
 
 # --- progress for the commands that take minutes (eval, merge, quantize): lines on stderr, stdout keeps results

@@ -89,9 +89,7 @@ class TrainSection:
     compile: bool = False  # torch.compile each decoder layer (one graph for all; speed: benchmarks/NOTES.md)
     assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
     logging_steps: int = 1  # log every N steps
-    eval_steps: int | None = (
-        None  # evaluate every N steps when there is eval data; null: every save_steps (not with compile)
-    )
+    eval_steps: int | None = None  # evaluate every N steps when there is eval data; null: every save_steps
     overwrite: bool = False  # replace a finished run in output_dir (otherwise that is an error)
     check_fit: bool = True  # stop before any download if the model cannot train here (no CUDA GPU, or plan: no fit)
     resume: str | bool = "auto"  # auto (newest complete checkpoint, else fresh) | true (must resume) | false | PATH

@@ -158,6 +158,7 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
         )
         lines += ["## Training run", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {run[k]} |" for k in keys if run.get(k) is not None]
+        lines += _memory_row(run.get("memory"))
         versions = run.get("versions") or {}
         if versions:
             lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
@@ -166,6 +167,15 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
     if recipe:
         lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     return scrub("\n".join(lines))
+
+
+def _memory_row(memory: dict | None) -> list[str]:
+    """The load peak, loaded footprint and training peak (train/memory.py), as one row of the run table."""
+    if not memory:
+        return []
+    labels = {"load_peak_gib": "load peak", "model_gib": "loaded model", "train_peak_gib": "training peak"}
+    value = ", ".join(f"{label} {memory[k]} GiB" for k, label in labels.items() if memory.get(k) is not None)
+    return [f"| memory ({memory.get('device')}, rank {memory.get('rank')}) | {value} |"]
 
 
 def _run_sections(folder: Path, run: dict | None) -> list[str]:

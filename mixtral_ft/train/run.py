@@ -96,8 +96,10 @@ def train(recipe: Recipe) -> dict:
 
     from mixtral_ft.common import is_main_process
     from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.model.load import default_device
     from mixtral_ft.train.callbacks import make_callbacks
     from mixtral_ft.train.guards import Preempted, run_trainer
+    from mixtral_ft.train.memory import PhaseMemory
     from mixtral_ft.train.outdir import replace_deferred
     from mixtral_ft.train.reporting import configure_reporting
     from mixtral_ft.train.resume import find_resume_checkpoint
@@ -116,7 +118,10 @@ def train(recipe: Recipe) -> dict:
     data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
     for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
         print(report.line(), flush=True)
+    memory = PhaseMemory(default_device())
+    memory.loading()
     model, audit = trainable_model(recipe, source)
+    memory.loaded()  # the load peak and the loaded footprint; the training peak starts from here
 
     dtype = model.get_base_model().dtype
     note_packing_kernel(recipe)
@@ -127,7 +132,7 @@ def train(recipe: Recipe) -> dict:
     attach(trainer)  # telemetry callbacks ahead of the reporters, so wandb/tensorboard get their scalars
 
     def finish(result) -> dict:
-        summary = summarize(recipe, trainer, result, started, dtype)
+        summary = summarize(recipe, trainer, result, started, dtype, memory)
         summary.update(method.summary(trainer))  # DPO: reward accuracy and margins from TRL's log history
         save_outputs(recipe, trainer, tokenizer, summary, audit=audit, reports=data.reports)
         return summary
@@ -177,8 +182,7 @@ def save_outputs(recipe: Recipe, trainer, tokenizer, summary: dict, *, audit, re
     print(closing_line(out), flush=True)
 
 
-def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype) -> dict:
-    from mixtral_ft.common import peak_gib
+def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype, memory) -> dict:
     from mixtral_ft.train.carry import carried_runtime
 
     history = trainer.state.log_history
@@ -203,6 +207,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
         "train_runtime_s": round(runtime, 2),
         "wall_s": round(time.time() - started, 2),
-        "peak_memory_gib": round(peak_gib(device), 3),
+        "peak_memory_gib": round(memory.overall_peak_gib(), 3),  # load or training, whichever was higher
+        "memory": memory.summary(),  # by phase, this rank's (run.json is rank 0's): see train/memory.py
         "versions": library_versions(),
     }

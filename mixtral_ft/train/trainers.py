@@ -37,9 +37,11 @@ def trainer_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool) -> dic
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of all steps
         per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        # eval_steps null: at each checkpoint, so the loss plot has an eval curve. Not by default under
-        # train.compile: compiled layers fail in eval (bitsandbytes' fake-kernel strides under no_grad).
-        eval_strategy="steps" if has_eval and (t.eval_steps or not t.compile) else "no",
+        # eval_steps null: at each checkpoint, so the loss plot has an eval curve. Under train.compile too: eval
+        # recompiles the layers for no_grad; what used to fail there was bitsandbytes repacking a Linear4bit's
+        # weight in place on the first no_grad CPU forward, under a graph compiled for its NF4 shape, which
+        # model/cpu_bf16.keep_layout now prevents.
+        eval_strategy="steps" if has_eval else "no",
         eval_steps=t.eval_steps or t.save_steps,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

@@ -16,7 +16,7 @@ from mixtral_ft.train.checksums import MANIFEST
 from mixtral_ft.train.resume import checkpoint_problem, newest_complete
 from tests.conftest import adapter_bytes, make_checkpoint, signal_at, train
 
-TIMINGS = {"tokens_per_s", "train_runtime_s", "wall_s", "peak_memory_gib"}
+TIMINGS = {"tokens_per_s", "train_runtime_s", "wall_s", "peak_memory_gib", "memory"}
 
 
 def run_json(out) -> dict:

@@ -127,8 +127,8 @@ def test_packing_is_padding_free_and_keeps_conversations_apart(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_layers_train_like_eager(tmp_path):
-    """train.compile: each decoder layer through torch.compile (bf16, as on a GPU) trains the same model, and
-    router telemetry still sees every layer."""
+    """train.compile: each decoder layer through torch.compile (bf16, as on a GPU) trains and evaluates the same
+    model, and router telemetry still sees every layer."""
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compile-{compiled}"
@@ -141,16 +141,21 @@ def test_compiled_layers_train_like_eager(tmp_path):
                     "model.compute_dtype=bfloat16",
                     "train.max_steps=2",
                     "train.logging_steps=1",
+                    "train.eval_steps=2",
                     f"train.output_dir={out}",
                 ]
             )
             == 0
         )
+        run = json.loads((out / "run.json").read_text())
         runs[compiled] = (
-            json.loads((out / "run.json").read_text())["losses"],
+            run["losses"],
             [json.loads(line) for line in (out / "router_stats.jsonl").read_text().splitlines()],
+            run["eval_losses"],
         )
-    (eager_losses, eager_router), (compiled_losses, compiled_router) = runs[False], runs[True]
+    (eager_losses, eager_router, eager_eval), (compiled_losses, compiled_router, compiled_eval) = runs.values()
+    assert [row["step"] for row in compiled_eval] == [row["step"] for row in eager_eval] == [2]
+    assert compiled_eval[0]["eval_loss"] == pytest.approx(eager_eval[0]["eval_loss"], rel=2e-3)
     assert compiled_losses[0]["loss"] == pytest.approx(eager_losses[0]["loss"], rel=1e-3)
     assert compiled_losses[1]["loss"] == pytest.approx(eager_losses[1]["loss"], rel=2e-3)
     fractions = [[f for layer in run[0]["expert_fraction"] for f in layer] for run in (compiled_router, eager_router)]
