@@ -25,7 +25,7 @@ import torch
 from mixtral_ft.bench import steps
 from mixtral_ft.bench.args import OUT_DIR, parse_args
 from mixtral_ft.errors import UserError
-from mixtral_ft.model.load import compile_layers
+from mixtral_ft.model.load import compile_layers, compile_report
 from mixtral_ft.model.loader import build_skeleton, finish_model
 from mixtral_ft.model.quant import NF4Experts, configure_experts, quantize_nf4
 from mixtral_ft.model.shapes import mixtral_config
@@ -146,6 +146,7 @@ def run_benchmark(
         **result,
         "matmul_peak_tflops": round(peak_tflops, 1),
         "hfu": round(achieved / peak_tflops, 4),
+        **({"compile": compile_report()} if levers["compile"] else {}),
     }
 
 

@@ -183,6 +183,7 @@ def save_outputs(recipe: Recipe, trainer, tokenizer, summary: dict, *, audit, re
 
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype, memory) -> dict:
+    from mixtral_ft.model.load import compile_report
     from mixtral_ft.train.carry import carried_runtime
 
     history = trainer.state.log_history
@@ -209,5 +210,6 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "wall_s": round(time.time() - started, 2),
         "peak_memory_gib": round(memory.overall_peak_gib(), 3),  # load or training, whichever was higher
         "memory": memory.summary(),  # by phase, this rank's (run.json is rank 0's): see train/memory.py
+        **({"compile": compile_report()} if recipe.train.compile else {}),
         "versions": library_versions(),
     }

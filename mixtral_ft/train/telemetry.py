@@ -80,6 +80,8 @@ class RouterTelemetry(TrainerCallback):
         self.path = Path(output_dir) / "router_stats.jsonl"
         self.every = every
         self.handles: list = []
+        self.router_handles: list = []
+        self.compiled = False
         self.routers: dict[int, torch.nn.Module] = {}
         self.sums: dict[int, torch.Tensor] = {}
         self.due = self.counting = False
@@ -95,9 +97,7 @@ class RouterTelemetry(TrainerCallback):
         # The backbone is called once per model forward with keyword arguments (both transformers' and TRL's
         # forwards), and is never checkpointed itself, so its pre-hook marks where a forward begins.
         self.handles = [backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
-        self.handles += [
-            router.register_forward_hook(partial(self._on_router, layer)) for layer, router in self.routers.items()
-        ]
+        self.compiled = any(getattr(layer, "_compiled_call_impl", None) for layer in getattr(backbone, "layers", []))
         if state.is_world_process_zero:
             # A resumed run keeps the records up to its checkpoint (later ones are redone) and their baseline.
             old = self.path.read_text().splitlines() if state.global_step and self.path.is_file() else []
@@ -106,9 +106,27 @@ class RouterTelemetry(TrainerCallback):
             self.baseline = json.loads(kept[0]) if kept else None
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._watch_routers(False)
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+    def _watch_routers(self, on: bool) -> None:
+        """Router hooks only on the steps that are measured.
+
+        A hook inside a compiled, checkpointed layer is a side effect dynamo cannot trace: the whole layer would
+        silently fall back to eager on every step. So the hooks exist only on measured steps, and on those the
+        compiled layers run eagerly (set_stance); the other steps keep the one compiled graph.
+        """
+        for handle in self.router_handles:
+            handle.remove()
+        self.router_handles = []
+        if on:
+            self.router_handles = [
+                router.register_forward_hook(partial(self._on_router, layer)) for layer, router in self.routers.items()
+            ]
+        if self.compiled:
+            torch.compiler.set_stance("force_eager" if on else "default")
 
     def _on_forward(self, module, args, kwargs):
         # Eval forwards and DPO's reference pass run without grad; only training forwards are measured.
@@ -137,10 +155,13 @@ class RouterTelemetry(TrainerCallback):
         step = state.global_step + 1  # the step this forward is logged under, like the loss
         self.due = bool(self.routers) and (step == 1 or step % self.every == 0 or step == state.max_steps)
         self.sums = {}
+        if self.due:
+            self._watch_routers(True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.due:
             return
+        self._watch_routers(False)
         self.due = self.counting = False
         weight = next(iter(self.routers.values())).weight
         table = weight.new_zeros(len(self.routers), 2 * weight.shape[0] + 2, dtype=torch.float32)
