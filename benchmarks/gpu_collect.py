@@ -3,7 +3,9 @@
     python benchmarks/gpu_collect.py /work/.device/<files_at>    # the folder the device tool copied $OUT into
 
 Every file is renamed `<date>-<gpu>-<name>` (bench's result files already are), so results of several sessions
-sit side by side and tests/plan/test_preflight.py checks `plan` against each bench run at default levers.
+sit side by side and tests/plan/test_preflight.py checks `plan` against each bench run at default levers. Then it
+prints the figures benchmarks/NOTES.md needs: each bench run's tok/s and peak beside plan's prediction (default
+levers), our speed-up over each peer, and whether the checks and the training stage passed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,42 @@ def collect(folder: Path, results: Path = RESULTS) -> list[Path]:
     return written
 
 
+def bench_lines(report: dict, tag: str) -> list[str]:
+    from mixtral_ft.bench.throughput import DEFAULT_LEVERS
+    from mixtral_ft.plan.preflight import compare_bench
+
+    lines = []
+    for run in report.get("runs", []):
+        plan = compare_bench(run) if run["levers"] == DEFAULT_LEVERS else None
+        predicted = f", plan {plan['predicted_gib']:.1f} GiB ({plan['error']:+.1%})" if plan else ""
+        compiled = f", compile {run['compile']}" if "compile" in run else ""
+        lines.append(
+            f"{tag:28} B{run['batch']}: {run['tok_per_s']:8,.0f} tok/s, peak {run['peak_gib']:.1f} GiB{predicted}, "
+            f"HFU {run['hfu']:.1%}, loss {run.get('loss', float('nan')):.4f}{compiled}"
+        )
+    for name, entries in report.get("peers", {}).items():
+        for batch, peer in zip(report["batch"], entries):
+            figures = (
+                f"{peer['tok_per_s']:,.0f} tok/s, ours {peer['our_speedup']:.2f}x" if "our_speedup" in peer else ""
+            )
+            lines.append(f"{'  peer ' + name:28} B{batch}: {figures or peer.get('error') or peer.get('skipped')}")
+    return lines
+
+
+def summary(written: list[Path]) -> list[str]:
+    lines = []
+    for path in written:
+        if path.suffix != ".json":
+            continue
+        data = json.loads(path.read_text())
+        if "runs" in data:
+            lines += bench_lines(data, path.stem.split("-", 3)[-1])
+        elif path.name.endswith("checks.json") or path.name.endswith("train.json"):
+            verdict = data.get("ok", all(v.get("ok", True) for v in data.values() if isinstance(v, dict)))
+            lines.append(f"{path.name}: {'ok' if verdict else 'FAILED'}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
@@ -52,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {args.folder} holds no gpu-truth.tar.gz: pass the folder the device tool returned", file=sys.stderr
         )
         return 2
-    for path in collect(args.folder):
-        print(path)
+    written = collect(args.folder)
+    print("\n".join([*map(str, written), "", *summary(written)]))
     return 0
 
 

@@ -1,6 +1,6 @@
 """One prepared GPU session (issue 18): correctness on CUDA, the real training path, ours against the peers, the levers.
 
-    bash benchmarks/gpu_truth.sh [--budget 480] [--only NAME,...] [--redo]   # on the GPU box (installs the wheels)
+    bash benchmarks/gpu_truth.sh [--budget 500] [--only NAME,...] [--redo]   # on the GPU box (installs the wheels)
     python benchmarks/gpu_truth.py --dry-run --work /tmp/truth-dry --out /tmp/truth-out   # the same plan on CPU
 
 Stages run in the order below, each a subprocess. A stage starts only if its estimate fits in what is left of
@@ -30,6 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PACKED_SUFFIXES = {".json", ".txt", ".log", ".xml", ".jsonl", ".yaml", ".md"}
 PACKED_MAX_BYTES = 4 << 20
+DRY_SIZE = ["--device", "cpu", "--tiny", "--seq", "64", "--steps", "1", "--warmup", "0"]
+# Files that hold GPU-marked tests, imported on the GPU image (no gradio, playwright or notebooks there).
+GPU_TESTS = ["tests/model/test_quant.py", "tests/bench/test_throughput.py", "tests/train/test_memory.py"]
+GPU_TESTS += ["tests/test_distributed.py"]
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Stage:
 
 def bench(args, tag: str, *flags: str, batch: tuple[str, ...] = ("2", "8")) -> list[str]:
     """One `mixtral-ft bench` run: ours only, 32 layers (tiny on --dry-run), one result file tagged `tag`."""
-    size = ["--device", "cpu", "--tiny", "--seq", "64", "--steps", "1", "--warmup", "0"] if args.dry_run else []
+    size = DRY_SIZE if args.dry_run else ["--layers", "32"]
     return [
         PY,
         "-m",
@@ -53,67 +57,46 @@ def bench(args, tag: str, *flags: str, batch: tuple[str, ...] = ("2", "8")) -> l
         "--tag",
         tag,
         "--out-dir",
-        str(args.work / "bench"),
+        f"{args.work}/bench",
     ]
 
 
+def script(name: str, *arguments: str) -> list[str]:
+    return [PY, str(ROOT / "benchmarks" / name), *arguments]
+
+
+def gpu_tests(args, select: str, xml: str) -> list[str]:
+    """The GPU-marked tests of GPU_TESTS that `select` (a pytest -k expression) picks, with a junit report."""
+    junit = ["--junitxml", f"{args.work}/{xml}"]
+    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-k", select, *junit, *GPU_TESTS]
+
+
 def stages(args) -> list[Stage]:
-    """The plan, in order of value (issue 18's order): later ones are what a short budget drops."""
-    work, dry = args.work, args.dry_run
-    small = ["--device", "cpu", "--small"] if dry else []
-    compare = [PY, str(ROOT / "benchmarks" / "compare.py"), "--batch", "2", "8", "--profile", "--tag", "compare"]
-    compare += (
-        ["--device", "cpu", "--tiny", "--seq", "64", "--steps", "1", "--warmup", "0"] if dry else ["--layers", "32"]
-    )
-    if args.peer_v4_site:
-        compare += ["--peer-v4-site", str(args.peer_v4_site)]
-    gpu_tests = ["tests/model/test_quant.py", "tests/bench/test_throughput.py", "tests/test_distributed.py"]
+    """The plan, in issue 18's order of value: later stages are what a short budget drops."""
+    work, small = args.work, ["--device", "cpu", "--small"] if args.dry_run else []
+    compare = script("compare.py", *(DRY_SIZE if args.dry_run else ["--layers", "32"]), "--batch", "2", "8")
+    compare += ["--profile", "--tag", "compare", "--out-dir", f"{work}/bench"]
+    compare += ["--peer-v4-site", str(args.peer_v4_site)] if args.peer_v4_site else []
+    train = script("train_check.py", *small, "--work", f"{work}/train", "--out", f"{work}/train.json")
     return [
-        Stage("env", 20, [[PY, str(ROOT / "benchmarks" / "gpu_env.py"), "--out", str(work / "env.json")]]),
+        Stage("env", 20, [script("gpu_env.py", "--out", f"{work}/env.json")]),
         Stage(
             "checks",
-            90,
+            60,
             [
-                [PY, str(ROOT / "benchmarks" / "cuda_checks.py"), *small, "--out", str(work / "checks.json")],
-                [
-                    PY,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-m",
-                    "gpu",
-                    "-k",
-                    "not full_depth",
-                    "--junitxml",
-                    str(work / "gpu-tests.xml"),
-                    *gpu_tests,
-                ],
+                script("cuda_checks.py", *small, "--out", f"{work}/checks.json"),
+                gpu_tests(args, "not full_depth and not each_lever", "gpu-tests.xml"),
             ],
         ),
-        Stage(
-            "train",
-            150,
-            [
-                [
-                    PY,
-                    str(ROOT / "benchmarks" / "train_check.py"),
-                    *small,
-                    "--work",
-                    str(work / "train"),
-                    "--out",
-                    str(work / "train.json"),
-                ]
-            ],
-        ),
-        Stage("compare", 240, [compare + ["--out-dir", str(work / "bench")]]),
+        Stage("train", 150, [train]),
+        Stage("compare", 240, [compare]),
         Stage("lever-compile", 120, [bench(args, "lever-compile", "--compile")]),
         Stage("lever-reuse", 60, [bench(args, "lever-reuse", "--reuse-dequantized")]),
         Stage("lever-reuse-compile", 120, [bench(args, "lever-reuse-compile", "--reuse-dequantized", "--compile")]),
+        Stage("lever-tests", 100, [gpu_tests(args, "each_lever", "gpu-lever-tests.xml")]),
         Stage("no-checkpointing", 40, [bench(args, "lever-no-checkpointing", "--no-checkpointing", batch=("2",))]),
         Stage("skip-checkpoint-2", 40, [bench(args, "lever-skip2", "--skip-checkpoint-layers", "2", batch=("2",))]),
-        Stage("liger", 60, [] if dry else [bench(args, "lever-liger", "--liger")]),
+        Stage("liger", 60, [] if args.dry_run else [bench(args, "lever-liger", "--liger")]),
         Stage("experts-loop", 40, [bench(args, "lever-loop", "--experts", "loop", batch=("2",))]),
         Stage("lora-dropout", 40, [bench(args, "lever-dropout", "--lora-dropout", "0.05", batch=("2",))]),
     ]
@@ -162,7 +145,7 @@ def run_stage(stage: Stage, seconds_left: float, log) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=480, help="seconds for this call's stages (default 480)")
+    parser.add_argument("--budget", type=float, default=500, help="seconds for this call's stages (default 500)")
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/gpu-truth"), help="state and results (default /tmp/gpu-truth)"
     )
@@ -207,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = stages(args)
     if args.list:
         for stage in plan:
-            print(f"{stage.name:22} ~{stage.estimate_s:4d} s  " + " && ".join(" ".join(c[1:4]) for c in stage.commands))
+            commands = " && ".join(" ".join(["python", *c[1:]]).replace(f"{ROOT}/", "") for c in stage.commands)
+            print(f"{stage.name:20} ~{stage.estimate_s:3d} s  {commands or '(not on --dry-run)'}")
         return 0
     names = {s.name for s in plan}
     only = set(args.only.split(",")) if args.only else names

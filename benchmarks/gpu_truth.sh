@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run ON the GPU box, with the device tool, after benchmarks/gpu_prepare.sh here:
-#   run(command="bash benchmarks/gpu_truth.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash benchmarks/gpu_truth.sh", carry=[".whl"], timeout_s=570)
 # Installs the carried wheels beside the image's torch (once per machine: a second call on the warm machine
-# skips it), then runs benchmarks/gpu_truth.py: every stage of issue 18 that fits in --budget (default 480 s),
+# skips it), then runs benchmarks/gpu_truth.py: every stage of issue 18 that fits in --budget (default 500 s),
 # results into $OUT as each stage ends. Arguments go to gpu_truth.py (--budget, --only, --redo, --list).
 # A second call on the same warm machine goes on where the first stopped.
 set -euo pipefail

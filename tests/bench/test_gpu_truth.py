@@ -80,6 +80,9 @@ def test_dry_run_measures_keeps_state_and_hands_back_three_files(truth, tmp_path
 
     collect = importlib.import_module("gpu_collect")
     results = tmp_path / "results"
-    written = {p.name for p in collect.collect(out, results)}
+    paths = collect.collect(out, results)
+    assert any(line.endswith("checks.json: ok") for line in collect.summary(paths))
+    assert any("-lever-reuse " in line and " tok/s, peak " in line for line in collect.summary(paths))
+    written = {p.name for p in paths}
     assert {"gpu-truth-2.log", "gpu-truth.json", "checks.json"} <= {n.split("-cpu-", 1)[-1] for n in written}
     assert all(n.startswith(f"{table['calls'][0]['started'][:10]}-cpu-") for n in written), written
