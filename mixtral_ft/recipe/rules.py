@@ -93,6 +93,13 @@ def check_recipe(recipe: Recipe) -> None:
             f"must be > 0 and below train.max_length ({t.max_length}) to leave room for the answer",
         )
         _need(not t.packing, "train.packing", "applies to SFT only: DPO compares whole answers; set it to false")
+    _need(t.skip_checkpoint_layers >= 0, "train.skip_checkpoint_layers", "must be >= 0 (0 checkpoints every layer)")
+    for key, on in (("reuse_dequantized", t.reuse_dequantized), ("skip_checkpoint_layers", t.skip_checkpoint_layers)):
+        _need(
+            not on or t.gradient_checkpointing,
+            f"train.{key}",
+            "acts on checkpointed layers only: set train.gradient_checkpointing=true, or turn it off",
+        )
     _need(t.router_aux_loss_coef >= 0, "train.router_aux_loss_coef", "must be >= 0 (0 turns it off), e.g. 0.01")
     g = recipe.logging
     _need(

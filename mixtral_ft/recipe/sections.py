@@ -87,6 +87,10 @@ class TrainSection:
     packing: bool = False  # pack rows into full max_length sequences
     gradient_checkpointing: bool = True  # recompute activations in backward to save memory
     compile: bool = False  # torch.compile each decoder layer (one graph for all; speed: benchmarks/NOTES.md)
+    # Speed levers benchmarks/NOTES.md measures (mixtral-ft bench); off, training is as before.
+    reuse_dequantized: bool = False  # NF4 experts: backward reuses the recompute's bf16 weights (needs checkpointing)
+    skip_checkpoint_layers: int = 0  # the last N decoder layers keep their activations: no recompute (more memory)
+    liger: bool = False  # liger-kernel RMSNorm and RoPE kernels (CUDA GPU and the liger-kernel package)
     assistant_only_loss: bool = True  # loss on assistant turns (and their </s>) only
     logging_steps: int = 1  # log every N steps
     eval_steps: int | None = None  # evaluate every N steps when there is eval data; null: every save_steps

@@ -13,6 +13,7 @@ from mixtral_ft.recipe import Recipe
 
 def make_callbacks(recipe: Recipe, output_dir: Path) -> list:
     from mixtral_ft.train.guards import guard_callbacks
+    from mixtral_ft.train.levers import lever_callbacks
     from mixtral_ft.train.telemetry import telemetry_callbacks
 
     callbacks: list = []
@@ -21,5 +22,6 @@ def make_callbacks(recipe: Recipe, output_dir: Path) -> list:
 
         callbacks.append(DropReferenceCopy())
     callbacks += guard_callbacks(recipe)  # NaN guard, SIGTERM/SIGINT checkpoints, recipe in checkpoints
+    callbacks += lever_callbacks(recipe)  # skip_checkpoint_layers, reuse_dequantized: once checkpointing is on
     callbacks += telemetry_callbacks(recipe, output_dir)  # router stats, tokens/s, plots (call telemetry.attach)
     return callbacks

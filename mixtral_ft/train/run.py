@@ -56,13 +56,16 @@ def library_versions() -> dict[str, str]:
 
 
 def check_inputs(recipe: Recipe):
-    """What can be checked before minutes of loading: trainer names, the adapter folder, the model source."""
+    """What can be checked before minutes of loading: trainer names, the adapter folder, the model source, levers."""
     from mixtral_ft.model.source import check_adapter_folder, model_source
+    from mixtral_ft.train.levers import check_levers
 
     check_trainer_names(recipe)  # a misspelled train.optim / train.lr_scheduler_type
     if recipe.model.adapter:  # apply_lora checks it too, but only after the model has loaded
         check_adapter_folder(recipe.model.adapter)
-    return model_source(recipe.model.name, recipe.model.revision)
+    source = model_source(recipe.model.name, recipe.model.revision)
+    check_levers(recipe, source)  # train.liger without CUDA or the package; too many skip_checkpoint_layers
+    return source
 
 
 def trainable_model(recipe: Recipe, source):
@@ -76,6 +79,10 @@ def trainable_model(recipe: Recipe, source):
 
     model = load_recipe_model(recipe.model, source)
     model.config.use_cache = False
+    if recipe.train.liger:
+        from mixtral_ft.train.levers import apply_liger
+
+        apply_liger(model)  # on the base model, before LoRA wraps its layers
     # LoRA's init draws from the global RNG: seed it again here, because loading may have drawn from it (building
     # the tiny model seeds and draws), and the same seed must give the same adapter whether or not it was cached.
     set_seed(recipe.train.seed)
