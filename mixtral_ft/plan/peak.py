@@ -64,6 +64,8 @@ class Run:
     rows: int = 1  # sequences per example: 2 for DPO (chosen and rejected go through together)
     dtype_bytes: int = 2  # compute dtype: 2 for bf16/fp16, 4 for fp32
     checkpointing: bool = True
+    skip_layers: int = 0  # train.skip_checkpoint_layers: the last N layers keep their activations (no recompute)
+    reuse_dequantized: bool = False  # a recomputed layer's dequantized experts are kept for its backward
     quantize_experts: bool = True
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ATTENTION_TARGETS
@@ -98,6 +100,7 @@ def optimizer_bytes_per_param(optim: str) -> int:
 def estimate(d: Dims, run: Run) -> Estimate:
     c, L, H, F, E, k, V = run.dtype_bytes, d.layers, d.hidden, d.inter, d.experts, d.top_k, d.vocab
     B, S = run.batch * run.rows, run.seq
+    N = min(run.skip_layers, L) if run.checkpointing else L  # layers that keep their activations (not recomputed)
     T, Tk, qw, kvw = B * S, B * S * k, d.heads * d.head_dim, d.kv_heads * d.head_dim
 
     # --- weights: embeddings and lm_head, norms and router in the compute dtype; attention (and experts) NF4
@@ -121,14 +124,14 @@ def estimate(d: Dims, run: Run) -> Estimate:
         ("LoRA grads (fp32)", 4 * lora),
         (f"optimizer states ({run.optim})", optimizer_bytes_per_param(run.optim) * lora),
     ]
-    if autocast:  # bf16 copies of the LoRA weights, kept for backward: one layer's when checkpointing recomputes
-        rows.append(("LoRA bf16 copies (autocast)", c * lora // (L if run.checkpointing else 1)))
+    if autocast:  # bf16 copies of the LoRA weights, kept for backward: those of the layers kept whole, or the one
+        rows.append(("LoRA bf16 copies (autocast)", c * lora * max(N, 1) // L))  # being recomputed
     if run.num_gpus > 1:  # DDP all-reduces through flat buckets: a second copy of the gradients
         rows.append(("DDP gradient buckets", 4 * lora))
 
     # --- activations kept for backward by one decoder layer (steady state)
     norm = T * H * 4 + T * 4  # RMSNorm keeps its fp32 input (a copy under bf16) and 1/rms
-    norm1 = norm if c < 4 or not run.checkpointing else T * 4  # fp32: that input *is* the checkpointed one
+    norm1 = T * 4 if c == 4 else norm  # fp32, recomputed layers: that input *is* the checkpointed one
     cast = c < 4 and not autocast  # peft casts a bf16 input to its fp32 weights: one copy per projection
     lb = 4 if cast else c
 
@@ -155,56 +158,71 @@ def estimate(d: Dims, run: Run) -> Estimate:
     gate_up, act, down32 = Tk * 2 * F * c, Tk * F * c, Tk * H * 4  # gate_up out; silu(gate); fp32 down out
     layer = attn + norm + router + index + gate_up + act + down32
     common = attn + norm + router + index  # what is still kept when the layer's experts run or backprop
+    whole = layer - norm1 + norm  # a layer kept whole: its first norm keeps its own fp32 input copy
 
     # --- one layer's MoE: the moments where a whole dequantized expert weight meets the big activations
     w_gu = E * 2 * F * H * (c * 16 + 1) // 16 if run.quantize_experts else 0  # + the fp32 absmax (4 B per 64)
     w_dn = E * H * F * (c * 16 + 1) // 16 if run.quantize_experts else 0
     n2, by_expert, grad = T * H * c, Tk * H * c, T * H * c  # router input, rows sorted by expert, residual grad
-    # Checkpointing recomputes a layer when backward first needs it: the gradient arriving then is the
-    # residual's plus the fp32 [tokens*top_k, H] copy that un-summing the experts' outputs makes.
-    in_flight = grad + Tk * H * 4 if run.checkpointing else 0
-    how = "recompute" if run.checkpointing else "forward"
-    moe = {  # moment: (dequantized weight, everything else of this MoE); silu(gate) and its product are `act`s
-        f"{how} through gate_up_proj": (w_gu, in_flight + n2 + by_expert + gate_up),
-        f"{how} through down_proj": (w_dn, in_flight + n2 + by_expert + gate_up + 2 * act + Tk * H * c),
-        "backward through down_proj": (w_dn, grad + gate_up + 2 * act + Tk * H * c),
-        "backward through silu(gate) * up": (0, grad + gate_up + 3 * act),  # gate_up, d(act), d(up), d(gate)
-        "backward through gate_up_proj": (w_gu, grad + gate_up + by_expert),  # d(gate_up), d(rows)
-    }
-    kept = L * T * H * c if run.checkpointing else (L - 1) * layer  # the layer inputs, or every layer's saves
-    phases = {f"last layer, {m}": kept + common + sum(b) for m, b in moe.items()}
+
+    def moments(recompute: bool) -> dict[str, tuple[int, int]]:
+        """moment: (dequantized weight, everything else of this MoE); silu(gate) and its product are `act`s.
+
+        Checkpointing recomputes a layer when backward first needs it: the gradient arriving then is the
+        residual's plus the fp32 [tokens*top_k, H] copy that un-summing the experts' outputs makes. With reuse,
+        the recompute's gate_up_proj weight stays until its backward, beside down_proj's."""
+        in_flight, how = (grad + Tk * H * 4, "recompute") if recompute else (0, "forward")
+        held = w_gu if recompute and run.reuse_dequantized else 0
+        return {
+            f"{how} through gate_up_proj": (w_gu, in_flight + n2 + by_expert + gate_up),
+            f"{how} through down_proj": (w_dn + held, in_flight + n2 + by_expert + gate_up + 2 * act + Tk * H * c),
+            "backward through down_proj": (w_dn + held, grad + gate_up + 2 * act + Tk * H * c),
+            "backward through silu(gate) * up": (held, grad + gate_up + 3 * act),  # gate_up, d(act), d(up), d(gate)
+            "backward through gate_up_proj": (w_gu, grad + gate_up + by_expert),  # d(gate_up), d(rows)
+        }
+
+    # The last layer if it is kept whole (every earlier one's saves alive), and the last recomputed layer (the
+    # whole layers' saves already freed by their backward): each layer's inputs are kept by checkpointing.
+    inputs = (L - N) * T * H * c
+    candidates = {}  # where: (saves of the earlier layers, this layer's own saves, its MoE moments)
+    if N:
+        candidates["last layer"] = (inputs + (N - 1) * whole, common - norm1 + norm, moments(False))
+    if N < L:
+        candidates["last layer" if N == 0 else f"layer {L - N} (last recomputed)"] = (inputs, common, moments(True))
+    moe = {f"{where}, {m}": (kept, own, b) for where, (kept, own, ms) in candidates.items() for m, b in ms.items()}
+    phases = {m: kept + own + sum(b) for m, (kept, own, b) in moe.items()}
 
     # --- the loss, after the final norm (which keeps its fp32 input too)
-    before_loss = (L * T * H * c if run.checkpointing else L * layer) + norm
+    before_loss = inputs + N * whole + norm
     if run.loop == "plain":  # transformers' ForCausalLMLoss: fp32 log_softmax output kept for backward,
         loss = 12 * T * V  # then nll's gradient and log_softmax's gradient, all [tokens, vocab] fp32
         what = "loss backward (fp32 log_softmax output + 2 gradients over the logits)"
     else:  # TRL's fused head scores tiles of 4096 tokens x 32768 vocab; keeps a copy of the hidden states
-        N = B * (S - 1)  # worst case: every label counts
-        tile = min(N, 4096) * min(V, 32768)
+        scored = B * (S - 1)  # worst case: every label counts
+        tile = min(scored, 4096) * min(V, 32768)
         # Triton folds the tile in place. The torch fallback's backward (trl/kernels/chunked_logprob.py,
         # _backward_tile) holds the tile, 5 fp32 tiles (y, z, log_p, p, grad), a bool mask, 2 fp32 temporaries.
-        loss = N * H * (c + 4) + tile * (c if run.triton else c + 5 * 4 + 1 + 2 * 4)  # + fp32 grad of hidden
+        loss = scored * H * (c + 4) + tile * (c if run.triton else c + 5 * 4 + 1 + 2 * 4)  # + fp32 grad of hidden
         what = "fused LM head backward (chunked logits, fp32 hidden-state gradient)"
     phases[what] = before_loss + loss
     moment = max(phases, key=phases.get)
     if moment == what:
-        activ = [
-            (
-                f"checkpointed inputs, {L} layers" if run.checkpointing else f"saved activations, {L} layers",
-                before_loss - norm,
-            ),
-            ("final norm input (fp32)", norm),
-            ("logits + loss buffers", loss),
-        ]
+        activ = [*_kept_rows(L - N, N, inputs, N * whole), ("final norm input (fp32)", norm)]
+        activ.append(("logits + loss buffers", loss))
     else:
-        dequant, rest = moe[moment.removeprefix("last layer, ")]
-        held = f"checkpointed inputs, {L} layers" if run.checkpointing else f"saved activations, {L - 1} layers"
-        activ = [(held, kept), ("last layer's saved activations", common), ("MoE activations + gradients", rest)]
+        kept, own, (dequant, rest) = moe[moment]
+        whole_n = N - 1 if moment.startswith("last layer") and N else 0
+        activ = [*_kept_rows(L - N, whole_n, inputs, kept - inputs), ("this layer's saved activations", own)]
+        activ.append(("MoE activations + gradients", rest))
         if dequant:
-            which = "gate_up_proj" if dequant == w_gu else "down_proj"
+            which = {w_gu: "gate_up_proj", w_dn: "down_proj"}.get(dequant, "gate_up_proj + down_proj")
             activ.append((f"dequant workspace ({which}, {dtype_name(c)})", dequant))
     return Estimate(rows + activ, moment, phases, sum(b for _, b in weights))
+
+
+def _kept_rows(checkpointed: int, whole: int, inputs: int, saves: int) -> list[tuple[str, int]]:
+    rows = [(f"checkpointed inputs, {checkpointed} layers", inputs)] if checkpointed else []
+    return rows + ([(f"saved activations, {whole} layers", saves)] if whole else [])
 
 
 def dtype_name(c: int) -> str:

@@ -58,6 +58,8 @@ def run_for(recipe, num_gpus: int = 1, quantize_experts: bool | None = None) -> 
         rows=2 if t.method == "dpo" else 1,
         dtype_bytes=4 if recipe.model.compute_dtype == "float32" else 2,  # auto: bf16 on a GPU
         checkpointing=t.gradient_checkpointing,
+        skip_layers=t.skip_checkpoint_layers,
+        reuse_dequantized=t.reuse_dequantized,
         quantize_experts=recipe.model.quantize_experts if quantize_experts is None else quantize_experts,
         lora_r=lo.r,
         lora_targets=tuple(lo.target_modules),
@@ -199,7 +201,8 @@ def render(report: dict) -> str:
     s, unit = report["settings"], ("GiB", GIB) if report["peak_bytes"] >= GIB else ("MiB", 2**20)  # tiny: MiB
     lines = [
         f"{report['model']}: batch {s['batch']} x {s['seq']} tokens, {dtype_name(s['dtype_bytes'])}, checkpointing "
-        f"{'on' if s['checkpointing'] else 'off'}, experts {'NF4' if s['quantize_experts'] else 'unquantized'}, "
+        f"{'on' if s['checkpointing'] else 'off'}{_levers_text(s)}, "
+        f"experts {'NF4' if s['quantize_experts'] else 'unquantized'}, "
         f"{report['num_gpus']} GPU(s)",
         f"{'component':<44} {unit[0]:>7}",
     ]
@@ -212,6 +215,11 @@ def render(report: dict) -> str:
     ]
     lines += [f"note: {n}" for n in report["notes"]] + [f"advice: {a}" for a in report["advice"]]
     return "\n".join(lines)
+
+
+def _levers_text(s: dict) -> str:
+    whole = f" (last {s['skip_layers']} layers kept whole)" if s["checkpointing"] and s["skip_layers"] else ""
+    return whole + (", reusing dequantized experts" if s["checkpointing"] and s["reuse_dequantized"] else "")
 
 
 def run_plan(recipe_path: str, overrides=(), *, gpu_mem: float = 80.0, num_gpus: int = 1, as_json=False) -> int:
@@ -240,6 +248,8 @@ def compare_bench(run: dict) -> dict:
             run["seq"],
             dtype_bytes=4 if run["dtype"] == "float32" else 2,
             checkpointing=run["levers"]["checkpointing"],
+            skip_layers=run["levers"].get("skip_layers", 0),
+            reuse_dequantized=run["levers"].get("reuse_dequantized", False),
             loop="plain",
             padded=False,
         ),

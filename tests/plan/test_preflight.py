@@ -90,11 +90,14 @@ def trainer_like():
     return build
 
 
-def measured_peak(model, optimizer, batch, seq, *, checkpointing=True, fused=False) -> int:
+def measured_peak(model, optimizer, batch, seq, *, checkpointing=True, fused=False, skip=0, reuse=False) -> int:
+    from mixtral_ft.train.levers import set_checkpointed_layers
+
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+    set_checkpointed_layers(model, skip_layers=skip, reuse_dequantized=reuse)  # training's levers (0, False: none)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq))
     kwargs = {"fused_lm_head": True} if fused else {}
     for step in range(2):  # the first step creates the optimizer states; the second is measured
@@ -163,6 +166,15 @@ def test_layer_terms_on_a_wider_model(wider, dtype, seq, checkpointing):
     measured = measured_peak(model, optimizer, 2, seq, checkpointing=checkpointing)
     error = predicted(config, 2, seq, dtype_bytes=c, checkpointing=checkpointing) / measured - 1
     assert abs(error) < TOLERANCE, f"{dtype} checkpointing={checkpointing}: off by {error:+.1%}"
+
+
+# train.skip_checkpoint_layers and train.reuse_dequantized, as training applies them (train/levers.py).
+@pytest.mark.parametrize("skip, reuse", [(1, False), (2, False), (0, True)])  # plan without them: -15%, -24%
+def test_checkpointing_levers_on_a_wider_model(wider, skip, reuse):
+    config, (model, optimizer) = wider[0], wider[1](torch.float32)
+    measured = measured_peak(model, optimizer, 2, 64, skip=skip, reuse=reuse)  # the next call resets both
+    error = predicted(config, 2, 64, skip_layers=skip, reuse_dequantized=reuse) / measured - 1
+    assert abs(error) < TOLERANCE, f"skip={skip} reuse={reuse}: off by {error:+.1%}"
 
 
 def test_peft_keeps_lora_fp32_on_a_bf16_nf4_base():
