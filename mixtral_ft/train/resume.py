@@ -28,7 +28,7 @@ import yaml
 
 from mixtral_ft.common import is_main_process, world_size
 from mixtral_ft.errors import UserError
-from mixtral_ft.recipe import Recipe
+from mixtral_ft.recipe import Recipe, load_recipe
 from mixtral_ft.train.checksums import manifest_problem
 from mixtral_ft.train.outdir import defer_replace, deferred
 
@@ -208,9 +208,8 @@ def check_same_recipe(folder: Path, recipe: Recipe) -> None:
     saved = folder / "recipe.yaml"
     if not saved.is_file():
         return  # written by a plain HF Trainer or cut short before the recipe: nothing to compare with
-    try:
-        before = _flat(yaml.safe_load(saved.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+    before = _saved_recipe(saved)
+    if before is None:
         return
     now = _flat(recipe.to_dict())
     changed = [
@@ -223,6 +222,19 @@ def check_same_recipe(folder: Path, recipe: Recipe) -> None:
             f"checkpoint '{folder}' was written by a different recipe ({'; '.join(changed[:3])}): "
             "restore those values to resume it, or use a new train.output_dir"
         )
+
+
+def _saved_recipe(saved: Path) -> dict | None:
+    """The checkpoint's recipe, flat, with today's defaults for keys added since it was written (they did not
+    exist then, so the run used what their default does); as written if today's rules reject it."""
+    try:
+        return _flat(load_recipe(saved).to_dict())
+    except UserError:
+        pass
+    try:
+        return _flat(yaml.safe_load(saved.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def _flat(tree, prefix: str = "") -> dict:

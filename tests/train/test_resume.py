@@ -94,6 +94,24 @@ def test_a_checkpoint_resumes_only_the_recipe_that_wrote_it(tmp_path):
     )
 
 
+def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
+    """Keys added since (train.liger, say) were not there when it was written: their default is what it ran."""
+    import yaml
+
+    from mixtral_ft.train.checksums import write_manifest
+
+    out = tmp_path / "run"
+    saved = make_checkpoint(out, 2) / "recipe.yaml"
+    old = yaml.safe_load(saved.read_text())
+    for key in ("liger", "reuse_dequantized", "skip_checkpoint_layers", "compile"):
+        del old["train"][key]
+    saved.write_text(yaml.safe_dump(old))
+    write_manifest(saved.parent)  # as it was written then: intact
+    assert find_resume_checkpoint(recipe_for(out), out) == out / "checkpoint-2"
+    with pytest.raises(UserError, match=r"different recipe \(train.liger: False -> True\)"):
+        find_resume_checkpoint(recipe_for(out, "train.liger=true"), out)
+
+
 def test_output_dir_rules(tmp_path):
     out = tmp_path / "run"
     make_checkpoint(out, 2)
