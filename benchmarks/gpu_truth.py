@@ -78,6 +78,9 @@ def stages(args) -> list[Stage]:
     compare += ["--profile", "--tag", "compare", "--out-dir", f"{work}/bench"]
     compare += ["--peer-v4-site", str(args.peer_v4_site)] if args.peer_v4_site else []
     train = script("train_check.py", *small, "--work", f"{work}/train", "--out", f"{work}/train.json")
+    levers = ["train.compile=true", "train.reuse_dequantized=true", *([] if args.dry_run else ["train.liger=true"])]
+    train_levers = script("train_check.py", *small, "--work", f"{work}/train-levers", "--model", f"{work}/train/model")
+    train_levers += ["--out", f"{work}/train-levers.json", "--once", *(f"--set={lever}" for lever in levers)]
     return [
         Stage("env", 20, [script("gpu_env.py", "--out", f"{work}/env.json")]),
         Stage(
@@ -94,6 +97,7 @@ def stages(args) -> list[Stage]:
         Stage("lever-reuse", 60, [bench(args, "lever-reuse", "--reuse-dequantized")]),
         Stage("lever-reuse-compile", 120, [bench(args, "lever-reuse-compile", "--reuse-dequantized", "--compile")]),
         Stage("lever-tests", 100, [gpu_tests(args, "each_lever", "gpu-lever-tests.xml")]),
+        Stage("train-levers", 120, [train_levers]),
         Stage("no-checkpointing", 40, [bench(args, "lever-no-checkpointing", "--no-checkpointing", batch=("2",))]),
         Stage("skip-checkpoint-2", 40, [bench(args, "lever-skip2", "--skip-checkpoint-layers", "2", batch=("2",))]),
         Stage("liger", 60, [] if args.dry_run else [bench(args, "lever-liger", "--liger")]),

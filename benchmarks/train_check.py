@@ -10,6 +10,7 @@
    same command again, which resumes from the saved checkpoint and finishes the 5 steps.
 3. Records, in --out after each step of this list: both runs' exit codes and wall times, the checkpoint, the
    losses, run.json's memory figures (load peak against the loaded footprint, training peak), the audit.
+With `--set train.compile=true --once --model DIR` it trains the same checkpoint once with the speed levers on.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ train:
     return path
 
 
-def train(recipe: Path, stop_after_step: int | None, log) -> dict:
+def train(recipe: Path, stop_after_step: int | None, log, overrides: list[str]) -> dict:
     """One `mixtral-ft train` process; with `stop_after_step`, a SIGTERM once that step's log line is out."""
-    command = [sys.executable, "-m", "mixtral_ft.cli", "train", str(recipe)]
+    command = [sys.executable, "-m", "mixtral_ft.cli", "train", str(recipe), *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -103,7 +104,17 @@ def summarize(run_dir: Path) -> dict:
     found = {"checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*"))}
     if (run_dir / "run.json").is_file():
         run = json.loads((run_dir / "run.json").read_text())
-        keep = ("steps", "losses", "device", "compute_dtype", "tokens_per_s", "peak_memory_gib", "memory", "versions")
+        keep = (
+            "steps",
+            "losses",
+            "device",
+            "compute_dtype",
+            "tokens_per_s",
+            "peak_memory_gib",
+            "memory",
+            "compile",
+            "versions",
+        )
         found["run_json"] = {k: run[k] for k in keep if k in run}
     if (run_dir / "audit.json").is_file():
         audit = json.loads((run_dir / "audit.json").read_text())
@@ -117,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="result JSON, rewritten after each part")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny width (CPU dry run)")
+    parser.add_argument("--model", type=Path, help="an existing checkpoint folder (default: write DIR/model)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    parser.add_argument("--once", action="store_true", help="one uninterrupted run, no preemption and resume")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {}
@@ -126,23 +140,22 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"{key}: {json.dumps(value)[:800]}", flush=True)
 
-    model_dir = args.work / "model"
+    model_dir = args.model or args.work / "model"
     if not (model_dir / "config.json").is_file():
         save("checkpoint", write_checkpoint(model_dir, args.device, args.small))
     recipe = write_recipe(args.work, model_dir, args.small)
+    save("overrides", args.set)
     with open(args.work / "train.log", "a") as log:
-        save("preempted_run", train(recipe, stop_after_step=2, log=log) | summarize(args.work / "run"))
-        save("resumed_run", train(recipe, stop_after_step=None, log=log) | summarize(args.work / "run"))
-    first, second = report["preempted_run"], report["resumed_run"]
-    steps = [e["step"] for e in second.get("run_json", {}).get("losses", [])]
-    save(
-        "ok",
-        first["exit_code"] == 143
-        and bool(first["checkpoints"])
-        and second["exit_code"] == 0
-        and steps == list(range(1, STEPS + 1))
-        and second.get("audit", {}).get("ok") is True,
-    )
+        if not args.once:
+            save("preempted_run", train(recipe, 2, log, args.set) | summarize(args.work / "run"))
+        save(
+            "resumed_run" if not args.once else "run", train(recipe, None, log, args.set) | summarize(args.work / "run")
+        )
+    last = report["run"] if args.once else report["resumed_run"]
+    steps = [e["step"] for e in last.get("run_json", {}).get("losses", [])]
+    preempted = args.once or (report["preempted_run"]["exit_code"] == 143 and report["preempted_run"]["checkpoints"])
+    complete = last["exit_code"] == 0 and steps == list(range(1, STEPS + 1))
+    save("ok", bool(preempted and complete and last.get("audit", {}).get("ok") is True))
     return 0 if report["ok"] else 1
 
 

@@ -132,6 +132,7 @@ def train(recipe: Recipe) -> dict:
 
     dtype = model.get_base_model().dtype
     note_packing_kernel(recipe)
+    note_compile_dtype(recipe, dtype)
     replace_deferred(out)  # train.overwrite: the previous run goes only now that nothing can fail with exit 2
     callbacks = make_callbacks(recipe, out)
     configure_reporting(recipe, out)  # wandb project/dir/offline and the tensorboard dir, read at trainer init
@@ -164,6 +165,19 @@ def note_packing_kernel(recipe: Recipe) -> None:
         print(
             "note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
             "flash_attention_2 keeps the flash kernel",
+            flush=True,
+        )
+
+
+def note_compile_dtype(recipe: Recipe, dtype: torch.dtype) -> None:
+    """Compiled grouped GEMM takes bf16 only; elsewhere the experts' host sync breaks the checkpointed graph."""
+    from mixtral_ft.common import is_main_process
+
+    if recipe.train.compile and dtype != torch.bfloat16 and is_main_process():
+        print(
+            f"note: train.compile traces the layers whole in bfloat16 only; in {str(dtype).removeprefix('torch.')} "
+            "the experts' per-expert loop breaks the graph and the layers run eager (run.json's compile counts it): "
+            "model.compute_dtype: bfloat16",
             flush=True,
         )
 

@@ -32,3 +32,15 @@ def test_compiled_layers_evaluate_with_eval_steps_and_by_default(tmp_path):
     assert [row["step"] for row in runs["default"]] == [2]  # eval_steps null: at each checkpoint, compile or not
     # Same seed, same data: the step-2 evaluation is the same model in both runs.
     assert runs["default"][0]["eval_loss"] == pytest.approx(runs["explicit"][1]["eval_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compile_outside_bf16_says_the_layers_run_eager_and_run_json_counts_it(tmp_path, capsys):
+    from mixtral_ft.cli import main
+
+    out = tmp_path / "fp32"
+    argv = ["train", TINY_RECIPE, f"train.output_dir={out}", "train.compile=true", "model.compute_dtype=float32"]
+    assert main([*argv, "train.max_steps=3", "data.test_size=0"]) == 0  # step 2: not a telemetry step
+    assert "note: train.compile traces the layers whole in bfloat16 only; in float32" in capsys.readouterr().out
+    report = json.loads((out / "run.json").read_text())["compile"]
+    assert report["graph_breaks"] > 0, report
