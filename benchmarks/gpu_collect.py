@@ -4,8 +4,8 @@
 
 Every file is renamed `<date>-<gpu>-<name>` (bench's result files already are), so results of several sessions
 sit side by side and tests/plan/test_preflight.py checks `plan` against each bench run at default levers. Then it
-prints the figures benchmarks/NOTES.md needs: each bench run's tok/s and peak beside plan's prediction (default
-levers), our speed-up over each peer, and whether the checks and the training stage passed.
+prints the figures benchmarks/NOTES.md needs: each bench run's tok/s and peak beside plan's prediction (where
+plan models its levers), our speed-up over each peer, and whether the checks and the training stage passed.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def collect(folder: Path, results: Path = RESULTS) -> list[Path]:
 
 
 def bench_lines(report: dict, tag: str) -> list[str]:
-    from mixtral_ft.bench.throughput import DEFAULT_LEVERS
+    from mixtral_ft.bench.throughput import plan_covers
     from mixtral_ft.plan.preflight import compare_bench
 
     lines = []
     for run in report.get("runs", []):
-        plan = compare_bench(run) if run["levers"] == DEFAULT_LEVERS else None
+        plan = compare_bench(run) if plan_covers(run["levers"]) else None
         predicted = f", plan {plan['predicted_gib']:.1f} GiB ({plan['error']:+.1%})" if plan else ""
         compiled = f", compile {run['compile']}" if "compile" in run else ""
         lines.append(

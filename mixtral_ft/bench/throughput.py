@@ -41,6 +41,14 @@ DEFAULT_LEVERS = {
 }
 
 
+# The levers whose memory `mixtral-ft plan` models; a run that changes only these can be checked against plan.
+PLANNED_LEVERS = ("checkpointing", "skip_layers", "reuse_dequantized")
+
+
+def plan_covers(levers: dict) -> bool:
+    return all(levers.get(k, v) == v for k, v in DEFAULT_LEVERS.items() if k not in PLANNED_LEVERS)
+
+
 def build_random_nf4(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """Mixtral with random weights, attention and experts in NF4, built one tensor at a time on `device`."""
     import bitsandbytes as bnb
