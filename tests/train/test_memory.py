@@ -23,7 +23,7 @@ def test_phases_on_cpu_separate_the_load_peak_from_what_stays():
     assert summary["load_peak_gib"] >= summary["model_gib"] + 0.1  # the freed 128 MiB counted in the peak only
     if summary["peaks_reset_between_phases"]:  # the kernel allowed resetting VmHWM
         assert summary["train_peak_gib"] < summary["load_peak_gib"] - 0.1
-    assert memory.overall_peak_gib() >= summary["load_peak_gib"]
+    assert round(memory.overall_peak_gib(), 3) >= summary["load_peak_gib"]  # summary rounds to the MiB
     del kept
 
 
