@@ -28,7 +28,7 @@ import torch
 
 from mixtral_ft.bench import steps
 from mixtral_ft.bench.throughput import build_random_nf4
-from mixtral_ft.model import quant
+from mixtral_ft.model import grouped_gemm, quant
 from mixtral_ft.model.shapes import mixtral_config, tiny_config
 
 # bf16 against an fp32 reference: a correct kernel lands near 4e-3 (bf16's rounding); a layout bug near 1.
@@ -75,7 +75,7 @@ def gemm_layouts(device: torch.device, dtype: torch.dtype, hidden: int, inter: i
         for layout, (inp, weight_t) in operands.items():
             reference = loop_reference(inp, weight_t, counts)
             for path, mode in (("product", None), ("loop", "loop")):  # product: the mode the probe chose
-                ours = quant._grouped_mm(inp, weight_t, counts_t, mode)
+                ours = grouped_gemm.expert_matmul(inp, weight_t, counts_t, mode)
                 found[f"{name}.{layout}.{path}"] = round(rel_error(ours, reference), 6)
             if hasattr(torch.nn.functional, "grouped_mm"):  # the raw kernel, whatever the product decided
                 offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
@@ -174,8 +174,8 @@ def model_against_reference(device: torch.device, dtype: torch.dtype, small: boo
 def compute_mode(device: torch.device, dtype: torch.dtype) -> dict:
     """The product's decision (model/quant.py's probe, cached per device type and dtype) and what it cost."""
     started = time.perf_counter()
-    mode = quant.expert_compute_mode(device, dtype)
-    return {"mode": mode, "probe_s": round(time.perf_counter() - started, 4), "ok": mode in quant.EXPERT_MODES}
+    mode = grouped_gemm.expert_compute_mode(device, dtype)
+    return {"mode": mode, "probe_s": round(time.perf_counter() - started, 4), "ok": mode in grouped_gemm.EXPERT_MODES}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,28 @@ def pack(work: Path, out: Path) -> None:
     partial.replace(out / "gpu-truth.tar.gz")
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether a process of this group still runs (a killed orphan waits as a zombie until init reaps it)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if state != "Z" and int(group) == pgid:
+            return True
+    return False
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Kill the command and its children (the v4 peer, compile workers), and wait until they are gone: the next
+    stage must not share the GPU with a dying one."""
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def run_stage(stage: Stage, seconds_left: float, log) -> dict:
     """The stage's commands in turn; the first that fails or runs out of time ends it."""
     started = time.perf_counter()
@@ -136,8 +158,7 @@ def run_stage(stage: Stage, seconds_left: float, log) -> dict:
         try:
             code = proc.wait(timeout=max(left, 1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # its children too (the v4 peer, compile workers)
-            proc.wait()
+            stop_group(proc)
             code = "budget"
         result["commands"].append({"command": command[1:3], "exit_code": code})
         if code != 0:

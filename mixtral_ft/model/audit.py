@@ -4,7 +4,7 @@ Groups every parameter (embeddings, attention, router, experts, norms, lm_head, 
 storage bytes (4-bit statistics included), logical count and trainable count. The audit fails when an
 attention or expert weight is not 4-bit (experts may be bf16 when the recipe says
 `quantize_experts: false`) or when anything but LoRA is trainable. Training runs it before step one. It also
-records how the NF4 experts compute (`expert_compute`: grouped, grouped-contiguous or loop; see quant.py).
+records how the NF4 experts compute (`expert_compute`: grouped, grouped-contiguous or loop; see grouped_gemm.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class AuditReport:
     rows: list[GroupRow]
     failures: list[str]
     notes: list[str]
-    expert_compute: str | None = None  # quant.EXPERT_MODES; None: the experts are not NF4
+    expert_compute: str | None = None  # grouped_gemm.EXPERT_MODES; None: the experts are not NF4
 
     @property
     def ok(self) -> bool:

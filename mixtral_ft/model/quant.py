@@ -16,16 +16,16 @@ the packed weights for backward, where it dequantizes again. No bf16 copy of the
 from __future__ import annotations
 
 import os
-import sys
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
-from mixtral_ft.common import fsdp_enabled, is_main_process
+from mixtral_ft.common import fsdp_enabled
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.cpu_bf16 import apply_forcing, keep_layout
+from mixtral_ft.model.grouped_gemm import expert_compute_mode, expert_matmul
 
 apply_forcing()  # before any Linear4bit is built: MIXTRAL_FT_CPU_BF16 decides what bitsandbytes believes
 
@@ -90,88 +90,6 @@ def logical_numel(param: torch.Tensor) -> int:
     return param.quant_state.shape.numel() if is_4bit(param) else param.numel()
 
 
-EXPERT_MODES = ("grouped", "grouped-contiguous", "loop")
-_MODES: dict[tuple[str, torch.dtype], str] = {}  # decided once per device type and dtype, in eager mode
-_PROBE_COUNTS = (37, 0, 21, 64, 5, 30, 19, 48)  # rows per expert: uneven, one expert empty
-_PROBE_TOLERANCE = {torch.float32: 1e-4}  # of max |reference|; bf16/fp16: 2e-2 (CPU bf16 rounds to ~3e-3)
-
-
-def decide_expert_mode(grouped_mm, device_type: str, dtype: torch.dtype) -> tuple[str, str]:
-    """How experts compute with this `grouped_mm` here, and why when it is not plain "grouped".
-
-    Checks it against an fp32 per-expert reference on random data in the layouts we pass: a transposed
-    view of a contiguous [E, N, K] weight (forward) and a contiguous one (backward). A layout bug (pytorch
-    #186365: a transposed bf16 view miscomputed silently on some builds and GPUs) is off by the values
-    themselves, far above rounding. K and N keep grouped_mm's 16-byte stride rule.
-    """
-    if grouped_mm is None or (device_type == "cuda" and dtype != torch.bfloat16):
-        return "loop", f"this torch has no grouped GEMM for {device_type} {dtype}: one matmul per expert"
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(sum(_PROBE_COUNTS), 256, generator=generator).to(device_type, dtype)
-    weight = torch.randn(len(_PROBE_COUNTS), 192, 256, generator=generator).to(device_type, dtype)  # [E, N, K]
-    ends = torch.tensor(_PROBE_COUNTS).cumsum(0, dtype=torch.int32)
-    x32, weight_t32 = x.float().cpu(), weight.float().cpu().transpose(1, 2).contiguous()
-    reference = torch.cat([x32[end - n : end] @ w for n, end, w in zip(_PROBE_COUNTS, ends.tolist(), weight_t32)])
-    bound = _PROBE_TOLERANCE.get(dtype, 2e-2) * reference.abs().max()
-
-    def problem(weight_t: torch.Tensor, layout: str) -> str:
-        try:
-            error = (grouped_mm(x, weight_t, offs=ends.to(device_type)).float().cpu() - reference).abs().max()
-        except (RuntimeError, NotImplementedError) as exc:
-            return f"fails on a {layout} weight ({type(exc).__name__})"
-        return "" if error <= bound else f"miscomputes a {layout} weight"  # NaN compares False: wrong
-
-    transposed = problem(weight.transpose(1, 2), "transposed")
-    contiguous = problem(weight.transpose(1, 2).contiguous(), "contiguous")
-    where = f"on this torch build ({torch.__version__}, {device_type} {str(dtype).removeprefix('torch.')})"
-    if contiguous:
-        return "loop", f"grouped GEMM {contiguous} {where}: one matmul per expert"
-    if transposed:
-        return "grouped-contiguous", f"grouped GEMM {transposed} {where}: using a contiguous copy"
-    return "grouped", ""
-
-
-def expert_compute_mode(device: torch.device | str, dtype: torch.dtype) -> str:
-    """How NF4 experts compute on this device type and dtype: one of `EXPERT_MODES`.
-
-    Decided by `decide_expert_mode` on first use (a few ms), then cached; a fallback is said once, on rank 0.
-    """
-    key = (torch.device(device).type, dtype)
-    if key not in _MODES:
-        mode, reason = decide_expert_mode(getattr(torch.nn.functional, "grouped_mm", None), *key)
-        if reason and is_main_process():
-            print(f"experts: {reason}", file=sys.stderr, flush=True)
-        _MODES[key] = mode
-    return _MODES[key]
-
-
-def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    return expert_compute_mode(device_type, dtype) != "loop"
-
-
-def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, counts: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-    """Row block e of `x` (rows sorted by expert, `counts[e]` rows each) times `weight_t[e]` [K, N].
-
-    `mode` (None: `expert_compute_mode`'s) is one grouped GEMM where torch has a correct one: no host sync,
-    so torch.compile traces it whole. Else one matmul per expert, which reads the counts on the host once.
-    """
-    if mode is None and torch.compiler.is_compiling():  # no probe in a trace: the eager decision (see compile_layers)
-        # grouped_mm's compiled (meta) form takes bf16 only
-        mode = _MODES.get((x.device.type, x.dtype), "grouped") if x.dtype == torch.bfloat16 else "loop"
-    mode = mode or expert_compute_mode(x.device, x.dtype)
-    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], *weight_t.shape[-2:]))  # its stride rule
-    if mode != "loop" and aligned:
-        weight_t = weight_t.contiguous() if mode == "grouped-contiguous" else weight_t
-        return torch.nn.functional.grouped_mm(x, weight_t, offs=torch.cumsum(counts, 0, dtype=torch.int32))
-    out = x.new_empty(x.shape[0], weight_t.shape[-1])
-    start = 0
-    for expert, n in enumerate(counts.tolist()):  # one host sync for the whole layer
-        if n:
-            torch.mm(x[start : start + n], weight_t[expert], out=out[start : start + n])
-            start += n
-    return out
-
-
 class _NF4GroupedLinear(torch.autograd.Function):
     """y[rows of e] = x[rows of e] @ W[e].T for NF4 `W` [E, out, in]; frozen, so only dx is returned.
 
@@ -191,7 +109,7 @@ class _NF4GroupedLinear(torch.autograd.Function):
         else:
             ctx.weight = weight  # the packed parameter, alive anyway; no dequantized copy is saved
             ctx.save_for_backward(counts)
-        return _grouped_mm(x, dense.transpose(1, 2), counts, None if grouped else "loop")
+        return expert_matmul(x, dense.transpose(1, 2), counts, None if grouped else "loop")
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -201,7 +119,7 @@ class _NF4GroupedLinear(torch.autograd.Function):
             (counts,) = ctx.saved_tensors
             dense = dequantize_nf4(ctx.weight).to(grad_out.dtype)
         mode = None if ctx.grouped else "loop"
-        return _grouped_mm(grad_out.contiguous(), dense, counts, mode), None, None, None, None
+        return expert_matmul(grad_out.contiguous(), dense, counts, mode), None, None, None, None
 
 
 class NF4Experts(nn.Module):

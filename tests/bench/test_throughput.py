@@ -17,7 +17,7 @@ import torch
 from mixtral_ft.bench import steps
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.cli import main
-from mixtral_ft.model import quant
+from mixtral_ft.model import grouped_gemm, quant
 from mixtral_ft.model.shapes import tiny_config
 
 CPU = torch.device("cpu")
@@ -287,7 +287,7 @@ def test_full_depth_qlora_step_fits_30_gib(tmp_path):
 
 
 def test_grouped_and_looped_experts_agree_on_cpu():
-    assert quant.grouped_mm_works("cpu", torch.float32) == hasattr(torch.nn.functional, "grouped_mm")
+    assert grouped_gemm.grouped_mm_works("cpu", torch.float32) == hasattr(torch.nn.functional, "grouped_mm")
     model = bench.build_random_nf4(tiny_config(), CPU, torch.float32)
     ids = torch.randint(3, 32000, (2, 48), generator=torch.Generator().manual_seed(2))
     outputs = []
@@ -303,7 +303,7 @@ def test_grouped_mm_matches_per_expert_matmuls(width):
     x, weight_t = torch.randn(10, width), torch.randn(3, width, 8)
     counts = torch.tensor([4, 0, 6])  # an expert with no rows too
     expected = torch.cat([x[:4] @ weight_t[0], x[4:] @ weight_t[2]])
-    torch.testing.assert_close(quant._grouped_mm(x, weight_t, counts), expected)
+    torch.testing.assert_close(grouped_gemm.expert_matmul(x, weight_t, counts), expected)
 
 
 @pytest.mark.gpu

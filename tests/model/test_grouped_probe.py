@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mixtral_ft.bench import steps
 from mixtral_ft.bench import throughput as bench
-from mixtral_ft.model import quant
+from mixtral_ft.model import grouped_gemm, quant
 from mixtral_ft.model.audit import audit_model
 from mixtral_ft.model.load import compile_layers
 from mixtral_ft.model.shapes import tiny_config
@@ -40,8 +40,8 @@ def no_kernel(x, weight_t, offs):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_probe_picks_grouped_on_this_cpu(dtype):
-    assert quant.decide_expert_mode(grouped_mm, "cpu", dtype) == ("grouped", "")
-    assert quant.expert_compute_mode("cpu", dtype) == "grouped"
+    assert grouped_gemm.decide_expert_mode(grouped_mm, "cpu", dtype) == ("grouped", "")
+    assert grouped_gemm.expert_compute_mode("cpu", dtype) == "grouped"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -56,31 +56,31 @@ def test_probe_picks_grouped_on_this_cpu(dtype):
     ],
 )
 def test_probe_falls_back_when_grouped_mm_is_wrong(stand_in, mode, says, dtype):
-    decided, reason = quant.decide_expert_mode(stand_in, "cpu", dtype)
+    decided, reason = grouped_gemm.decide_expert_mode(stand_in, "cpu", dtype)
     assert decided == mode and says in reason
     assert reason.endswith("using a contiguous copy" if mode == "grouped-contiguous" else "one matmul per expert")
 
 
 def test_a_fallback_is_said_once_on_rank_0(monkeypatch, capsys):
-    monkeypatch.setattr(quant, "_MODES", {})
-    monkeypatch.setattr(quant, "decide_expert_mode", lambda fn, device, dtype: ("loop", f"broken on {device}"))
-    assert [quant.expert_compute_mode("cpu", torch.float32) for _ in range(2)] == ["loop", "loop"]
+    monkeypatch.setattr(grouped_gemm, "_MODES", {})
+    monkeypatch.setattr(grouped_gemm, "decide_expert_mode", lambda fn, device, dtype: ("loop", f"broken on {device}"))
+    assert [grouped_gemm.expert_compute_mode("cpu", torch.float32) for _ in range(2)] == ["loop", "loop"]
     assert capsys.readouterr().err == "experts: broken on cpu\n"
     monkeypatch.setenv("RANK", "1")
-    assert quant.expert_compute_mode("cpu", torch.bfloat16) == "loop"
+    assert grouped_gemm.expert_compute_mode("cpu", torch.bfloat16) == "loop"
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("mode", quant.EXPERT_MODES)
+@pytest.mark.parametrize("mode", grouped_gemm.EXPERT_MODES)
 def test_grouped_mm_in_each_mode_equals_per_expert_matmuls(mode):
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(20, 32, generator=generator), torch.randn(3, 24, 32, generator=generator)
     counts = torch.tensor([7, 0, 13])
     expected = torch.cat([x[:7] @ weight[0].T, x[7:] @ weight[2].T])
-    torch.testing.assert_close(quant._grouped_mm(x, weight.transpose(1, 2), counts, mode), expected)  # forward
+    torch.testing.assert_close(grouped_gemm.expert_matmul(x, weight.transpose(1, 2), counts, mode), expected)  # forward
     grad = torch.randn(20, 24, generator=generator)
     expected = torch.cat([grad[:7] @ weight[0], grad[7:] @ weight[2]])
-    torch.testing.assert_close(quant._grouped_mm(grad, weight, counts, mode), expected)  # backward
+    torch.testing.assert_close(grouped_gemm.expert_matmul(grad, weight, counts, mode), expected)  # backward
 
 
 class GroupedCalls(TorchDispatchMode):
@@ -105,8 +105,8 @@ def test_experts_forward_and_backward_agree_across_modes(monkeypatch, dtype, tol
     top_k[:, 1] = (top_k[:, 0] + 1) % experts.num_experts  # two distinct experts per token
     weights = torch.rand(24, 2, generator=generator).to(dtype)
     results, calls = {}, {}
-    for mode in quant.EXPERT_MODES:
-        monkeypatch.setitem(quant._MODES, ("cpu", dtype), mode)
+    for mode in grouped_gemm.EXPERT_MODES:
+        monkeypatch.setitem(grouped_gemm._MODES, ("cpu", dtype), mode)
         assert experts.compute_mode(dtype) == mode
         x = hidden.clone().requires_grad_(True)
         with GroupedCalls() as recorded:
@@ -122,9 +122,9 @@ def test_experts_forward_and_backward_agree_across_modes(monkeypatch, dtype, tol
 
 def test_audit_records_the_expert_path_and_compiling_decides_it_first(monkeypatch):
     model = bench.build_random_nf4(tiny_config(), CPU, torch.float32)
-    monkeypatch.setattr(quant, "_MODES", {})
+    monkeypatch.setattr(grouped_gemm, "_MODES", {})
     compile_layers(steps.add_lora(model))  # marks the layers for compiling; nothing is traced yet
-    assert dict(quant._MODES) == {("cpu", torch.float32): "grouped"}  # decided before any trace
+    assert dict(grouped_gemm._MODES) == {("cpu", torch.float32): "grouped"}  # decided before any trace
     report = audit_model(model)
     assert report.expert_compute == "grouped" and '"expert_compute": "grouped"' in report.to_json()
     quant.configure_experts(model, grouped_mm=False)  # the --experts loop lever
@@ -134,7 +134,7 @@ def test_audit_records_the_expert_path_and_compiling_decides_it_first(monkeypatc
 @pytest.mark.parametrize("mode", ["grouped", "grouped-contiguous"])
 def test_a_trace_uses_the_eager_decision(monkeypatch, mode):
     """Under torch.compile the probe cannot run: the traced graph follows what eager decided, whole."""
-    monkeypatch.setitem(quant._MODES, ("cpu", torch.bfloat16), mode)
+    monkeypatch.setitem(grouped_gemm._MODES, ("cpu", torch.bfloat16), mode)
     graphs = []
 
     def backend(graph_module, example_inputs):
@@ -146,10 +146,10 @@ def test_a_trace_uses_the_eager_decision(monkeypatch, mode):
     x, weight, counts = x.bfloat16(), weight.bfloat16(), torch.tensor([7, 0, 13])
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(lambda *a: quant._grouped_mm(*a), backend=backend, fullgraph=True)
+        compiled = torch.compile(lambda *a: grouped_gemm.expert_matmul(*a), backend=backend, fullgraph=True)
         out = compiled(x, weight.transpose(1, 2), counts)
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(out, quant._grouped_mm(x, weight.transpose(1, 2), counts, "loop"))
+    torch.testing.assert_close(out, grouped_gemm.expert_matmul(x, weight.transpose(1, 2), counts, "loop"))
     assert len(graphs) == 1 and "grouped_mm" in graphs[0]
     assert ("contiguous" in graphs[0]) == (mode == "grouped-contiguous")
