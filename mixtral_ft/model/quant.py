@@ -8,7 +8,7 @@ module: the same forward signature and math, with both weights held as bitsandby
 
 Compute goes through `_NF4GroupedLinear`, a custom autograd function that dequantizes the layer's
 weights, runs one grouped GEMM over all experts (`F.grouped_mm`, where a cached probe finds it right for the
-device and dtype: `expert_compute_mode`; else one matmul per expert), and keeps nothing but a reference to
+device and dtype: grouped_gemm.py; else one matmul per expert), and keeps nothing but a reference to
 the packed weights for backward, where it dequantizes again. No bf16 copy of the experts outlives a call
 (`configure_experts` can let a checkpointed layer's backward reuse its recompute's copy instead).
 """
