@@ -18,7 +18,6 @@ Every figure goes into --out the moment it exists; the process exits 1 if any ch
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from mixtral_ft.bench import steps
 from mixtral_ft.bench.throughput import build_random_nf4
 from mixtral_ft.model import grouped_gemm, quant
+from mixtral_ft.model.audit import dequantized_reference
 from mixtral_ft.model.shapes import mixtral_config, tiny_config
 
 # bf16 against an fp32 reference: a correct kernel lands near 4e-3 (bf16's rounding); a layout bug near 1.
@@ -37,15 +37,6 @@ GEMM_TOLERANCE = 2e-2
 
 def rel_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)).item()
-
-
-def loop_reference(x: torch.Tensor, weight_t: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """fp32 per-expert matmuls: the result every layout must match."""
-    blocks, start = [], 0
-    for expert, n in enumerate(counts):
-        blocks.append(x[start : start + n].float() @ weight_t[expert].float())
-        start += n
-    return torch.cat(blocks)
 
 
 def expert_counts(rows: int, experts: int, generator: torch.Generator) -> list[int]:
@@ -73,7 +64,7 @@ def gemm_layouts(device: torch.device, dtype: torch.dtype, hidden: int, inter: i
             "backward_contiguous": (grad, dense),
         }
         for layout, (inp, weight_t) in operands.items():
-            reference = loop_reference(inp, weight_t, counts)
+            reference = grouped_gemm.expert_matmul(inp.float(), weight_t.float(), counts_t, "loop")  # fp32 truth
             for path, mode in (("product", None), ("loop", "loop")):  # product: the mode the probe chose
                 ours = grouped_gemm.expert_matmul(inp, weight_t, counts_t, mode)
                 found[f"{name}.{layout}.{path}"] = round(rel_error(ours, reference), 6)
@@ -84,20 +75,6 @@ def gemm_layouts(device: torch.device, dtype: torch.dtype, hidden: int, inter: i
         del dense, x, grad
     found["ok"] = all(v <= GEMM_TOLERANCE for k, v in found.items() if k.endswith((".product", ".loop")))
     return found
-
-
-def dequantized_reference(model, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' own Mixtral in `dtype`, holding exactly the weights our NF4 model computes with."""
-    from transformers import MixtralForCausalLM
-
-    reference = MixtralForCausalLM(copy.deepcopy(model.config)).to(model.device, dtype)
-    state = {
-        name: (quant.dequantize_nf4(p) if quant.is_4bit(p) else p).detach().to(dtype)
-        for name, p in model.named_parameters()
-    }
-    result = reference.load_state_dict(state, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    return reference
 
 
 def randomize_lora(model, seed: int) -> None:

@@ -30,21 +30,13 @@ STEPS = 5
 
 
 def write_checkpoint(folder: Path, device: str, small: bool) -> dict:
-    import torch
-    from transformers import MixtralForCausalLM
-
-    from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
     from mixtral_ft.model.shapes import mixtral_config, tiny_config
+    from mixtral_ft.model.tiny import write_random_mixtral
 
     started = time.perf_counter()
     config = tiny_config() if small else mixtral_config(2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MixtralForCausalLM(config).to(torch.bfloat16)  # drawn on the device: seconds, not minutes
-    model.save_pretrained(folder, max_shard_size="2GB")  # per-expert w1/w2/w3: the Hub's layout
-    save_tokenizer(load_tokenizer(None), folder)
+    write_random_mixtral(folder, config, device=device)  # per-expert w1/w2/w3: the Hub's layout
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    del model
     return {"seconds": round(time.perf_counter() - started, 1), "bytes": size, "layers": config.num_hidden_layers}
 
 

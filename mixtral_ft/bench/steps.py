@@ -14,6 +14,7 @@ import time
 import torch
 
 from mixtral_ft.common import peak_gib, reset_peak
+from mixtral_ft.model.load import keep_last_layers_whole
 from mixtral_ft.recipe import ATTENTION_TARGETS
 
 LORA_TARGETS = list(ATTENTION_TARGETS)
@@ -62,9 +63,7 @@ def enable_checkpointing(model, skip_layers: int = 0) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-    layers = model.model.layers
-    for layer in layers[len(layers) - min(skip_layers, len(layers)) :] if skip_layers else []:
-        layer.gradient_checkpointing = False
+    keep_last_layers_whole(model, skip_layers)
 
 
 def fill_meta_params(model, device: torch.device, dtype: torch.dtype, std: float) -> None:

@@ -9,13 +9,15 @@ records how the NF4 experts compute (`expert_compute`: grouped, grouped-contiguo
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from mixtral_ft.common import human_bytes
-from mixtral_ft.model.quant import NF4Experts, is_4bit, logical_numel, storage_bytes
+from mixtral_ft.model.quant import NF4Experts, dequantize_nf4, is_4bit, logical_numel, storage_bytes
 
 GROUPS = ("embeddings", "attention", "router", "experts", "norms", "lm_head", "lora", "other")
 
@@ -144,3 +146,16 @@ def expert_compute(model: nn.Module) -> str | None:
 def _base(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if get_base else model
+
+
+def dequantized_reference(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """transformers' own Mixtral in `dtype`, holding exactly the weights our NF4 model computes with: the reference
+    our experts' forward and gradients are checked against (tests, benchmarks/cuda_checks.py)."""
+    from transformers import MixtralForCausalLM
+
+    reference = MixtralForCausalLM(copy.deepcopy(model.config)).to(model.device, dtype)
+    state = {name: (dequantize_nf4(p) if is_4bit(p) else p).detach().to(dtype) for name, p in model.named_parameters()}
+    result = reference.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"the reference does not take this model's weights: {result}")
+    return reference.eval()

@@ -185,3 +185,13 @@ def compile_report() -> dict:
     from torch._dynamo.utils import counters
 
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def keep_last_layers_whole(model, count: int) -> None:
+    """Checkpointing off for the last `count` decoder layers (through any wrapper): they keep their activations
+    and are not recomputed. Call it after checkpointing is enabled, which turns every layer's flag on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers[len(layers) - min(count, len(layers)) :] if count else []:
+        layer.gradient_checkpointing = False

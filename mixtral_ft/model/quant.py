@@ -191,8 +191,9 @@ class NF4Experts(nn.Module):
 
 
 def configure_experts(model, *, grouped_mm: bool = True, reuse_dequantized: bool = False) -> None:
-    """Set the expert speed levers on every layer; reuse only where the decoder layer is checkpointed."""
-    for layer in model.model.layers if hasattr(model, "model") else []:
+    """Set the expert speed levers on every decoder layer, through any wrapper (peft, DDP, FSDP); reuse only where
+    the layer is checkpointed: a layer that is not recomputed would keep its dequantized copy until backward."""
+    for layer in model.modules():
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
         if isinstance(experts, NF4Experts):
             experts.grouped_mm = grouped_mm

@@ -20,7 +20,12 @@ TINY_VERSION = "v2"  # bump when the tiny model's shape changes (shapes.tiny_con
 
 
 def write_tiny(out_dir: str | os.PathLike, *, layout: str = "legacy", seed: int = 0) -> Path:
-    """Write a tiny random Mixtral and the Mixtral tokenizer to `out_dir`.
+    """Write a tiny random Mixtral and the Mixtral tokenizer to `out_dir` (layouts: `write_random_mixtral`)."""
+    return write_random_mixtral(out_dir, tiny_config(), layout=layout, seed=seed)
+
+
+def write_random_mixtral(out_dir: str | os.PathLike, config, *, layout="legacy", seed=0, device="cpu") -> Path:
+    """Write a random bf16 Mixtral of `config`'s shape, drawn on `device`, and the Mixtral tokenizer to `out_dir`.
 
     `layout="legacy"` is the Hub's per-expert `block_sparse_moe.experts.E.w1/w2/w3` tensors (what
     transformers 5 `save_pretrained` writes); `layout="fused"` is v5's in-memory 3-D `mlp.experts.*`.
@@ -34,8 +39,8 @@ def write_tiny(out_dir: str | os.PathLike, *, layout: str = "legacy", seed: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = tiny_config()
-    model = MixtralForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):  # a full-width model is drawn in seconds on a GPU, minutes on a CPU
+        model = MixtralForCausalLM(config).to(torch.bfloat16)
     if layout == "legacy":
         from transformers.utils import logging as hf_logging
 

@@ -58,25 +58,14 @@ def apply_liger(model) -> None:
     apply_liger_kernel_to_mixtral(model=model, swiglu=False, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
-def decoder_layers(model) -> list:
-    """The decoder layers in order, through any wrapper (peft, DDP, FSDP): the modules checkpointing toggles."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 def set_checkpointed_layers(model, *, skip_layers: int, reuse_dequantized: bool) -> None:
     """The last `skip_layers` layers keep their activations; NF4 experts of the layers still checkpointed reuse
     the recompute's dequantized weights in backward (quant._NF4GroupedLinear). Idempotent."""
-    from mixtral_ft.model.quant import NF4Experts
+    from mixtral_ft.model.load import keep_last_layers_whole
+    from mixtral_ft.model.quant import configure_experts
 
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        if i >= len(layers) - skip_layers:
-            layer.gradient_checkpointing = False
-        experts = getattr(getattr(layer, "mlp", None), "experts", None)
-        if isinstance(experts, NF4Experts):  # never on a layer that is not recomputed: it would keep every copy
-            experts.reuse_dequantized = reuse_dequantized and bool(layer.gradient_checkpointing)
+    keep_last_layers_whole(model, skip_layers)
+    configure_experts(model, reuse_dequantized=reuse_dequantized)
 
 
 class CheckpointLevers(TrainerCallback):

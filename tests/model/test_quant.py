@@ -8,9 +8,9 @@ import torch
 from transformers import MixtralForCausalLM
 
 from mixtral_ft.errors import UserError
-from mixtral_ft.model.audit import audit_model
+from mixtral_ft.model.audit import audit_model, dequantized_reference
 from mixtral_ft.model.load import load_model
-from mixtral_ft.model.quant import NF4Experts, dequantize_nf4, is_4bit
+from mixtral_ft.model.quant import NF4Experts, is_4bit
 from tests.conftest import requires_cuda
 
 pytestmark = pytest.mark.numeric  # .ci/run runs these again with the CPU bf16 detection forced the other way
@@ -19,15 +19,6 @@ pytestmark = pytest.mark.numeric  # .ci/run runs these again with the CPU bf16 d
 @pytest.fixture(scope="module")
 def nf4_model(tiny_dir):
     return load_model(str(tiny_dir), device="cpu", compute_dtype="float32")
-
-
-def dequantized_reference(model) -> MixtralForCausalLM:
-    """transformers' own Mixtral, holding exactly the weights our NF4 model computes with."""
-    reference = MixtralForCausalLM(copy.deepcopy(model.config)).float()
-    state = {name: (dequantize_nf4(p) if is_4bit(p) else p).detach().float() for name, p in model.named_parameters()}
-    result = reference.load_state_dict(state, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
-    return reference.eval()
 
 
 def test_every_attention_and_expert_weight_is_nf4(nf4_model):
