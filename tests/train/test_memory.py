@@ -1,6 +1,7 @@
 """run.json's memory by phase: the load peak, the loaded model and the training peak (train/memory.py)."""
 
 import json
+import mmap
 
 import pytest
 import torch
@@ -8,15 +9,28 @@ import torch
 from mixtral_ft.train.memory import PhaseMemory
 from tests.conftest import TINY_RECIPE, requires_cuda, trained_adapter
 
-MIB_128 = 2**25  # float32 elements
+MIB_128 = 2**27
+PAGE = mmap.PAGESIZE
+
+
+def resident_pages(size: int) -> mmap.mmap:
+    """Fresh anonymous pages, each touched so it is resident.
+
+    Not torch tensors: malloc may hand back heap that earlier tests freed but the process still holds, and
+    then RSS (so the peak) does not move at all (CI saw load peak == model, 1.222 GiB each).
+    """
+    pages = mmap.mmap(-1, size)
+    for offset in range(0, size, PAGE):
+        pages[offset] = 1
+    return pages
 
 
 def test_phases_on_cpu_separate_the_load_peak_from_what_stays():
     memory = PhaseMemory(torch.device("cpu"))
     memory.loading()
-    kept = torch.ones(MIB_128)  # the model that stays
-    transient = torch.ones(MIB_128)  # one layer's bf16 experts, freed once quantized
-    del transient
+    kept = resident_pages(MIB_128)  # the model that stays
+    transient = resident_pages(MIB_128)  # one layer's bf16 experts, freed once quantized
+    transient.close()  # munmap: the pages leave RSS at once
     memory.loaded()
     summary = memory.summary()
     assert summary["device"] == "cpu" and summary["rank"] == 0 and "VmRSS" in summary["source"]
@@ -24,7 +38,7 @@ def test_phases_on_cpu_separate_the_load_peak_from_what_stays():
     if summary["peaks_reset_between_phases"]:  # the kernel allowed resetting VmHWM
         assert summary["train_peak_gib"] < summary["load_peak_gib"] - 0.1
     assert round(memory.overall_peak_gib(), 3) >= summary["load_peak_gib"]  # summary rounds to the MiB
-    del kept
+    kept.close()
 
 
 @pytest.mark.slow
