@@ -32,8 +32,8 @@ PACKED_SUFFIXES = {".json", ".txt", ".log", ".xml", ".jsonl", ".yaml", ".md"}
 PACKED_MAX_BYTES = 4 << 20
 DRY_SIZE = ["--device", "cpu", "--tiny", "--seq", "64", "--steps", "1", "--warmup", "0"]
 # Files that hold GPU-marked tests, imported on the GPU image (no gradio, playwright or notebooks there).
-GPU_TESTS = ["tests/model/test_quant.py", "tests/bench/test_throughput.py", "tests/train/test_memory.py"]
-GPU_TESTS += ["tests/test_distributed.py"]
+GPU_TESTS = ["tests/model/test_quant.py", "tests/model/test_grouped_gemm.py", "tests/bench/test_throughput.py"]
+GPU_TESTS += ["tests/train/test_memory.py", "tests/test_distributed.py"]
 
 
 @dataclass

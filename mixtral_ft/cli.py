@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput and memory of full-width Mixtral in NF4 (see --help)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of mixtral_ft.bench")
     p.set_defaults(func=commands.cmd_bench)
+    parser.set_defaults(command_names=tuple(sub.choices))  # public read-back for the did-you-mean below
     return parser
 
 
@@ -174,7 +175,7 @@ def unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | N
 
     if not argv or argv[0].startswith("-"):
         return None
-    commands = list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    commands = parser.get_default("command_names")
     if argv[0] in commands:
         return None
     close = difflib.get_close_matches(argv[0], commands, n=1, cutoff=0.5)

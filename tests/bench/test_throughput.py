@@ -1,5 +1,5 @@
 """`mixtral-ft bench` (ours only, into --out-dir) and benchmarks/compare.py (ours and both peers, one file):
-the CPU smoke modes CI runs, and the speed levers."""
+the CPU smoke modes CI runs, step FLOPs, compiled layers, and each lever against the default run on a GPU."""
 
 import datetime as dt
 import importlib
@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_ft.bench import steps
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.cli import main
-from mixtral_ft.model import grouped_gemm, quant
 from mixtral_ft.model.shapes import tiny_config
 
 CPU = torch.device("cpu")
@@ -203,48 +201,6 @@ def test_step_flops_scale_with_depth_and_recompute():
     assert 2 / 3 < none / all_layers < 0.68  # the LM head is not recomputed
 
 
-def _grads_and_dequant_count(monkeypatch, *, checkpointing, skip_layers=0, reuse=False):
-    calls = []
-    real = quant.dequantize_nf4
-    monkeypatch.setattr(quant, "dequantize_nf4", lambda param: calls.append(1) or real(param))
-    model = bench.build_random_nf4(tiny_config(), CPU, torch.float32)
-    if checkpointing:
-        steps.enable_checkpointing(model, skip_layers)
-    quant.configure_experts(model, reuse_dequantized=reuse)
-    model = steps.add_lora(model)
-    model.train()
-    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
-    calls.clear()
-    model(input_ids=ids, labels=ids).loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    reused = [m.reuse_dequantized for m in model.modules() if isinstance(m, quant.NF4Experts)]
-    return grads, len(calls), reused
-
-
-def test_reusing_the_recompute_dequantization_saves_a_third_and_keeps_gradients(monkeypatch):
-    base, base_calls, _ = _grads_and_dequant_count(monkeypatch, checkpointing=True)
-    reused, reused_calls, flags = _grads_and_dequant_count(monkeypatch, checkpointing=True, reuse=True)
-    # 2 layers x 2 expert weights: forward, recompute, backward = 12; reusing drops the backward's 4
-    assert (base_calls, reused_calls) == (12, 8) and flags == [True, True]
-    for name, grad in base.items():
-        torch.testing.assert_close(reused[name], grad, rtol=0, atol=0)
-
-
-def test_reuse_stays_off_where_a_layer_is_not_checkpointed(monkeypatch):
-    _, calls, flags = _grads_and_dequant_count(monkeypatch, checkpointing=False, reuse=True)
-    assert flags == [False, False] and calls == 8  # forward + backward: nothing kept across layers
-    _, calls, flags = _grads_and_dequant_count(monkeypatch, checkpointing=True, skip_layers=1, reuse=True)
-    assert flags == [True, False] and calls == 8  # layer 0: fwd, recompute; layer 1: fwd, bwd
-
-
-def test_skipping_checkpoint_layers_changes_no_gradient(monkeypatch):
-    full, full_calls, _ = _grads_and_dequant_count(monkeypatch, checkpointing=True)
-    partial, partial_calls, _ = _grads_and_dequant_count(monkeypatch, checkpointing=True, skip_layers=1)
-    assert partial_calls == full_calls - 2  # the last layer is not recomputed
-    for name, grad in full.items():
-        torch.testing.assert_close(partial[name], grad)
-
-
 @pytest.mark.slow
 def test_compiled_layers_trace_whole_and_train_the_same_in_bf16():
     """--compile: each decoder layer (NF4 experts, LoRA, checkpointing) is one graph, reused, with no graph break."""
@@ -284,33 +240,6 @@ def test_full_depth_qlora_step_fits_30_gib(tmp_path):
     )
     (tmp_path / "result.json").write_text(json.dumps(result))
     assert result["peak_gib"] <= 30, result
-
-
-def test_grouped_and_looped_experts_agree_on_cpu():
-    assert grouped_gemm.grouped_mm_works("cpu", torch.float32) == hasattr(torch.nn.functional, "grouped_mm")
-    model = bench.build_random_nf4(tiny_config(), CPU, torch.float32)
-    ids = torch.randint(3, 32000, (2, 48), generator=torch.Generator().manual_seed(2))
-    outputs = []
-    for grouped in (True, False):
-        quant.configure_experts(model, grouped_mm=grouped)
-        with torch.no_grad():
-            outputs.append(model(input_ids=ids, use_cache=False).logits)
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.gpu
-@gpu
-def test_grouped_and_looped_experts_agree_in_bf16():
-    config = bench.mixtral_config(1)
-    config.hidden_size, config.intermediate_size = 1024, 3584
-    model = bench.build_random_nf4(config, torch.device("cuda"), torch.bfloat16)
-    ids = torch.randint(3, 32000, (2, 256), device="cuda")
-    outputs = []
-    for grouped in (True, False):
-        quant.configure_experts(model, grouped_mm=grouped)
-        with torch.no_grad():
-            outputs.append(model(input_ids=ids, use_cache=False).logits.float())
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

@@ -161,3 +161,30 @@ def test_grouped_mm_matches_per_expert_matmuls(width):
     counts = torch.tensor([4, 0, 6])  # an expert with no rows too
     expected = torch.cat([x[:4] @ weight_t[0], x[4:] @ weight_t[2]])
     torch.testing.assert_close(grouped_gemm.expert_matmul(x, weight_t, counts), expected)
+
+
+def test_grouped_and_looped_experts_agree_on_cpu():
+    assert grouped_gemm.grouped_mm_works("cpu", torch.float32) == hasattr(torch.nn.functional, "grouped_mm")
+    model = bench.build_random_nf4(tiny_config(), CPU, torch.float32)
+    ids = torch.randint(3, 32000, (2, 48), generator=torch.Generator().manual_seed(2))
+    outputs = []
+    for grouped in (True, False):
+        quant.configure_experts(model, grouped_mm=grouped)
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids, use_cache=False).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_and_looped_experts_agree_in_bf16():
+    config = bench.mixtral_config(1)
+    config.hidden_size, config.intermediate_size = 1024, 3584
+    model = bench.build_random_nf4(config, torch.device("cuda"), torch.bfloat16)
+    ids = torch.randint(3, 32000, (2, 256), device="cuda")
+    outputs = []
+    for grouped in (True, False):
+        quant.configure_experts(model, grouped_mm=grouped)
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids, use_cache=False).logits.float())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)

@@ -1,7 +1,7 @@
 """Training's speed levers (train.reuse_dequantized, train.skip_checkpoint_layers, train.liger) on the tiny model.
 
 The real stack on CPU: the same numbers as the default run, and proof that each lever acted during training (the
-NF4 expert weights dequantized per step, counted at quant.dequantize_nf4 as tests/bench/test_throughput.py does).
+NF4 expert weights dequantized per step, counted at quant.dequantize_nf4), first on one step of the bare model.
 liger needs Triton on a CUDA GPU, so only its refusals are checked here.
 """
 
@@ -13,9 +13,12 @@ import json
 import pytest
 import torch
 
+from mixtral_ft.bench import steps
+from mixtral_ft.bench import throughput as bench
 from mixtral_ft.cli import main
 from mixtral_ft.errors import UserError
 from mixtral_ft.model import quant
+from mixtral_ft.model.shapes import tiny_config
 from tests.conftest import RUN, TINY, adapter_bytes, train
 
 STEPS = ["train.max_steps=2", "logging.router_stats_steps=0"]
@@ -39,6 +42,52 @@ def counted_run(monkeypatch, out, *extra):
     run = json.loads((out / "run.json").read_text())
     assert run["steps"] == 2
     return [entry["loss"] for entry in run["losses"]], len(calls) / 2
+
+
+# --- the levers on the model alone: one forward and backward, gradients compared exactly ----------------
+
+
+def grads_and_dequant_count(monkeypatch, *, checkpointing, skip_layers=0, reuse=False):
+    calls = counting(monkeypatch)
+    model = bench.build_random_nf4(tiny_config(), torch.device("cpu"), torch.float32)
+    if checkpointing:
+        steps.enable_checkpointing(model, skip_layers)
+    quant.configure_experts(model, reuse_dequantized=reuse)
+    model = steps.add_lora(model)
+    model.train()
+    ids = torch.randint(3, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+    calls.clear()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    reused = [m.reuse_dequantized for m in model.modules() if isinstance(m, quant.NF4Experts)]
+    return grads, len(calls), reused
+
+
+def test_reusing_the_recompute_dequantization_saves_a_third_and_keeps_gradients(monkeypatch):
+    base, base_calls, _ = grads_and_dequant_count(monkeypatch, checkpointing=True)
+    reused, reused_calls, flags = grads_and_dequant_count(monkeypatch, checkpointing=True, reuse=True)
+    # 2 layers x 2 expert weights: forward, recompute, backward = 12; reusing drops the backward's 4
+    assert (base_calls, reused_calls) == (12, 8) and flags == [True, True]
+    for name, grad in base.items():
+        torch.testing.assert_close(reused[name], grad, rtol=0, atol=0)
+
+
+def test_reuse_stays_off_where_a_layer_is_not_checkpointed(monkeypatch):
+    _, calls, flags = grads_and_dequant_count(monkeypatch, checkpointing=False, reuse=True)
+    assert flags == [False, False] and calls == 8  # forward + backward: nothing kept across layers
+    _, calls, flags = grads_and_dequant_count(monkeypatch, checkpointing=True, skip_layers=1, reuse=True)
+    assert flags == [True, False] and calls == 8  # layer 0: fwd, recompute; layer 1: fwd, bwd
+
+
+def test_skipping_checkpoint_layers_changes_no_gradient(monkeypatch):
+    full, full_calls, _ = grads_and_dequant_count(monkeypatch, checkpointing=True)
+    partial, partial_calls, _ = grads_and_dequant_count(monkeypatch, checkpointing=True, skip_layers=1)
+    assert partial_calls == full_calls - 2  # the last layer is not recomputed
+    for name, grad in full.items():
+        torch.testing.assert_close(partial[name], grad)
+
+
+# --- the levers in training runs ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
