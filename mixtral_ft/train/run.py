@@ -141,6 +141,7 @@ def train(recipe: Recipe) -> dict:
 
     def finish(result) -> dict:
         summary = summarize(recipe, trainer, result, started, dtype, memory)
+        note_compile_fallback(summary)
         summary.update(method.summary(trainer))  # DPO: reward accuracy and margins from TRL's log history
         save_outputs(recipe, trainer, tokenizer, summary, audit=audit, reports=data.reports)
         return summary
@@ -178,6 +179,19 @@ def note_compile_dtype(recipe: Recipe, dtype: torch.dtype) -> None:
             f"note: train.compile traces the layers whole in bfloat16 only; in {str(dtype).removeprefix('torch.')} "
             "the experts' per-expert loop breaks the graph and the layers run eager (run.json's compile counts it): "
             "model.compute_dtype: bfloat16",
+            flush=True,
+        )
+
+
+def note_compile_fallback(summary: dict) -> None:
+    """Past torch's recompile limit new modes run eager silently: the same numbers, not the speed."""
+    from mixtral_ft.common import is_main_process
+
+    hits = summary.get("compile", {}).get("recompile_limit_hits", 0)
+    if hits and is_main_process():
+        print(
+            f"note: torch.compile met its recompile limit {hits} time(s), so some layer calls ran eager "
+            "(run.json's compile counts graphs): TORCH_LOGS=recompiles lists why each graph was compiled",
             flush=True,
         )
 

@@ -32,7 +32,7 @@ def test_a_stage_past_its_time_is_stopped_with_its_children(truth, tmp_path):
     pid_file = tmp_path / "child.pid"
     command = ["sh", "-c", f"sleep 120 & echo $! > {pid_file}; wait"]
     with open(tmp_path / "log", "w") as log:
-        result = truth.run_stage(truth.Stage("slow", 1, [command, ["touch", str(tmp_path / "never")]]), 2, log)
+        result = truth.run_stage(truth.Stage("slow", 1, [command, ["touch", str(tmp_path / "never")]]), 5, log)
     assert result["status"] == "stopped at the budget"
     assert not (tmp_path / "never").exists()  # the stage's later commands do not start
     assert gone(int(pid_file.read_text()))  # the background child went with its parent's process group

@@ -44,3 +44,19 @@ def test_compile_outside_bf16_says_the_layers_run_eager_and_run_json_counts_it(t
     assert "note: train.compile traces the layers whole in bfloat16 only; in float32" in capsys.readouterr().out
     report = json.loads((out / "run.json").read_text())["compile"]
     assert report["graph_breaks"] > 0, report
+
+
+@pytest.mark.slow
+def test_dpo_with_evaluation_gets_a_graph_for_every_mode(tmp_path):
+    """DPO compiles the most variants: policy and no-grad reference passes, training and evaluation, layer 0's
+    input (embeddings made to require grad) and the rest, each at one length and then any. Past torch's default
+    recompile limit of 8 the rest ran eager without a word; run.json now counts such hits, and there are none."""
+    from mixtral_ft.cli import main
+
+    out = tmp_path / "dpo"
+    argv = ["train", str(ROOT / "recipes" / "tiny_dpo.yaml"), f"train.output_dir={out}", "train.compile=true"]
+    argv += ["model.compute_dtype=bfloat16", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=4"]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert [row["step"] for row in run["eval_losses"]] == [2, 4]
+    assert run["compile"]["recompile_limit_hits"] == 0 and run["compile"]["graph_breaks"] == 0, run["compile"]
