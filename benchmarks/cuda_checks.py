@@ -3,7 +3,7 @@
     python benchmarks/cuda_checks.py --out checks.json            # on a GPU: bf16, Mixtral's expert shapes
     python benchmarks/cuda_checks.py --device cpu --small --out F  # dry run of the same code on CPU
 
-1. The expert compute path the product chose on this device (the grouped-GEMM probe in `model/quant.py`).
+1. The expert compute path the product chose on this device (the grouped-GEMM probe in `model/grouped_gemm.py`).
 2. `F.grouped_mm` (raw) and the product's chosen path against an fp32 per-expert loop on the exact operands
    we pass: the forward's transposed, non-contiguous view of the dequantized [E, out, in] weight, the same
    made contiguous, and the backward's contiguous weight (pytorch#186365: some builds miscompute a transposed
@@ -149,7 +149,7 @@ def model_against_reference(device: torch.device, dtype: torch.dtype, small: boo
 
 
 def compute_mode(device: torch.device, dtype: torch.dtype) -> dict:
-    """The product's decision (model/quant.py's probe, cached per device type and dtype) and what it cost."""
+    """The product's decision (model/grouped_gemm.py's probe, cached per device type and dtype) and what it cost."""
     started = time.perf_counter()
     mode = grouped_gemm.expert_compute_mode(device, dtype)
     return {"mode": mode, "probe_s": round(time.perf_counter() - started, 4), "ok": mode in grouped_gemm.EXPERT_MODES}

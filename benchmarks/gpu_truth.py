@@ -43,14 +43,18 @@ class Stage:
     commands: list[list[str]]
 
 
+def size(args) -> list[str]:
+    """The model every bench and compare run measures: full depth, or tiny shapes on --dry-run."""
+    return DRY_SIZE if args.dry_run else ["--layers", "32"]
+
+
 def bench(args, tag: str, *flags: str, batch: tuple[str, ...] = ("2", "8")) -> list[str]:
     """One `mixtral-ft bench` run: ours only, 32 layers (tiny on --dry-run), one result file tagged `tag`."""
-    size = DRY_SIZE if args.dry_run else ["--layers", "32"]
     return [
         PY,
         "-m",
         "mixtral_ft.bench",
-        *size,
+        *size(args),
         "--batch",
         *batch,
         *flags,
@@ -74,7 +78,7 @@ def gpu_tests(args, select: str, xml: str) -> list[str]:
 def stages(args) -> list[Stage]:
     """The plan, in issue 18's order of value: later stages are what a short budget drops."""
     work, small = args.work, ["--device", "cpu", "--small"] if args.dry_run else []
-    compare = script("compare.py", *(DRY_SIZE if args.dry_run else ["--layers", "32"]), "--batch", "2", "8")
+    compare = script("compare.py", *size(args), "--batch", "2", "8")
     compare += ["--profile", "--tag", "compare", "--out-dir", f"{work}/bench"]
     compare += ["--peer-v4-site", str(args.peer_v4_site)] if args.peer_v4_site else []
     train = script("train_check.py", *small, "--work", f"{work}/train", "--out", f"{work}/train.json")

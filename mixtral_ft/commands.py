@@ -26,19 +26,18 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     precheck(recipe)  # data files, adapter folder: fast, before torch and transformers load
-    if args.num_processes is not None or args.accelerate_config is not None:
-        from mixtral_ft.distributed import launch, needs_launcher
+    from mixtral_ft.distributed import launch, needs_launcher
 
-        if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
-            from torch.distributed.elastic.multiprocessing.api import SignalException
+    if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
+        from torch.distributed.elastic.multiprocessing.api import SignalException
 
-            from mixtral_ft.train.run import check_output_dir
+        from mixtral_ft.train.run import check_output_dir
 
-            try:
-                check_output_dir(recipe)  # once here, not in every worker after N model loads
-                return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
-            except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
-                return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
+        try:
+            check_output_dir(recipe)  # once here, not in every worker after N model loads
+            return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
+        except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
+            return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
     check_can_train(recipe, args.recipe, force=getattr(args, "force", False))  # before any download or folder
     try:
         with claimed(recipe.train.output_dir):  # one run per folder (rank 0 locks); a failed run leaves no empty one

@@ -1,9 +1,10 @@
 """The timing harness every benchmark shares: ours and the peers run the same QLoRA steps, timed the same way.
 
-It imports torch, peft and none of transformers, so the transformers 4.57 peer (`peer_v4.py`, run in a side environment)
-measures through exactly this code: LoRA r16 on q/k/v/o, non-reentrant gradient checkpointing, AdamW,
-random tokens as input and labels, `warmup` untimed steps, then the median of the timed ones. Peak memory
-counts from the first step, after the model is built (as ../shared/bench measured the peers).
+It imports torch and peft (transformers only when asked for its decoder layers), so the transformers 4.57
+peer (`peer_v4.py`, run in a side environment) measures through exactly this code: LoRA r16 on q/k/v/o,
+non-reentrant gradient checkpointing, AdamW, random tokens as input and labels, `warmup` untimed steps, then
+the median of the timed ones. Peak memory counts from the first step, after the model is built (as
+../shared/bench measured the peers).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import time
 
 import torch
 
-from mixtral_ft.common import peak_gib, reset_peak
-from mixtral_ft.model.load import keep_last_layers_whole
+from mixtral_ft.common import current_gib, peak_gib, reset_peak
+from mixtral_ft.model.layers import keep_last_layers_whole
 from mixtral_ft.recipe import ATTENTION_TARGETS
 
 LORA_TARGETS = list(ATTENTION_TARGETS)
@@ -26,7 +27,8 @@ def sync(device: torch.device) -> None:
 
 
 def allocated_gib(device: torch.device) -> float | None:
-    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    """Tensors allocated on a GPU; None on CPU, where the process's RSS would say nothing about the weights."""
+    return current_gib(device) if device.type == "cuda" else None
 
 
 def device_name(device: torch.device) -> str:

@@ -167,11 +167,7 @@ def bench_config(args, layers: int):
     """The model config a run measures at `layers` deep: full-width Mixtral, or the tiny one with --tiny."""
     from mixtral_ft.model.shapes import tiny_config
 
-    if args.tiny:
-        config = tiny_config()
-        config.num_hidden_layers = layers
-        return config
-    return mixtral_config(layers)
+    return tiny_config(num_hidden_layers=layers) if args.tiny else mixtral_config(layers)
 
 
 def free_memory(device: torch.device) -> None:

@@ -80,14 +80,13 @@ def _adapter_problems(folder: Path) -> list[str]:
     problems = [f"missing {name}" for name in ADAPTER_FILES if not (folder / name).is_file()]
     if (folder / "adapter_model.bin").exists():
         problems.append("adapter_model.bin: serving engines want safetensors only")
-    if (folder / "adapter_config.json").is_file():
-        config = json.loads((folder / "adapter_config.json").read_text())
-        if not config.get("base_model_name_or_path"):
-            problems.append("adapter_config.json has no base_model_name_or_path")
-        if config.get("peft_type", "LORA") != "LORA":
-            problems.append(f"peft_type {config.get('peft_type')}: vLLM and TGI serve LoRA adapters only")
-        if config.get("use_dora") or config.get("modules_to_save"):
-            problems.append("DoRA / modules_to_save adapters are not servable as LoRA")
+    config = json.loads((folder / "adapter_config.json").read_text())  # serving_kind found it
+    if not config.get("base_model_name_or_path"):
+        problems.append("adapter_config.json has no base_model_name_or_path")
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')}: vLLM and TGI serve LoRA adapters only")
+    if config.get("use_dora") or config.get("modules_to_save"):
+        problems.append("DoRA / modules_to_save adapters are not servable as LoRA")
     return problems
 
 

@@ -39,16 +39,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(out: Path) -> list[Path]:
-    """Staging folders for `out` whose process is gone (killed with -9, or a machine that went down)."""
+def _remove_stale(out: Path) -> None:
+    """Delete staging folders for `out` whose process is gone (killed with -9, or a machine that went down)."""
     prefix = f".{out.name}{STAGING}"
-    removed = []
-    for folder in out.parent.glob(f"{prefix}*") if out.parent.is_dir() else ():
+    for folder in out.parent.glob(f"{prefix}*"):
         pid = folder.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
 
 
 def _umask() -> int:
@@ -80,7 +77,7 @@ def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
     out = Path(out)
     refuse_nonempty(out, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
+    _remove_stale(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{os.getpid()}-", dir=out.parent))
     try:
         with _sigterm_unwinds():

@@ -33,9 +33,9 @@ def decide_expert_mode(grouped_mm, device_type: str, dtype: torch.dtype) -> tupl
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(sum(_PROBE_COUNTS), 256, generator=generator).to(device_type, dtype)
     weight = torch.randn(len(_PROBE_COUNTS), 192, 256, generator=generator).to(device_type, dtype)  # [E, N, K]
-    ends = torch.tensor(_PROBE_COUNTS).cumsum(0, dtype=torch.int32)
-    x32, weight_t32 = x.float().cpu(), weight.float().cpu().transpose(1, 2).contiguous()
-    reference = torch.cat([x32[end - n : end] @ w for n, end, w in zip(_PROBE_COUNTS, ends.tolist(), weight_t32)])
+    counts = torch.tensor(_PROBE_COUNTS)
+    ends = counts.cumsum(0, dtype=torch.int32)
+    reference = expert_matmul(x.float().cpu(), weight.float().cpu().transpose(1, 2), counts, "loop")
     bound = _PROBE_TOLERANCE.get(dtype, 2e-2) * reference.abs().max()
 
     def problem(weight_t: torch.Tensor, layout: str) -> str:
@@ -69,6 +69,11 @@ def expert_compute_mode(device: torch.device | str, dtype: torch.dtype) -> str:
     return _MODES[key]
 
 
+def stride_aligned(itemsize: int, *dims: int) -> bool:
+    """grouped_mm's stride rule: rows of `dims` elements of `itemsize` bytes each span a multiple of 16 bytes."""
+    return all(n * itemsize % 16 == 0 for n in dims)
+
+
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     return expert_compute_mode(device_type, dtype) != "loop"
 
@@ -85,8 +90,7 @@ def expert_matmul(
         # grouped_mm's compiled (meta) form takes bf16 only
         mode = _MODES.get((x.device.type, x.dtype), "grouped") if x.dtype == torch.bfloat16 else "loop"
     mode = mode or expert_compute_mode(x.device, x.dtype)
-    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], *weight_t.shape[-2:]))  # its stride rule
-    if mode != "loop" and aligned:
+    if mode != "loop" and stride_aligned(x.element_size(), x.shape[-1], *weight_t.shape[-2:]):
         weight_t = weight_t.contiguous() if mode == "grouped-contiguous" else weight_t
         return torch.nn.functional.grouped_mm(x, weight_t, offs=torch.cumsum(counts, 0, dtype=torch.int32))
     out = x.new_empty(x.shape[0], weight_t.shape[-1])

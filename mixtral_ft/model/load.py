@@ -16,9 +16,8 @@ from torch import nn
 from mixtral_ft.common import local_rank
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
+from mixtral_ft.model.quant import DTYPES
 from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def default_device() -> torch.device:
@@ -200,13 +199,3 @@ def compile_report() -> dict:
         "graph_breaks": sum(counters["graph_break"].values()),
         "recompile_limit_hits": limit_hits,
     }
-
-
-def keep_last_layers_whole(model, count: int) -> None:
-    """Checkpointing off for the last `count` decoder layers (through any wrapper): they keep their activations
-    and are not recomputed. Call it after checkpointing is enabled, which turns every layer's flag on."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers[len(layers) - min(count, len(layers)) :] if count else []:
-        layer.gradient_checkpointing = False

@@ -25,12 +25,14 @@ from torch import nn
 from mixtral_ft.common import fsdp_enabled
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.cpu_bf16 import apply_forcing, keep_layout
-from mixtral_ft.model.grouped_gemm import expert_compute_mode, expert_matmul
+from mixtral_ft.model.grouped_gemm import expert_compute_mode, expert_matmul, stride_aligned
+from mixtral_ft.model.layers import decoder_layers
 
 apply_forcing()  # before any Linear4bit is built: MIXTRAL_FT_CPU_BF16 decides what bitsandbytes believes
 
 BLOCKSIZE = 64
-STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # compute and merge dtypes
+STORAGE_DTYPES = {"uint8": torch.uint8, **DTYPES}
 
 
 def quant_storage_dtype() -> torch.dtype:
@@ -101,15 +103,15 @@ class _NF4GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, counts, grouped=True, reuse=False):
+    def forward(ctx, x, weight, counts, mode=None, reuse=False):
         dense = dequantize_nf4(weight).to(x.dtype)
-        ctx.grouped, ctx.reuse = grouped, reuse
+        ctx.mode, ctx.reuse = mode, reuse
         if reuse:
             ctx.save_for_backward(counts, dense)
         else:
             ctx.weight = weight  # the packed parameter, alive anyway; no dequantized copy is saved
             ctx.save_for_backward(counts)
-        return expert_matmul(x, dense.transpose(1, 2), counts, None if grouped else "loop")
+        return expert_matmul(x, dense.transpose(1, 2), counts, mode)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -118,8 +120,7 @@ class _NF4GroupedLinear(torch.autograd.Function):
         else:
             (counts,) = ctx.saved_tensors
             dense = dequantize_nf4(ctx.weight).to(grad_out.dtype)
-        mode = None if ctx.grouped else "loop"
-        return expert_matmul(grad_out.contiguous(), dense, counts, mode), None, None, None, None
+        return expert_matmul(grad_out.contiguous(), dense, counts, ctx.mode), None, None, None, None
 
 
 class NF4Experts(nn.Module):
@@ -144,7 +145,7 @@ class NF4Experts(nn.Module):
 
     def compute_mode(self, dtype: torch.dtype) -> str:
         """The path these experts take on `dtype` inputs (one of `EXPERT_MODES`), deciding it now if need be."""
-        aligned = all(n * dtype.itemsize % 16 == 0 for n in (self.hidden_dim, self.intermediate_dim))
+        aligned = stride_aligned(dtype.itemsize, self.hidden_dim, self.intermediate_dim)
         return expert_compute_mode(self.down_proj.device, dtype) if self.grouped_mm and aligned else "loop"
 
     def set_weight(self, name: str, param: bnb.nn.Params4bit) -> None:
@@ -166,8 +167,9 @@ class NF4Experts(nn.Module):
         rows = hidden_states[order // top_k]
 
         reuse = self.reuse_dequantized and torch.is_grad_enabled()
-        gate, up = _NF4GroupedLinear.apply(rows, self.gate_up_proj, counts, self.grouped_mm, reuse).chunk(2, dim=-1)
-        out = _NF4GroupedLinear.apply(self.act_fn(gate) * up, self.down_proj, counts, self.grouped_mm, reuse)
+        mode = None if self.grouped_mm else "loop"  # None: grouped_gemm's decision for the device and dtype
+        gate, up = _NF4GroupedLinear.apply(rows, self.gate_up_proj, counts, mode, reuse).chunk(2, dim=-1)
+        out = _NF4GroupedLinear.apply(self.act_fn(gate) * up, self.down_proj, counts, mode, reuse)
 
         # Weight and sum in fp32, then restore token order: deterministic (no atomics), like transformers.
         out = out.float() * top_k_weights.reshape(-1)[order].unsqueeze(-1).float()
@@ -193,7 +195,7 @@ class NF4Experts(nn.Module):
 def configure_experts(model, *, grouped_mm: bool = True, reuse_dequantized: bool = False) -> None:
     """Set the expert speed levers on every decoder layer, through any wrapper (peft, DDP, FSDP); reuse only where
     the layer is checkpointed: a layer that is not recomputed would keep its dequantized copy until backward."""
-    for layer in model.modules():
+    for layer in decoder_layers(model):
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
         if isinstance(experts, NF4Experts):
             experts.grouped_mm = grouped_mm

@@ -79,7 +79,9 @@ def model_source(name: str | Path | ModelSource, revision: str | None = None) ->
 def check_adapter_folder(adapter: str | Path, key: str = "model.adapter") -> Path:
     """`adapter` as a LoRA adapter folder (one with adapter_config.json); a UserError naming `key` otherwise."""
     if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{key} '{adapter}' is not an adapter folder (no adapter_config.json)")
+        raise UserError(
+            f"{key} '{adapter}' is not an adapter folder (no adapter_config.json): pass a training output_dir"
+        )
     return Path(adapter)
 
 

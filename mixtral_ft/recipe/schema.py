@@ -234,13 +234,17 @@ def reject_secrets(raw: Any, prefix: str) -> None:
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")  # where the tokens we know live
 
 
+def env_secrets() -> list[str]:
+    """The token values set in SECRET_ENV (8 characters or more: shorter ones would match by chance)."""
+    return [s for s in (os.environ.get(name, "").strip() for name in SECRET_ENV) if len(s) >= 8]
+
+
 def token_kind(value: str, dotted: str = "") -> str | None:
     """What kind of token `value` looks like (None: none). A 40-hex model.revision is a commit, not a wandb key."""
     for pattern, what in TOKEN_PATTERNS:
         if pattern.search(value) and not (what == WANDB and dotted.endswith("revision")):
             return what
-    secrets = [os.environ.get(name, "").strip() for name in SECRET_ENV]
-    if any(len(s) >= 8 and s in value for s in secrets):
+    if any(s in value for s in env_secrets()):
         return "the value of HF_TOKEN or WANDB_API_KEY"
     return None
 

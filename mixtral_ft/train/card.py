@@ -7,19 +7,18 @@ folder reads the same on disk and on the Hub. Every card is scrubbed of the secr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import yaml
 
 from mixtral_ft.model.source import HUB_ID
-from mixtral_ft.recipe.schema import SECRET_ENV
+from mixtral_ft.recipe.schema import env_secrets
 
 BUILTIN_DATASETS = {"builtin:oasst_top1": "OpenAssistant/oasst_top1_2023-08-25"}  # what the sample is from
 
 
 def secret_values() -> list[str]:
-    values = [os.environ.get(name) for name in SECRET_ENV]
+    values = env_secrets()
     try:
         from huggingface_hub import get_token
 

@@ -55,8 +55,12 @@ class CarryState(TrainerCallback):
         self.started = time.time()
         saved = read_state(self.resume_from)
         if saved and saved.get("global_step") == state.global_step:
-            restore(self.trainer, saved)
-            self.previous_runtime = float(saved.get("runtime_s", 0.0))
+            self.resume(saved)
+
+    def resume(self, saved: dict) -> None:
+        """The saved bookkeeping back into the trainer, and the training time before this process."""
+        restore(self.trainer, saved)
+        self.previous_runtime = float(saved.get("runtime_s", 0.0))
 
     def on_save(self, args, state, control, **kwargs):
         t = self.trainer
@@ -131,8 +135,7 @@ def train_or_finish(trainer, resume_from: Path | None):
     trainer._tr_loss = torch.tensor(0.0, device=trainer.args.device)
     saved = read_state(resume_from) or {}
     if saved:
-        restore(trainer, saved)
-        carry.previous_runtime = float(saved.get("runtime_s", 0.0))
+        carry.resume(saved)
     total = trainer._total_loss_scalar + float(trainer._tr_loss) if saved else float("nan")
     steps = trainer.state.global_step
     metrics = {"train_runtime": 0.0, "total_flos": trainer.state.total_flos, "train_loss": total / steps}

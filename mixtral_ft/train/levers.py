@@ -61,7 +61,7 @@ def apply_liger(model) -> None:
 def set_checkpointed_layers(model, *, skip_layers: int, reuse_dequantized: bool) -> None:
     """The last `skip_layers` layers keep their activations; NF4 experts of the layers still checkpointed reuse
     the recompute's dequantized weights in backward (quant._NF4GroupedLinear). Idempotent."""
-    from mixtral_ft.model.load import keep_last_layers_whole
+    from mixtral_ft.model.layers import keep_last_layers_whole
     from mixtral_ft.model.quant import configure_experts
 
     keep_last_layers_whole(model, skip_layers)
@@ -69,10 +69,12 @@ def set_checkpointed_layers(model, *, skip_layers: int, reuse_dequantized: bool)
 
 
 class CheckpointLevers(TrainerCallback):
-    """Applies skip_checkpoint_layers and reuse_dequantized once the Trainer has enabled checkpointing."""
+    """Applies skip_checkpoint_layers and reuse_dequantized once the Trainer has enabled checkpointing, and for
+    DPO again before every micro-batch (its reference pass sets the flags back; SFT never touches them again)."""
 
-    def __init__(self, skip_layers: int, reuse_dequantized: bool):
+    def __init__(self, skip_layers: int, reuse_dequantized: bool, *, every_micro_batch: bool):
         self.levers = {"skip_layers": skip_layers, "reuse_dequantized": reuse_dequantized}
+        self.every_micro_batch = every_micro_batch
 
     def _apply(self, model) -> None:
         if model is not None:
@@ -82,14 +84,16 @@ class CheckpointLevers(TrainerCallback):
         self._apply(model)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):  # DPO's reference pass reset the flags
-        self._apply(model)
+        if self.every_micro_batch:
+            self._apply(model)
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):  # the next micro-batch of the step
-        self._apply(model)
+        if self.every_micro_batch:
+            self._apply(model)
 
 
 def lever_callbacks(recipe: Recipe) -> list:
     t = recipe.train
-    if not (t.gradient_checkpointing and (t.skip_checkpoint_layers or t.reuse_dequantized)):
+    if not (t.skip_checkpoint_layers or t.reuse_dequantized):  # recipe rules refuse both without checkpointing
         return []
-    return [CheckpointLevers(t.skip_checkpoint_layers, t.reuse_dequantized)]
+    return [CheckpointLevers(t.skip_checkpoint_layers, t.reuse_dequantized, every_micro_batch=t.method == "dpo")]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.errors import UserError
+from mixtral_ft.model.source import check_adapter_folder
 
 REPL_HELP = "type a message; /reset clears the conversation, /exit (or Ctrl-D) quits"
 
@@ -77,12 +78,7 @@ def resolve_target(model: str, adapter: str | None = None) -> Target:
             raise UserError(f"'{model}' is already an adapter folder: drop --adapter, or pass the base model as MODEL")
         return _adapter_target(path)
     if adapter:
-        adapter_path = Path(adapter).expanduser()
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise UserError(
-                f"--adapter '{adapter}' is not an adapter folder (no adapter_config.json): pass a training output_dir"
-            )
-        return Target(base=model, adapter=adapter_path)
+        return Target(base=model, adapter=check_adapter_folder(Path(adapter).expanduser(), "--adapter"))
     return Target(base=model, adapter=None)
 
 
