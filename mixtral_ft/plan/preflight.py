@@ -99,6 +99,10 @@ def _levers(d: Dims, run: Run, accumulation: int, usable: float) -> list[tuple[l
         tries.append((["train.gradient_checkpointing=true"], replace(run, checkpointing=True)))
     if not run.quantize_experts:
         tries.append((["model.quantize_experts=true"], replace(run, quantize_experts=True)))
+    if run.skip_layers:  # speed levers that cost memory: skipped layers keep their activations
+        tries.append((["train.skip_checkpoint_layers=0"], replace(run, skip_layers=0)))
+    if run.reuse_dequantized:
+        tries.append((["train.reuse_dequantized=false"], replace(run, reuse_dequantized=False)))
     smaller = [b for b in range(B - 1, 0, -1) if _gib(d, replace(run, batch=b)) <= usable]
     for b in smaller[:1] or ([1] if B > 1 else []):  # the same global batch: more accumulation steps
         steps = math.ceil(B * accumulation / b)
@@ -122,7 +126,8 @@ def _to_fit(d: Dims, run: Run, accumulation: int, usable: float, peak: float) ->
         gib = _gib(d, r)
         if gib < 0.99 * peak:  # a lever that saves under 1% is not advice
             out.append(f"{' '.join(keys)}: {gib:.1f} GiB ({'fits' if gib <= usable else 'does not fit'})")
-    least = replace(run, checkpointing=True, quantize_experts=True, batch=1, seq=min(run.seq, 256), optim="sgd")
+    least = replace(run, checkpointing=True, skip_layers=0, reuse_dequantized=False, quantize_experts=True)
+    least = replace(least, batch=1, seq=min(run.seq, 256), optim="sgd")
     if _gib(d, least) > usable:  # nothing in the recipe helps: the weights themselves are too big
         est = estimate(d, replace(run, checkpointing=True, quantize_experts=True))
         n = next((n for n in range(2, 65) if fsdp_gib(d, est, n) <= usable), None)

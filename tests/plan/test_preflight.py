@@ -232,6 +232,14 @@ def test_advice_without_checkpointing(capsys):
     assert any(a.startswith("train.gradient_checkpointing=true") and a.endswith("(fits)") for a in report["advice"])
 
 
+def test_advice_turns_off_the_speed_levers_that_cost_memory(capsys):
+    # Every layer kept whole is no checkpointing at all: the levers, not the weights, are what does not fit.
+    code, report = plan_json(capsys, OASST, "--gpu-mem", "40", "train.skip_checkpoint_layers=32")
+    assert code == 1 and report["peak_gib"] > 50
+    assert any(a.startswith("train.skip_checkpoint_layers=0:") and a.endswith("(fits)") for a in report["advice"])
+    assert not any("weights alone" in a for a in report["advice"]), report["advice"]
+
+
 def test_bf16_experts_weigh_about_85_gib(capsys):
     code, report = plan_json(capsys, OASST, "model.quantize_experts=false")
     # 32 x 1.41 B expert weights x 2 bytes = 84.0 GiB (90 GB), plus NF4 attention and bf16 embeddings
