@@ -68,6 +68,16 @@ def enable_checkpointing(model, skip_layers: int = 0) -> None:
     keep_last_layers_whole(model, skip_layers)
 
 
+def random_weight(shape, device: torch.device, dtype: torch.dtype, std: float) -> torch.Tensor:
+    """Normal(0, std) weights of `dtype`; on CPU drawn in fp32 and cast, so a seed gives the same model on any torch.
+
+    torch 2.11's CPU bf16 sampler draws other numbers than fp32-then-cast (std 0.993, mean off zero); 2.13 casts.
+    On a GPU they are drawn in `dtype`: an fp32 draw would double the transient memory of one expert tensor.
+    """
+    draw_dtype = torch.float32 if device.type == "cpu" else dtype
+    return (torch.randn(shape, device=device, dtype=draw_dtype) * std).to(dtype)
+
+
 def fill_meta_params(model, device: torch.device, dtype: torch.dtype, std: float) -> None:
     """Give every parameter still on the meta device random weights (norms: ones), frozen, on `device`."""
     from torch import nn
@@ -78,7 +88,7 @@ def fill_meta_params(model, device: torch.device, dtype: torch.dtype, std: float
                 value = (
                     torch.ones(param.shape, device=device, dtype=dtype)
                     if "norm" in f"{module_name}.{name}"
-                    else torch.randn(param.shape, device=device, dtype=dtype) * std
+                    else random_weight(param.shape, device, dtype, std)
                 )
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
 

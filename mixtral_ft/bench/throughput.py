@@ -58,12 +58,12 @@ def build_random_nf4(config, device: torch.device, dtype: torch.dtype, seed: int
     model = build_skeleton(config, dtype, quantize_experts=True)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            weight = torch.randn(module.out_features, module.in_features, device=device, dtype=dtype) * std
+            weight = steps.random_weight((module.out_features, module.in_features), device, dtype, std)
             module.weight = quantize_nf4(weight, device, dtype)
         elif isinstance(module, NF4Experts):
             e, h, i = module.num_experts, module.hidden_dim, module.intermediate_dim
             for name, shape in (("gate_up_proj", (e, 2 * i, h)), ("down_proj", (e, h, i))):
-                dense = torch.randn(shape, device=device, dtype=dtype) * std
+                dense = steps.random_weight(shape, device, dtype, std)
                 module.set_weight(name, quantize_nf4(dense, device, dtype))
                 del dense  # one bf16 expert tensor alive at a time
     steps.fill_meta_params(model, device, dtype, std)
