@@ -173,12 +173,16 @@ def compile_layers(model) -> None:
     cannot run inside a trace, so it runs here first and the compiled layers use its decision.
     """
     import torch._dynamo
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
     from mixtral_ft.model.audit import expert_compute
 
     expert_compute(model)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # LoRA dropout through inductor's own random kernels broke torch 2.11's partitioner once a length turned
+    # dynamic ("Node ... was invalid, but is output", the second length of a run); aten's random ops do not.
+    torch._inductor.config.fallback_random = True
     counters.clear()  # compile_report() counts from here
     for layer in model.get_base_model().model.layers:
         layer.compile()

@@ -1,9 +1,11 @@
-"""mixtral_ft.model.load's compile helpers: the recompile limit compiled layers get, and the report that proves
-the compiled path ran."""
+"""mixtral_ft.model.load's compile helpers: the recompile limit compiled layers get, the report that proves
+the compiled path ran, and compiled layers with LoRA dropout training across lengths."""
 
 import torch
 import torch._dynamo
+import torch._inductor.config
 
+from mixtral_ft.bench import throughput as bench
 from mixtral_ft.model.load import RECOMPILE_LIMIT, compile_layers, compile_report
 from mixtral_ft.model.shapes import tiny_config
 
@@ -39,3 +41,27 @@ def test_compiling_the_layers_raises_the_recompile_limit():
         compile_layers(model)
         assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT > 8
     assert all(hasattr(layer, "_compiled_call_impl") for layer in model.base_model.model.model.layers)
+
+
+def test_compiled_layers_with_lora_dropout_train_at_a_new_length():
+    """The second length makes dynamo trace the layer with dynamic shapes; with LoRA dropout, torch 2.11's
+    partitioner failed there unless random ops fall back to aten (benchmarks/gpu_rehearse.sh found it)."""
+    from torch._dynamo.utils import counters
+
+    cpu = torch.device("cpu")
+    model = bench.build_random_nf4(tiny_config(), cpu, torch.bfloat16)
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(fallback_random=False):  # as a fresh process has it
+            model = bench.apply_levers(model, bench.DEFAULT_LEVERS | {"compile": True, "lora_dropout": 0.1})
+            assert torch._inductor.config.fallback_random
+            model.train()
+            for length in (16, 24):
+                ids = torch.randint(3, 32000, (2, length), generator=torch.Generator().manual_seed(length))
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                assert torch.isfinite(loss)
+            graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 2 and breaks == 0  # the second length compiled (dynamic), not eager
