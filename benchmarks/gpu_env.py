@@ -17,6 +17,7 @@ from pathlib import Path
 MODULES = (
     "torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets", "mistral_common", "safetensors",
     "huggingface_hub", "tokenizers", "pyarrow", "pydantic", "yaml", "liger_kernel", "triton", "pytest",
+    "transformers.tokenization_mistral_common",  # the tokenizer backend: mistral_common's request, jsonschema, attrs
 )  # fmt: skip
 
 

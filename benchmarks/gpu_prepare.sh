@@ -6,7 +6,8 @@
 #              our transformers/peft (the image has older ones), and what `mixtral-ft train` needs beyond the
 #              image: trl, datasets, mistral-common (the tokenizer) and their pure-Python needs
 #   .whl/v4:   transformers 4.57.6 and the hub/tokenizers it accepts: the legacy peer's side environment
-# Then, with the device tool: run(command="bash benchmarks/gpu_truth.sh", carry=[".whl"], timeout_s=570)
+# Then `bash benchmarks/gpu_rehearse.sh` here (the same run on the image's versions), and with the device tool:
+# run(command="bash benchmarks/gpu_truth.sh", carry=[".whl"], timeout_s=570)
 # (benchmarks/NOTES.md, "Running it on a GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
