@@ -45,9 +45,11 @@ if [ "$(cat "$DIR/.built" 2> /dev/null)" != "$stamp" ]; then
   echo "$stamp" > "$DIR/.built"
 fi
 export PATH="$DIR/venv/bin:$PATH" PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-export WANDB_MODE=offline MIXTRAL_FT_CACHE="$DIR/cache"
+# its own compile cache, emptied each time: a killed run's half-written kernel broke the next run ("main.so: file
+# too short"), and torch 2.11's kernels stay apart from the lock's torch's
+export WANDB_MODE=offline MIXTRAL_FT_CACHE="$DIR/cache" TORCHINDUCTOR_CACHE_DIR="$DIR/inductor"
 python -c 'import torch, transformers; print("rehearsing on torch", torch.__version__, "transformers", transformers.__version__)'
-rm -rf "$DIR/work" "$DIR/out"
+rm -rf "$DIR/work" "$DIR/out" "$DIR/inductor"
 python benchmarks/gpu_truth.py --dry-run --budget 3000 --peer-v4-site "$DIR/v4site" --work "$DIR/work" --out "$DIR/out"
 python - "$DIR/work" << 'EOF'  # on the device a failed stage lets the next one run; here it is the finding
 import json, sys
