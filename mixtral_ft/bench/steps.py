@@ -71,7 +71,7 @@ def enable_checkpointing(model, skip_layers: int = 0) -> None:
 def random_weight(shape, device: torch.device, dtype: torch.dtype, std: float) -> torch.Tensor:
     """Normal(0, std) weights of `dtype`; on CPU drawn in fp32 and cast, so a seed gives the same model on any torch.
 
-    torch 2.11's CPU bf16 sampler draws other numbers than fp32-then-cast (std 0.993, mean off zero); 2.13 casts.
+    torch 2.11's CPU bf16 sampler draws other numbers than fp32-then-cast (their std: 0.993); 2.13 casts.
     On a GPU they are drawn in `dtype`: an fp32 draw would double the transient memory of one expert tensor.
     """
     draw_dtype = torch.float32 if device.type == "cpu" else dtype
