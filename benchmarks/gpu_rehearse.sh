@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Run HERE (CPU) before a GPU session, after benchmarks/gpu_prepare.sh: rebuilds the GPU image's Python stack in a
-# venv and runs what the device will run, so nothing the image's versions break is found on device minutes.
+# venv and runs what the device will run, so what the image's versions break is found here, not in device minutes.
 # The image's torch (2.11), huggingface_hub, tokenizers and numpy differ from our lock; only the carried wheels
 # (.whl/) follow it. This venv holds the image's versions (IMAGE below, from the device tool's KINDS.md pip list,
 # 2026-11: keep it in step), the lock's for the rest, and the carried wheels installed as gpu_truth.sh installs them.
 #   bash benchmarks/gpu_rehearse.sh           # gpu_truth.py --dry-run, v4 peer included (~3 min; first run
-#                                             # downloads torch 2.11's CUDA build, ~3.5 GB, into the venv)
+#                                             # installs torch 2.11's CUDA build: ~5 GB of venv)
 #   bash benchmarks/gpu_rehearse.sh --tests   # and then the CPU test suite on that stack (~10 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
