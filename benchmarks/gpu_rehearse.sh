@@ -35,9 +35,9 @@ pip() { "$DIR/venv/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 stamp=$( (printf '%s\n' "${IMAGE[@]}" "${IMAGE_ALSO[@]}" "${TEST_ONLY[@]}"; cat requirements/lock.txt; ls .whl/*) | sha1sum)
 if [ "$(cat "$DIR/.built" 2> /dev/null)" != "$stamp" ]; then
   rm -rf "$DIR" && "$PYTHON" -m venv "$DIR/venv"
-  # torch's own setuptools cap, and the image's pins, replace the lock's lines for those names
-  grep -viE '^(torch|triton|setuptools|accelerate|huggingface-hub|safetensors|tokenizers|numpy|sentencepiece|tiktoken)==' \
-    requirements/lock.txt > "$DIR/constraints.txt"
+  # the image's pins (and torch's own triton and setuptools caps) replace the lock's lines for those names
+  pinned=$(printf '%s\n' "${IMAGE[@]%%==*}" triton setuptools | paste -sd '|')
+  grep -viE "^($pinned)==" requirements/lock.txt > "$DIR/constraints.txt"
   printf '%s\n' "${IMAGE[@]}" >> "$DIR/constraints.txt"
   pip install -c "$DIR/constraints.txt" "${IMAGE[@]}" "${IMAGE_ALSO[@]}"
   pip install --no-deps .whl/main/*.whl  # as gpu_truth.sh: --no-deps, so the wheels' own pins are not enforced

@@ -43,7 +43,7 @@ def build_v4_nf4(shape: dict, device: torch.device, dtype: torch.dtype, seed: in
             compress_statistics=True,
             device="meta",
         )
-        weight = torch.randn(linear.out_features, linear.in_features, device=device, dtype=dtype) * std
+        weight = steps.random_weight((linear.out_features, linear.in_features), device, dtype, std)
         quantized.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, quant_type="nf4", compress_statistics=True
         ).to(device)
