@@ -184,13 +184,16 @@ def estimate(d: Dims, run: Run) -> Estimate:
     # The last layer if it is kept whole (every earlier one's saves alive), and the last recomputed layer (the
     # whole layers' saves already freed by their backward): each layer's inputs are kept by checkpointing.
     inputs = (L - N) * T * H * c
-    candidates = {}  # where: (saves of the earlier layers, this layer's own saves, its MoE moments)
+    candidates = {}  # where: (earlier layers kept whole, their saves + all inputs, this layer's saves, MoE moments)
     if N:
-        candidates["last layer"] = (inputs + (N - 1) * whole, common - norm1 + norm, moments(False))
+        candidates["last layer"] = (N - 1, inputs + (N - 1) * whole, common - norm1 + norm, moments(False))
     if N < L:
-        candidates["last layer" if N == 0 else f"layer {L - N} (last recomputed)"] = (inputs, common, moments(True))
-    moe = {f"{where}, {m}": (kept, own, b) for where, (kept, own, ms) in candidates.items() for m, b in ms.items()}
-    phases = {m: kept + own + sum(b) for m, (kept, own, b) in moe.items()}
+        recomputed = "last layer" if N == 0 else f"layer {L - N} (last recomputed)"
+        candidates[recomputed] = (0, inputs, common, moments(True))
+    moe = {
+        f"{where}, {m}": (n, kept, own, b) for where, (n, kept, own, ms) in candidates.items() for m, b in ms.items()
+    }
+    phases = {m: kept + own + sum(b) for m, (_, kept, own, b) in moe.items()}
 
     # --- the loss, after the final norm (which keeps its fp32 input too)
     before_loss = inputs + N * whole + norm
@@ -210,8 +213,7 @@ def estimate(d: Dims, run: Run) -> Estimate:
         activ = [*_kept_rows(L - N, N, inputs, N * whole), ("final norm input (fp32)", norm)]
         activ.append(("logits + loss buffers", loss))
     else:
-        kept, own, (dequant, rest) = moe[moment]
-        whole_n = N - 1 if moment.startswith("last layer") and N else 0
+        whole_n, kept, own, (dequant, rest) = moe[moment]
         activ = [*_kept_rows(L - N, whole_n, inputs, kept - inputs), ("this layer's saved activations", own)]
         activ.append(("MoE activations + gradients", rest))
         if dequant:
