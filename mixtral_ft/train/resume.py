@@ -36,7 +36,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt")
 # Keys that may differ between a checkpoint's recipe and the resuming one: where things go and how often they
-# are logged or saved. Every other key shapes the training trajectory, so changing it breaks an exact resume.
+# are logged or saved, and checks that stop a run before it starts. Every other key shapes the training
+# trajectory, so changing it breaks an exact resume.
 FREE_KEYS = {
     "train.output_dir",
     "train.resume",
@@ -44,6 +45,11 @@ FREE_KEYS = {
     "train.save_steps",
     "train.logging_steps",
     "train.eval_steps",
+    "train.check_fit",
+    "data.max_bad_fraction",  # only decides whether to stop: the rows kept are the same
+    "logging.report_to",
+    "logging.project",
+    "logging.run_name",
     "hub.push",
     "hub.repo_id",
     "hub.private",
@@ -179,6 +185,8 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
         return None
     if isinstance(resume, str) and resume != "auto":
         folder = Path(resume).expanduser()
+        if not folder.is_absolute() and not folder.exists() and (out / folder).is_dir():
+            folder = out / folder  # `train.resume: checkpoint-N`: the run's own checkpoint
         problem = checkpoint_problem(folder)
         if problem:
             raise UserError(

@@ -94,6 +94,23 @@ def test_a_checkpoint_resumes_only_the_recipe_that_wrote_it(tmp_path):
     )
 
 
+def test_where_a_run_reports_may_change_on_resume(tmp_path):
+    """Reporters, the fit check and the bad-row limit do not shape the trajectory: adding wandb to a preempted run
+    (or --force's train.check_fit=false) must not be refused."""
+    out = tmp_path / "run"
+    make_checkpoint(out, 2)
+    changed = ("logging.report_to=[tensorboard]", "logging.project=p", "logging.run_name=r", "train.check_fit=false")
+    assert find_resume_checkpoint(recipe_for(out, *changed, "data.max_bad_fraction=0.5"), out) == out / "checkpoint-2"
+
+
+def test_resume_names_a_checkpoint_in_the_output_dir(tmp_path, monkeypatch):
+    """`train.resume: checkpoint-N` (as README's table writes it) is the run's own checkpoint, from any folder."""
+    out = tmp_path / "run"
+    folder = make_checkpoint(out, 2)
+    monkeypatch.chdir(tmp_path)
+    assert find_resume_checkpoint(recipe_for(out, "train.resume=checkpoint-2"), out) == folder
+
+
 def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
     """Keys added since (train.liger, say) were not there when it was written: their default is what it ran."""
     import yaml
