@@ -152,6 +152,22 @@ def test_output_dir_rules(tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_overwrite_replaces_the_previous_runs_logs_and_eval(tmp_path):
+    """Its tensorboard events would mix into the new run's curves, and eval.json scored the old adapter; the
+    closing line and a push would pass them off as the new run's. A user's own file stays."""
+    out = tmp_path / "run"
+    make_checkpoint(out, 2)
+    (out / "run.json").write_text("{}")
+    (out / "eval.json").write_text("{}")
+    for logs in ("tensorboard", "wandb/offline-run-1"):
+        (out / logs).mkdir(parents=True)
+        (out / logs / "events").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    check_existing_run(recipe_for(out, "train.overwrite=true"), out)
+    replace_deferred(out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_overwrite_does_not_restart_an_unfinished_run_that_can_resume(tmp_path):
     # A preemptible job whose recipe says overwrite: true must make progress across restarts.
     out = tmp_path / "run"
