@@ -18,8 +18,11 @@ NF4 model safe to wrap (see `prepare_for_distributed`).
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -114,10 +117,18 @@ def launch(recipe: str, overrides: list[str], num_processes: int | None, config_
 
     flags = launch_args(num_processes, config_file)
     args = launch_command_parser().parse_args([*flags, "-m", "mixtral_ft.train", recipe, *overrides])
+    if os.environ.get("MIXTRAL_FT_VERBOSE", "") in ("", "0"):
+        # torch's import sets its loggers to WARNING after quiet.py ran; the elastic agent would log each worker's
+        # SIGTERM and exit code around a worker's own one-line error. A signal death is said below instead.
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         launch_command(args)
     except ChildFailedError as exc:  # the worker already printed its own error
-        return next((f.exitcode for f in exc.failures.values() if f.exitcode), 1)
+        code = next((f.exitcode for f in exc.failures.values() if f.exitcode), 1)
+        if code < 0:  # killed by a signal (the kernel's OOM killer sends SIGKILL): nothing printed it
+            print(f"error: a training process was killed by {signal.Signals(-code).name}", file=sys.stderr)
+            return 128 - code
+        return code
     except subprocess.CalledProcessError as exc:
         return exc.returncode or 1
     return 0

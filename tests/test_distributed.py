@@ -158,6 +158,32 @@ def test_two_process_ddp_through_the_cli(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_worker_refusal_is_one_line_on_stderr(tmp_path):
+    """Rank 0 finds the folder locked by another run: its one-line error, exit 2, and nothing from torch's
+    launcher (which logged the workers' SIGTERM and exit code besides)."""
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run holds the folder
+    try:
+        env = {k: v for k, v in worker_env().items() if k != "MIXTRAL_FT_VERBOSE"}
+        proc = subprocess.run(
+            [*TRAIN_TINY, "--num-processes", "2", f"train.output_dir={out}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    finally:
+        os.close(fd)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "is in use by another run" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
 def test_ranks_hold_identical_adapters_after_training(tmp_path):
     from safetensors.torch import load_file
 

@@ -35,8 +35,10 @@ from mixtral_ft.train.outdir import defer_replace, deferred
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt")
+RUN_EXTRAS = ("tensorboard", "wandb", "eval.json")  # what a run may leave that the next one does not rewrite
 # Keys that may differ between a checkpoint's recipe and the resuming one: where things go and how often they
-# are logged or saved. Every other key shapes the training trajectory, so changing it breaks an exact resume.
+# are logged or saved, and checks that stop a run before it starts. Every other key shapes the training
+# trajectory, so changing it breaks an exact resume.
 FREE_KEYS = {
     "train.output_dir",
     "train.resume",
@@ -44,6 +46,11 @@ FREE_KEYS = {
     "train.save_steps",
     "train.logging_steps",
     "train.eval_steps",
+    "train.check_fit",
+    "data.max_bad_fraction",  # only decides whether to stop: the rows kept are the same
+    "logging.report_to",
+    "logging.project",
+    "logging.run_name",
     "hub.push",
     "hub.repo_id",
     "hub.private",
@@ -162,9 +169,10 @@ def check_existing_run(recipe: Recipe, out: Path) -> None:
 
 
 def _clear(out: Path, checkpoints: list[Path]) -> None:
-    # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up. They go only
-    # once the new run has passed every check that can fail with exit 2 (outdir.replace_deferred, from train/run.py).
-    defer_replace(out, [*checkpoints, out / "run.json"])
+    # Stale checkpoints of the replaced run would otherwise be what a later `resume: auto` picks up, and its logs
+    # and eval.json would pass for the new run's. They go only once the new run has passed every check that can
+    # fail with exit 2 (outdir.replace_deferred, from train/run.py). Every other file the new run rewrites.
+    defer_replace(out, [*checkpoints, *(out / n for n in RUN_EXTRAS), out / "run.json"])
 
 
 def _say(line: str) -> None:
@@ -179,6 +187,8 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
         return None
     if isinstance(resume, str) and resume != "auto":
         folder = Path(resume).expanduser()
+        if not folder.is_absolute() and not folder.exists() and (out / folder).is_dir():
+            folder = out / folder  # `train.resume: checkpoint-N`: the run's own checkpoint
         problem = checkpoint_problem(folder)
         if problem:
             raise UserError(

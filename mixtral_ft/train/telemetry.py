@@ -100,7 +100,9 @@ class RouterTelemetry(TrainerCallback):
         self.compiled = any(getattr(layer, "_compiled_call_impl", None) for layer in getattr(backbone, "layers", []))
         if state.is_world_process_zero:
             # A resumed run keeps the records up to its checkpoint (later ones are redone) and their baseline.
-            old = self.path.read_text().splitlines() if state.global_step and self.path.is_file() else []
+            # Every record ends with a newline: the text after the last one is a record cut short by a kill or a
+            # full disk, dropped with the rest past the checkpoint.
+            old = self.path.read_text().split("\n")[:-1] if state.global_step and self.path.is_file() else []
             kept = [line for line in old if line.strip() and json.loads(line)["step"] <= state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept))
             self.baseline = json.loads(kept[0]) if kept else None

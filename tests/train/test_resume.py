@@ -94,6 +94,23 @@ def test_a_checkpoint_resumes_only_the_recipe_that_wrote_it(tmp_path):
     )
 
 
+def test_where_a_run_reports_may_change_on_resume(tmp_path):
+    """Reporters, the fit check and the bad-row limit do not shape the trajectory: adding wandb to a preempted run
+    (or --force's train.check_fit=false) must not be refused."""
+    out = tmp_path / "run"
+    make_checkpoint(out, 2)
+    changed = ("logging.report_to=[tensorboard]", "logging.project=p", "logging.run_name=r", "train.check_fit=false")
+    assert find_resume_checkpoint(recipe_for(out, *changed, "data.max_bad_fraction=0.5"), out) == out / "checkpoint-2"
+
+
+def test_resume_names_a_checkpoint_in_the_output_dir(tmp_path, monkeypatch):
+    """`train.resume: checkpoint-N` (as README's table writes it) is the run's own checkpoint, from any folder."""
+    out = tmp_path / "run"
+    folder = make_checkpoint(out, 2)
+    monkeypatch.chdir(tmp_path)
+    assert find_resume_checkpoint(recipe_for(out, "train.resume=checkpoint-2"), out) == folder
+
+
 def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
     """Keys added since (train.liger, say) were not there when it was written: their default is what it ran."""
     import yaml
@@ -133,6 +150,22 @@ def test_output_dir_rules(tmp_path):
     assert (out / "run.json").exists() and (out / "checkpoint-2").is_dir()  # nothing goes before the run starts
     replace_deferred(out)
     assert list(out.iterdir()) == []
+
+
+def test_overwrite_replaces_the_previous_runs_logs_and_eval(tmp_path):
+    """Its tensorboard events would mix into the new run's curves, and eval.json scored the old adapter; the
+    closing line and a push would pass them off as the new run's. A user's own file stays."""
+    out = tmp_path / "run"
+    make_checkpoint(out, 2)
+    (out / "run.json").write_text("{}")
+    (out / "eval.json").write_text("{}")
+    for logs in ("tensorboard", "wandb/offline-run-1"):
+        (out / logs).mkdir(parents=True)
+        (out / logs / "events").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    check_existing_run(recipe_for(out, "train.overwrite=true"), out)
+    replace_deferred(out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_overwrite_does_not_restart_an_unfinished_run_that_can_resume(tmp_path):

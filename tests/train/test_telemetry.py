@@ -106,6 +106,22 @@ def test_resumed_run_keeps_records_up_to_its_checkpoint(tmp_path):
     assert telemetry.baseline["step"] == 1
 
 
+def test_resume_drops_a_record_cut_short_by_a_kill(tmp_path):
+    """A kill or a full disk mid-append leaves half a line; the resume redoes that step instead of crashing."""
+    from transformers import MixtralForCausalLM, TrainerControl, TrainerState
+
+    from mixtral_ft.model.shapes import tiny_config
+
+    stats = tmp_path / "router_stats.jsonl"
+    stats.write_text(json.dumps({"step": 1, "expert_fraction": [[0.5, 0.5]]}) + '\n{"step": 10, "tok')
+    telemetry = RouterTelemetry(tmp_path, every=10)
+    telemetry.on_train_begin(
+        None, TrainerState(global_step=6), TrainerControl(), model=MixtralForCausalLM(tiny_config())
+    )
+    telemetry.on_train_end(None, None, None)
+    assert [json.loads(line)["step"] for line in stats.read_text().splitlines()] == [1]
+
+
 def test_logging_section_is_checked():
     recipe = load_recipe(TINY)
     assert recipe.logging.report_to == ("none",) and recipe.logging.router_stats_steps == 10
