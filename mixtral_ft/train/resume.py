@@ -29,6 +29,7 @@ import yaml
 from mixtral_ft.common import is_main_process, world_size
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe, load_recipe
+from mixtral_ft.train.carry import read_state
 from mixtral_ft.train.checksums import manifest_problem
 from mixtral_ft.train.outdir import defer_replace, deferred
 
@@ -210,7 +211,20 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
     check_same_recipe(folder, recipe)
     step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
     _say(f"resume: continuing from {folder} (step {step})")
+    _note_world_size(folder)
     return folder
+
+
+def _note_world_size(folder: Path) -> None:
+    # Allowed (a preempted 8-GPU job may come back on 4), but the global batch and each rank's data shard change,
+    # so the rest of the run is not the one an uninterrupted run would have trained: say so.
+    saved = read_state(folder) or {}
+    before, now = len(saved.get("window_loss") or []), world_size()
+    if before and before != now:
+        _say(
+            f"resume: note: {folder.name} was written by {before} process(es) and this run has {now}: the global "
+            f"batch changes by {now}/{before}, so the rest of the run differs from an uninterrupted one"
+        )
 
 
 def check_same_recipe(folder: Path, recipe: Recipe) -> None:

@@ -111,6 +111,18 @@ def test_resume_names_a_checkpoint_in_the_output_dir(tmp_path, monkeypatch):
     assert find_resume_checkpoint(recipe_for(out, "train.resume=checkpoint-2"), out) == folder
 
 
+def test_resuming_with_another_number_of_processes_is_noted(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    folder = make_checkpoint(out, 2)
+    (folder / "mixtral_ft_state.json").write_text('{"global_step": 2, "window_loss": [1.0, 2.0]}')
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert find_resume_checkpoint(recipe_for(out), out) == folder
+    assert "note" not in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert find_resume_checkpoint(recipe_for(out), out) == folder
+    assert "checkpoint-2 was written by 2 process(es) and this run has 1" in capsys.readouterr().out
+
+
 def test_a_checkpoint_from_before_a_new_recipe_key_still_resumes(tmp_path):
     """Keys added since (train.liger, say) were not there when it was written: their default is what it ran."""
     import yaml
