@@ -18,6 +18,11 @@ BUILTIN = {
     "preferences": str(Path(__file__).parent / "sample_data" / "preferences.jsonl"),
 }
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A mixture entry has its own split and eval_split (data.split / data.eval_split are refused beside a mixture).
+TRAIN_ONLY_FIX = (
+    "set data.split: train, and data.test_size (not data.eval_split) for eval; in data.mixture, set that "
+    "entry's split: train and drop its eval_split"
+)
 MAX_ROW_BYTES = 8 * 2**20  # one JSON Lines row; a 32k-token conversation is well under 1 MiB
 
 
@@ -107,7 +112,7 @@ def _read_saved(folder: Path, label: str, split: str):
     if split != "train":
         raise UserError(
             f"data: '{label}' was saved from one Dataset, which is read as the 'train' split, not "
-            f"'{split}'; set data.split: train, and data.test_size (not data.eval_split) for eval"
+            f"'{split}'; {TRAIN_ONLY_FIX}"
         )
     return saved
 
@@ -115,10 +120,7 @@ def _read_saved(folder: Path, label: str, split: str):
 def check_file_source(file: Path, label: str, split: str, max_bytes: int | None = None) -> None:
     """A single data file has only a 'train' split, and JSON text is checked row by row (up to `max_bytes`)."""
     if split != "train":
-        raise UserError(
-            f"data: {label} is a single file with only a 'train' split, not '{split}'; "
-            "set data.split: train, and data.test_size (not data.eval_split) for eval"
-        )
+        raise UserError(f"data: {label} is a single file with only a 'train' split, not '{split}'; {TRAIN_ONLY_FIX}")
     if LOCAL_LOADERS[file.suffix.lower()] == "json":
         check_json_text(file, label, max_bytes)
 

@@ -10,7 +10,7 @@ import pytest
 
 from mixtral_ft.data.conversations import load_sft_data
 from mixtral_ft.errors import UserError
-from mixtral_ft.recipe import DataSection
+from mixtral_ft.recipe import DataSection, MixtureSource
 from tests.conftest import chatml
 from tests.data.test_conversations import EOS, convo, masked_runs, write_jsonl
 
@@ -137,5 +137,9 @@ def test_wrong_format_or_split_for_a_file_is_a_user_error(tokenizer):
         load_sft_data(DataSection(path="builtin:oasst_top1", format="messages"), tokenizer, max_length=512, seed=0)
     with pytest.raises(UserError, match="only a 'train' split"):
         load_sft_data(DataSection(path="builtin:oasst_top1", eval_split="test"), tokenizer, max_length=512, seed=0)
+    # In a mixture the keys to change are the entry's: data.split / data.eval_split are refused beside it.
+    mixture = DataSection(mixture=(MixtureSource(path="builtin:oasst_top1", eval_split="test"),))
+    with pytest.raises(UserError, match="in data.mixture, set that entry's split: train and drop its eval_split"):
+        load_sft_data(mixture, tokenizer, max_length=512, seed=0)
     with pytest.raises(UserError, match="unknown built-in dataset 'nope'"):
         load_sft_data(DataSection(path="builtin:nope"), tokenizer, max_length=512, seed=0)
