@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from mixtral_ft.errors import UserError
@@ -17,6 +18,11 @@ BUILTIN = {
     "preferences": str(Path(__file__).parent / "sample_data" / "preferences.jsonl"),
 }
 LOCAL_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# A mixture entry has its own split and eval_split (data.split / data.eval_split are refused beside a mixture).
+TRAIN_ONLY_FIX = (
+    "set data.split: train, and data.test_size (not data.eval_split) for eval; in data.mixture, set that "
+    "entry's split: train and drop its eval_split"
+)
 MAX_ROW_BYTES = 8 * 2**20  # one JSON Lines row; a 32k-token conversation is well under 1 MiB
 
 
@@ -76,7 +82,8 @@ def _read_source(path: str, split: str):
             "or pass a local .jsonl/.json/.parquet file"
         )
     try:
-        return datasets.load_dataset(path, split=split)
+        with _no_progress_bars() if kind == "folder" else nullcontext():  # a hub download keeps its bars
+            return datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets/hub raise many unrelated types; each means "cannot load this"
         raise UserError(f"data: cannot load {where} (split '{split}'): {_why(exc)}; {fix}") from None
 
@@ -105,7 +112,7 @@ def _read_saved(folder: Path, label: str, split: str):
     if split != "train":
         raise UserError(
             f"data: '{label}' was saved from one Dataset, which is read as the 'train' split, not "
-            f"'{split}'; set data.split: train, and data.test_size (not data.eval_split) for eval"
+            f"'{split}'; {TRAIN_ONLY_FIX}"
         )
     return saved
 
@@ -113,10 +120,7 @@ def _read_saved(folder: Path, label: str, split: str):
 def check_file_source(file: Path, label: str, split: str, max_bytes: int | None = None) -> None:
     """A single data file has only a 'train' split, and JSON text is checked row by row (up to `max_bytes`)."""
     if split != "train":
-        raise UserError(
-            f"data: {label} is a single file with only a 'train' split, not '{split}'; "
-            "set data.split: train, and data.test_size (not data.eval_split) for eval"
-        )
+        raise UserError(f"data: {label} is a single file with only a 'train' split, not '{split}'; {TRAIN_ONLY_FIX}")
     if LOCAL_LOADERS[file.suffix.lower()] == "json":
         check_json_text(file, label, max_bytes)
 
@@ -127,7 +131,8 @@ def _read_file(file: Path, label: str, split: str):
     check_file_source(file, label, split)
     loader = LOCAL_LOADERS[file.suffix.lower()]
     try:
-        return datasets.load_dataset(loader, data_files=str(file), split="train")
+        with _no_progress_bars():
+            return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as exc:  # malformed JSON and broken Parquet arrive as assorted wrapped errors
         kind = "JSON Lines (or one JSON list of objects)" if loader == "json" else "Parquet"
         raise UserError(f"data: cannot read '{label}' as {kind}: {_why(exc)}; fix the file") from None
@@ -157,17 +162,42 @@ def check_json_text(file: Path, label: str, max_bytes: int | None = None) -> Non
                 ) from None
             if line and not json_list:
                 try:
-                    json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise UserError(
                         f"data: line {number} of '{label}' is not valid JSON ({exc.msg}); "
                         "each line of a .jsonl file must be one JSON object"
                     ) from None
+                if not isinstance(row, dict):  # pyarrow's own error names no line ("changed from object to ...")
+                    raise UserError(
+                        f"data: line {number} of '{label}' is a JSON {_json_kind(row)}, not an object; "
+                        'each line of a .jsonl file must be one JSON object ({"column": value, ...})'
+                    )
             read += len(raw)
             if max_bytes is not None and read >= max_bytes:
                 return
     if json_list is None:
         raise UserError(f"data: '{label}' has no rows; check data.path")
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "list", str: "string", bool: "boolean", type(None): "null", int: "number", float: "number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+@contextmanager
+def _no_progress_bars():
+    """datasets draws a "Generating train split" bar for each new local file: seconds at most, and often right
+    before the one-line error about that file's columns, which would then not be the only line on stderr."""
+    import datasets
+
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def _why(exc: BaseException) -> str:

@@ -161,12 +161,18 @@ def _with_room(d: Dims, run: Run, accumulation: int, usable: float) -> list[str]
 
 def plan(recipe, *, gpu_mem: float = 80.0, num_gpus: int = 1) -> dict:
     """Everything `mixtral-ft plan` prints, as a dict (the --json output)."""
-    if gpu_mem <= RESERVE_GIB or num_gpus < 1:
+    if not gpu_mem > RESERVE_GIB or math.isinf(gpu_mem) or num_gpus < 1:  # `not >`: nan compares false
         raise UserError(
             f"--gpu-mem must be more than the {RESERVE_GIB:g} GiB kept for the CUDA context (GiB per "
             f"GPU, e.g. 80) and --num-gpus at least 1; got {gpu_mem:g} and {num_gpus}"
         )
     d, manifest_experts, notes = load_dims(recipe.model.name, recipe.model.revision)
+    skip = recipe.train.skip_checkpoint_layers
+    if skip > d.layers:  # as train's check_levers refuses it
+        raise UserError(
+            f"'train.skip_checkpoint_layers' is {skip} but {recipe.model.name} has {d.layers} decoder layers: "
+            f"use 0 to {d.layers} ({d.layers} is the same as train.gradient_checkpointing=false)"
+        )
     run = run_for(recipe, num_gpus, manifest_experts)
     est, usable = estimate(d, run), gpu_mem - RESERVE_GIB
     peak = est.peak / GIB

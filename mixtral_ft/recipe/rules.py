@@ -59,7 +59,8 @@ def check_recipe(recipe: Recipe) -> None:
     _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
     _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1], e.g. 0.1")
     _need(d.max_rows is None or d.max_rows > 0, "data.max_rows", "must be > 0 or null")
-    _need(lo.r > 0, "lora.r", "must be > 0, e.g. 16")
+    # A rank past Mixtral's hidden size (4096) adds nothing, and allocates far past memory on the way there.
+    _need(0 < lo.r <= 4096, "lora.r", "must be > 0 and at most 4096 (Mixtral's hidden size), e.g. 16")
     _need(lo.alpha > 0, "lora.alpha", "must be > 0, e.g. 32 (twice r)")
     _need(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1), e.g. 0.05")
     _need(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one of q_proj, k_proj, v_proj, o_proj")

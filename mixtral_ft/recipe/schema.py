@@ -153,6 +153,8 @@ def _bool(value: Any, dotted: str) -> bool:
 def _int(value: Any, dotted: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(f"'{dotted}' must be an integer, got {_kind(value)}")
+    if abs(value) >= 2**63:  # torch, numpy and islice take 64-bit integers: past them, a traceback mid-run
+        raise UserError(f"'{dotted}' must be an integer below 2**63 in size, got {value:.3g}")
     return value
 
 

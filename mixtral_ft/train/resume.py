@@ -34,6 +34,19 @@ from mixtral_ft.train.checksums import manifest_problem
 from mixtral_ft.train.outdir import defer_replace, deferred
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What a run writes into output_dir only as it ends (save_outputs, the plots): found in a folder without checkpoints
+# they are someone's files (a recipe kept beside its outputs, a README), not a run to resume.
+END_FILES = (
+    "README.md",
+    "recipe.yaml",
+    "run.json",
+    "audit.json",
+    "data_report.json",
+    "adapter_config.json",
+    "tokenizer_config.json",
+    "loss_curve.png",
+    "router_heatmap.png",
+)
 ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt")
 RUN_EXTRAS = ("tensorboard", "wandb", "eval.json")  # what a run may leave that the next one does not rewrite
@@ -166,6 +179,11 @@ def check_existing_run(recipe: Recipe, out: Path) -> None:
         raise UserError(
             f"train.output_dir '{out}' already holds a run: choose a new folder, "
             "or set train.overwrite=true to replace it"
+        )
+    elif not checkpoints and not t.overwrite and (taken := [n for n in END_FILES if (out / n).exists()]):
+        raise UserError(
+            f"train.output_dir '{out}' holds {', '.join(taken)}, which the run would overwrite: choose a new "
+            "or empty folder, or set train.overwrite=true to replace them"
         )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from mixtral_ft.data.conversations import load_sft_data
 from mixtral_ft.errors import UserError
-from mixtral_ft.recipe import DataSection
+from mixtral_ft.recipe import DataSection, MixtureSource
 from tests.conftest import chatml
 from tests.data.test_conversations import EOS, convo, masked_runs, write_jsonl
 
@@ -104,6 +104,8 @@ def test_hub_id_that_cannot_be_reached_is_a_user_error(monkeypatch, tokenizer):
         ("broken.json", '[{"text": "ok"},\n{"text": ]\n', "cannot read .* as JSON"),
         ("broken.parquet", "not parquet", "cannot read .* as Parquet"),
         ("empty.jsonl", "\n", "has no rows"),
+        ("array.jsonl", '{"text": "ok"}\n[1, 2]\n', "line 2 of .* is a JSON list, not an object"),
+        ("number.jsonl", '{"text": "ok"}\n5\n', "line 2 of .* is a JSON number, not an object"),
         (
             "other.jsonl",
             '{"prompt": "a", "answer": "b"}\n',
@@ -121,10 +123,23 @@ def test_bad_sources_are_user_errors(tmp_path, tokenizer, name, content, match):
         load_sft_data(DataSection(path=str(path)), tokenizer, max_length=512, seed=0)
 
 
+def test_a_bad_file_error_is_the_only_thing_on_stderr(tmp_path, tokenizer, capsys):
+    # datasets drew its "Generating train split" bar for every new file, so the one-line error came third.
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"prompt": "a", "answer": "b"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="match no format"):
+        load_sft_data(DataSection(path=str(path)), tokenizer, max_length=512, seed=0)
+    assert capsys.readouterr().err == ""
+
+
 def test_wrong_format_or_split_for_a_file_is_a_user_error(tokenizer):
     with pytest.raises(UserError, match="data.format: messages needs a messages/conversation"):
         load_sft_data(DataSection(path="builtin:oasst_top1", format="messages"), tokenizer, max_length=512, seed=0)
     with pytest.raises(UserError, match="only a 'train' split"):
         load_sft_data(DataSection(path="builtin:oasst_top1", eval_split="test"), tokenizer, max_length=512, seed=0)
+    # In a mixture the keys to change are the entry's: data.split / data.eval_split are refused beside it.
+    mixture = DataSection(mixture=(MixtureSource(path="builtin:oasst_top1", eval_split="test"),))
+    with pytest.raises(UserError, match="in data.mixture, set that entry's split: train and drop its eval_split"):
+        load_sft_data(mixture, tokenizer, max_length=512, seed=0)
     with pytest.raises(UserError, match="unknown built-in dataset 'nope'"):
         load_sft_data(DataSection(path="builtin:nope"), tokenizer, max_length=512, seed=0)

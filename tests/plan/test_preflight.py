@@ -266,10 +266,21 @@ def test_local_folder_and_offline_hub_fallback(capsys, tmp_path):
     assert main(["plan", OASST, "model.name=someone/not-a-cached-model"]) == 2  # HF_HUB_OFFLINE (conftest)
 
 
-@pytest.mark.parametrize("argv", [["--gpu-mem", "0"], ["--num-gpus", "0"], ["lora.rank=8"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--gpu-mem", "0"],
+        ["--num-gpus", "0"],
+        ["lora.rank=8"],
+        ["--gpu-mem", "nan"],  # was "does NOT fit in nan GiB", exit 1
+        ["--gpu-mem", "inf"],  # was "fits in inf GiB", exit 0
+        ["train.skip_checkpoint_layers=33"],  # Mixtral has 32 layers: train refuses it, plan priced it
+    ],
+)
 def test_bad_input_exits_2(capsys, argv):
     assert main(["plan", OASST, *argv]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
 
 
 def test_gpu_benchmark_results():

@@ -74,6 +74,11 @@ def test_yaml_bombs_deep_nesting_and_duplicate_keys_are_refused(tmp_path, capsys
             "'logging.run_name' holds what looks like an API key",
         ),
         ("logging.project=0123456789abcdef0123456789abcdef01234567", "looks like a wandb API key"),
+        # Integers past 64 bits reached torch / numpy / islice as tracebacks; a rank past Mixtral's width as one too.
+        ("lora.r=99999999999999999999999", "'lora.r' must be an integer below 2**63"),
+        ("train.per_device_train_batch_size=99999999999999999999999", "below 2**63"),
+        ("train.max_steps=-99999999999999999999999", "'train.max_steps' must be an integer below 2**63"),
+        ("lora.r=1099511627776", "'lora.r' must be > 0 and at most 4096"),
     ],
 )
 def test_values_that_used_to_validate_and_crash_later(capsys, override, message):

@@ -100,3 +100,18 @@ def test_input_errors_come_before_torch_loads(tmp_path):
     code, err, torch_loaded = run_cli("train", TINY, f"data.path={big}", f"train.output_dir={tmp_path / 'o'}")
     assert code == 2 and f"line 2 of '{big}' is longer than 8 MiB" in err and not torch_loaded
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_holding_files_the_run_writes_is_refused_and_kept(tmp_path, capsys):
+    # A recipe kept beside its outputs (or output_dir: . in a repository) used to be overwritten by the run's own
+    # recipe.yaml and model card without a word.
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(Path(TINY).read_text())
+    (out / "README.md").write_text("my notes\n")
+    before = snapshot(out)
+    code = main(["train", str(out / "recipe.yaml"), f"train.output_dir={out}", "train.max_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert f"train.output_dir '{out}' holds README.md, recipe.yaml, which the run would overwrite" in err[0]
+    assert snapshot(out) == before
