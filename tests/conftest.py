@@ -35,6 +35,8 @@ def tiny_fused_dir(private_cache, tmp_path_factory):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# train.compile and --compile need F.grouped_mm (torch >= 2.10); pyproject allows torch 2.6 as transformers 5 does.
+requires_compile = pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="needs torch >= 2.10")
 
 
 ROOT = Path(__file__).resolve().parents[1]

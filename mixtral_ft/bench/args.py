@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.errors import UserError
+from mixtral_ft.model.grouped_gemm import compile_problem
 
 OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
 DESCRIPTION = "Throughput and memory of full-width Mixtral built straight into NF4 (our model; peers: benchmarks/)."
@@ -82,6 +83,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
     if args.liger and importlib.util.find_spec("liger_kernel") is None:
         raise UserError("--liger needs liger-kernel: pip install liger-kernel")
+    if args.compile and (problem := compile_problem("--compile", "drop --compile")):
+        raise UserError(problem)
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise UserError(f"--out-dir {args.out_dir} is a file, not a folder: pass a folder for the result files")
     args.levers = {

@@ -69,6 +69,17 @@ def expert_compute_mode(device: torch.device | str, dtype: torch.dtype) -> str:
     return _MODES[key]
 
 
+def compile_problem(option: str, turn_off: str) -> str | None:
+    """Why `option` (train.compile, --compile) cannot work with this torch, as a one-line error; None when it can.
+
+    A layer is one graph only through `F.grouped_mm` (torch >= 2.10): without it the experts' per-expert loop syncs
+    the host and splits the graph, and dynamo's `recompile_limit` that compile_layers raises has another name.
+    """
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        return None
+    return f"{option} needs torch >= 2.10 (this is torch {torch.__version__}): upgrade torch, or {turn_off}"
+
+
 def stride_aligned(itemsize: int, *dims: int) -> bool:
     """grouped_mm's stride rule: rows of `dims` elements of `itemsize` bytes each span a multiple of 16 bytes."""
     return all(n * itemsize % 16 == 0 for n in dims)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import requires_compile
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,6 +62,7 @@ def test_a_stage_whose_estimate_does_not_fit_is_skipped_and_noted(truth, tmp_pat
     assert table["stages"] == {"train": {"skipped": "call 1: 100 s left"}}  # train's estimate is 150 s
 
 
+@requires_compile
 @pytest.mark.slow
 def test_dry_run_measures_keeps_state_and_hands_back_three_files(truth, tmp_path):
     # A budget no CPU comes near: what a stop at the budget does is the first test's, not this one's.

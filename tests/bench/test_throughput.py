@@ -17,6 +17,7 @@ import torch
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.cli import main
 from mixtral_ft.model.shapes import tiny_config
+from tests.conftest import requires_compile
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,6 +202,7 @@ def test_step_flops_scale_with_depth_and_recompute():
     assert 2 / 3 < none / all_layers < 0.68  # the LM head is not recomputed
 
 
+@requires_compile
 @pytest.mark.slow
 def test_compiled_layers_trace_whole_and_train_the_same_in_bf16():
     """--compile: each decoder layer (NF4 experts, LoRA, checkpointing) is one graph, reused, with no graph break."""

@@ -8,6 +8,7 @@ import torch._inductor.config
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.model.load import RECOMPILE_LIMIT, compile_layers, compile_report
 from mixtral_ft.model.shapes import tiny_config
+from tests.conftest import requires_compile
 
 
 class Doubler(torch.nn.Module):
@@ -15,6 +16,7 @@ class Doubler(torch.nn.Module):
         return (x * 2).sin()
 
 
+@requires_compile
 def test_compile_report_counts_calls_past_the_recompile_limit():
     from torch._dynamo.utils import counters
 
@@ -32,6 +34,7 @@ def test_compile_report_counts_calls_past_the_recompile_limit():
     assert report == {"graphs": 2, "graph_breaks": 0, "recompile_limit_hits": 1}
 
 
+@requires_compile
 def test_compiling_the_layers_raises_the_recompile_limit():
     from peft import LoraConfig, get_peft_model
     from transformers import MixtralForCausalLM
@@ -43,6 +46,7 @@ def test_compiling_the_layers_raises_the_recompile_limit():
     assert all(hasattr(layer, "_compiled_call_impl") for layer in model.base_model.model.model.layers)
 
 
+@requires_compile
 def test_compiled_layers_with_lora_dropout_train_at_a_new_length():
     """The second length makes dynamo trace the layer with dynamic shapes; with LoRA dropout, torch 2.11's
     partitioner failed there unless random ops fall back to aten (benchmarks/gpu_rehearse.sh found it)."""

@@ -14,9 +14,10 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RECIPE
+from tests.conftest import ROOT, TINY_RECIPE, requires_compile
 
 
+@requires_compile
 @pytest.mark.slow
 def test_compiled_layers_evaluate_with_eval_steps_and_by_default(tmp_path):
     runs = {}
@@ -34,6 +35,7 @@ def test_compiled_layers_evaluate_with_eval_steps_and_by_default(tmp_path):
     assert runs["default"][0]["eval_loss"] == pytest.approx(runs["explicit"][1]["eval_loss"], rel=1e-3)
 
 
+@requires_compile
 @pytest.mark.slow
 def test_compile_outside_bf16_says_the_layers_run_eager_and_run_json_counts_it(tmp_path, capsys):
     from mixtral_ft.cli import main
@@ -46,6 +48,7 @@ def test_compile_outside_bf16_says_the_layers_run_eager_and_run_json_counts_it(t
     assert report["graph_breaks"] > 0, report
 
 
+@requires_compile
 @pytest.mark.slow
 def test_dpo_with_evaluation_gets_a_graph_for_every_mode(tmp_path):
     """DPO compiles the most variants: policy and no-grad reference passes, training and evaluation, layer 0's

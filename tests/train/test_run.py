@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from mixtral_ft.cli import main
 from mixtral_ft.recipe import load_recipe
+from tests.conftest import requires_compile
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
@@ -125,6 +126,7 @@ def test_packing_is_padding_free_and_keeps_conversations_apart(tmp_path):
             torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)
 
 
+@requires_compile
 @pytest.mark.slow
 def test_compiled_layers_train_like_eager(tmp_path):
     """train.compile: each decoder layer through torch.compile (bf16, as on a GPU) trains and evaluates the same

@@ -1,0 +1,25 @@
+"""train's checks before the model loads: here, that train.compile (and bench's --compile) needs a torch with
+F.grouped_mm. pyproject allows torch 2.6 as transformers 5 does; torch 2.6 has neither F.grouped_mm nor dynamo's
+recompile_limit, and compiled training crashed with an AttributeError after the model had loaded."""
+
+import pytest
+import torch
+
+from mixtral_ft.bench import args as bench_args
+from mixtral_ft.errors import UserError
+from mixtral_ft.recipe import load_recipe
+from mixtral_ft.train.precheck import precheck
+from tests.conftest import TINY_RECIPE
+
+
+def test_compile_on_a_torch_without_grouped_mm_is_refused_up_front(monkeypatch):
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", torch.matmul, raising=False)  # as torch >= 2.10 has it
+    precheck(load_recipe(TINY_RECIPE, ["train.compile=true"]))
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm")  # as torch < 2.10 lacks it
+    precheck(load_recipe(TINY_RECIPE))  # without compile: nothing to refuse
+    with pytest.raises(
+        UserError, match=r"^train.compile needs torch >= 2.10 \(this is torch .+\): upgrade torch, or set"
+    ):
+        precheck(load_recipe(TINY_RECIPE, ["train.compile=true"]))
+    with pytest.raises(UserError, match=r"^--compile needs torch >= 2.10 .*: upgrade torch, or drop --compile$"):
+        bench_args.parse_args(["--tiny", "--device", "cpu", "--compile"])
