@@ -120,12 +120,13 @@ def cmd_quantize(args) -> int:
     from mixtral_ft.common import say
     from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
-    from mixtral_ft.model.load import load_model
+    from mixtral_ft.model.load import check_device, load_model
     from mixtral_ft.model.loader import save_prequantized
     from mixtral_ft.model.source import model_source
 
     out = Path(args.out)
     refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral
+    check_device(args.device)
     say("quantize", f"resolving {args.model}")
     model_from = model_source(args.model)
     source = model_from.local_path()

@@ -33,7 +33,7 @@ class GenerationSettings:
     def check(self) -> GenerationSettings:
         if self.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be >= 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too: transformers would stop mid-load with a traceback
             raise UserError("--temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
@@ -141,9 +141,9 @@ def load_for_inference(target: Target, *, quantize: bool = True, attn_implementa
             attn_implementation=attn,
         )
     if target.adapter is not None:
-        from peft import PeftModel
+        from mixtral_ft.model.load import load_adapter
 
-        model = PeftModel.from_pretrained(model, str(target.adapter))
+        model = load_adapter(model, target.adapter)
     # Training turns the cache off (gradient checkpointing); generation wants it on.
     model.config.use_cache = True
     model.eval()
