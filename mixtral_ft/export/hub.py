@@ -104,23 +104,21 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = True
         print(f"{len(sizes)} files, {human_bytes(sum(s for _, s in sizes), digits=1)}")
         return {"kind": kind, "files": [n for n, _ in sizes], "uploaded": False}
 
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` (then retry the push)")
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    # The card goes up from memory: the folder's own README.md (training's card, the user's notes) stays as it is.
+    operations = [CommitOperationAdd("README.md", card.encode("utf-8"))]
+    operations += [CommitOperationAdd(f.as_posix(), str(folder / f)) for f in files]
     # Read HF_ENDPOINT now rather than at huggingface_hub's import, so a mirror set later still counts.
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo_id,
-            repo_type="model",
-            allow_patterns=["README.md", *map(str, files)],
-            commit_message=f"mixtral-ft: upload {kind}",
+        commit = api.create_commit(
+            repo_id=repo_id, repo_type="model", operations=operations, commit_message=f"mixtral-ft: upload {kind}"
         )
     except Exception as exc:  # HTTP, auth, offline mode, network: report one line, never the token
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
