@@ -104,12 +104,12 @@ def cmd_audit(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from mixtral_ft.export.staging import refuse_nonempty
+    from mixtral_ft.export.staging import staged_folder
     from mixtral_ft.model.tiny import write_tiny
 
     out = Path(args.dir)
-    refuse_nonempty(out, "DIR")
-    write_tiny(out, layout=args.layout, seed=args.seed)
+    with staged_folder(out, "DIR") as staging:  # an interrupted write leaves no half model
+        write_tiny(staging, layout=args.layout, seed=args.seed)
     print(f"wrote tiny Mixtral ({args.layout} layout) and the Mixtral tokenizer to {out}")
     return 0
 
