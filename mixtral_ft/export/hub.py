@@ -17,7 +17,8 @@ from mixtral_ft.common import human_bytes
 from mixtral_ft.errors import UserError
 from mixtral_ft.train.card import render_card, scrub, secret_values
 
-SKIP_NAMES = {"training_args.bin", "README.md"}  # trainer pickles stay local; the card is regenerated
+# Trainer pickles stay local (a checkpoint-N folder holds the optimizer's too); the card is regenerated.
+SKIP_NAMES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "README.md"}
 HF_TOKEN_BYTES = re.compile(rb"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}")  # real ones: hf_ and 34 letters/digits
 
 
@@ -52,7 +53,8 @@ def upload_files(folder: Path) -> list[Path]:
     files = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or path.is_symlink() or (len(rel.parts) == 1 and rel.name in SKIP_NAMES):
+        pickle = rel.name in SKIP_NAMES or (rel.name.startswith("rng_state") and rel.suffix == ".pth")
+        if not path.is_file() or path.is_symlink() or (len(rel.parts) == 1 and pickle):
             continue
         if any(p.startswith(".") or p.startswith("checkpoint-") for p in rel.parts):
             continue

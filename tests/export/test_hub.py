@@ -140,3 +140,12 @@ def test_push_leaves_the_folders_own_readme_as_it_is(hub, adapter, tmp_path):
     assert files["README.md"].decode().startswith("---\n") and "# org/mine" in files["README.md"].decode()
     assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json"}
     assert (folder / "README.md").read_text() == "my own notes on this run\n"  # the card went up from memory
+
+
+def test_a_checkpoint_folder_pushes_its_adapter_not_the_trainer_pickles(adapter, capsys):
+    [checkpoint] = adapter.glob("checkpoint-*")
+    assert (checkpoint / "optimizer.pt").is_file()
+    assert main(["push", str(checkpoint), "--repo-id", "org/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter_model.safetensors" in out
+    assert not re.search(r"optimizer\.pt|scheduler\.pt|rng_state|training_args\.bin", out), out
