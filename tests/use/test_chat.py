@@ -199,6 +199,7 @@ def test_fit_history_drops_the_oldest_exchanges():
     [
         (["--temperature", "-1"], "--temperature"),
         (["--temperature", "nan"], "--temperature"),
+        (["--seed", "-1"], "--seed"),
         (["--top-p", "0"], "--top-p"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--prompt", "  "], "--prompt is empty"),
@@ -225,3 +226,12 @@ def test_adapter_on_a_base_of_another_shape_is_one_line_and_exit_2(adapter_run, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "pass the base model it was trained on" in err[-1], err
     assert not [line for line in err if "Traceback" in line or "size mismatch" in line]
+
+
+def test_repl_takes_a_line_that_is_not_utf8(loaded, capsys):
+    from mixtral_ft.use.chat import GenerationSettings, repl
+
+    model, tokenizer = loaded
+    settings = GenerationSettings(max_new_tokens=2, temperature=0)
+    repl(model, tokenizer, None, settings, stdin=io.StringIO("caf\udce9\n/exit\n"))  # b"caf\xe9", surrogateescaped
+    assert "assistant>" in capsys.readouterr().out
