@@ -137,8 +137,16 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
     """
     import yaml
 
+    check_adapter_folder(adapter, "adapter")  # adapter_config.json there and readable
     recipe_file = adapter / "recipe.yaml"
-    model_cfg = ((yaml.safe_load(recipe_file.read_text()) or {}).get("model") or {}) if recipe_file.is_file() else {}
+    try:
+        recipe = (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise UserError(
+            f"'{recipe_file}' is not valid YAML ({problem}): fix it (checkpoint-N folders hold a copy)"
+        ) from None
+    model_cfg = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
     recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     base = recorded if recorded and Path(recorded).is_dir() else model_cfg.get("name") or recorded
     return (str(base) if base else None), model_cfg

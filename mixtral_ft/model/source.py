@@ -85,10 +85,17 @@ def model_source(name: str | Path | ModelSource, revision: str | None = None) ->
 
 def check_adapter_folder(adapter: str | Path, key: str = "model.adapter") -> Path:
     """`adapter` as a LoRA adapter folder (one with adapter_config.json); a UserError naming `key` otherwise."""
-    if not (Path(adapter) / "adapter_config.json").is_file():
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
         raise UserError(
             f"{key} '{adapter}' is not an adapter folder (no adapter_config.json): pass a training output_dir"
         )
+    try:
+        json.loads(config.read_bytes())
+    except ValueError as exc:  # a truncated copy, an edit gone wrong
+        raise UserError(
+            f"{key} '{adapter}': adapter_config.json is not valid JSON ({exc}); copy it back from a checkpoint-N folder"
+        ) from None
     return Path(adapter)
 
 
