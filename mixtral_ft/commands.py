@@ -104,12 +104,12 @@ def cmd_audit(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from mixtral_ft.export.staging import refuse_nonempty
+    from mixtral_ft.export.staging import staged_folder
     from mixtral_ft.model.tiny import write_tiny
 
     out = Path(args.dir)
-    refuse_nonempty(out, "DIR")
-    write_tiny(out, layout=args.layout, seed=args.seed)
+    with staged_folder(out, "DIR") as staging:  # an interrupted write leaves no half model
+        write_tiny(staging, layout=args.layout, seed=args.seed)
     print(f"wrote tiny Mixtral ({args.layout} layout) and the Mixtral tokenizer to {out}")
     return 0
 
@@ -120,12 +120,13 @@ def cmd_quantize(args) -> int:
     from mixtral_ft.common import say
     from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
-    from mixtral_ft.model.load import load_model
+    from mixtral_ft.model.load import check_device, load_model
     from mixtral_ft.model.loader import save_prequantized
     from mixtral_ft.model.source import model_source
 
     out = Path(args.out)
     refuse_nonempty(out, "OUT")  # before the load, which takes minutes on Mixtral
+    check_device(args.device)
     say("quantize", f"resolving {args.model}")
     model_from = model_source(args.model)
     source = model_from.local_path()

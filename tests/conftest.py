@@ -142,3 +142,13 @@ def make_checkpoint(out: Path, step: int, recipe_overrides: tuple[str, ...] = ()
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
     write_manifest(folder)  # last, as carry.CarryState does
     return folder
+
+
+def other_shape_model(folder: Path) -> Path:
+    """A random Mixtral twice as wide as the tiny one: a base that no tiny adapter fits."""
+    from mixtral_ft.model.shapes import tiny_config
+    from mixtral_ft.model.tiny import write_random_mixtral
+
+    config = tiny_config()
+    config.hidden_size *= 2
+    return write_random_mixtral(folder, config)

@@ -204,3 +204,18 @@ def test_bad_data(tmp_path, capsys, files, extra, fix):
 
 def test_the_tables_are_big_enough():
     assert len(RECIPES) >= 30 and len(DATA) >= 10
+
+
+def test_tiny_interrupted_leaves_no_half_model_and_can_run_again(tmp_path, monkeypatch, capsys):
+    import mixtral_ft.data.tokenizer
+
+    def interrupted(*args, **kwargs):  # Ctrl-C after the weights, before the tokenizer
+        raise KeyboardInterrupt
+
+    out = tmp_path / "tiny"
+    with monkeypatch.context() as patch:
+        patch.setattr(mixtral_ft.data.tokenizer, "save_tokenizer", interrupted)
+        assert main(["tiny", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+    assert main(["tiny", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.model.v1").is_file()

@@ -17,7 +17,8 @@ from mixtral_ft.common import human_bytes
 from mixtral_ft.errors import UserError
 from mixtral_ft.train.card import render_card, scrub, secret_values
 
-SKIP_NAMES = {"training_args.bin", "README.md"}  # trainer pickles stay local; the card is regenerated
+# Trainer pickles stay local (a checkpoint-N folder holds the optimizer's too); the card is regenerated.
+SKIP_NAMES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "README.md"}
 HF_TOKEN_BYTES = re.compile(rb"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}")  # real ones: hf_ and 34 letters/digits
 
 
@@ -52,7 +53,8 @@ def upload_files(folder: Path) -> list[Path]:
     files = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or path.is_symlink() or (len(rel.parts) == 1 and rel.name in SKIP_NAMES):
+        pickle = rel.name in SKIP_NAMES or (rel.name.startswith("rng_state") and rel.suffix == ".pth")
+        if not path.is_file() or path.is_symlink() or (len(rel.parts) == 1 and pickle):
             continue
         if any(p.startswith(".") or p.startswith("checkpoint-") for p in rel.parts):
             continue
@@ -104,23 +106,21 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = True
         print(f"{len(sizes)} files, {human_bytes(sum(s for _, s in sizes), digits=1)}")
         return {"kind": kind, "files": [n for n, _ in sizes], "uploaded": False}
 
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` (then retry the push)")
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    # The card goes up from memory: the folder's own README.md (training's card, the user's notes) stays as it is.
+    operations = [CommitOperationAdd("README.md", card.encode("utf-8"))]
+    operations += [CommitOperationAdd(f.as_posix(), str(folder / f)) for f in files]
     # Read HF_ENDPOINT now rather than at huggingface_hub's import, so a mirror set later still counts.
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo_id,
-            repo_type="model",
-            allow_patterns=["README.md", *map(str, files)],
-            commit_message=f"mixtral-ft: upload {kind}",
+        commit = api.create_commit(
+            repo_id=repo_id, repo_type="model", operations=operations, commit_message=f"mixtral-ft: upload {kind}"
         )
     except Exception as exc:  # HTTP, auth, offline mode, network: report one line, never the token
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -50,7 +50,7 @@ def merge_adapter(
     """Write the merged model to `out` (new or empty); returns merge.json's content (+ the verify report)."""
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
     from mixtral_ft.export.verify import verify_merge
-    from mixtral_ft.model.load import adapter_base
+    from mixtral_ft.model.load import adapter_base, check_device
     from mixtral_ft.model.loader import read_manifest
     from mixtral_ft.model.source import resolve_model_path
     from mixtral_ft.train.card import write_card, write_scrubbed
@@ -63,6 +63,8 @@ def merge_adapter(
     refuse_nonempty(out, "--out")  # now, before any work; staged_folder checks again as it starts
     if base_weights not in BASE_WEIGHTS:
         raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
+    if verify:
+        check_device(device)  # now, not after the merge
     recorded_base, model_cfg = adapter_base(adapter)
     base_name = base or recorded_base
     if not base_name:
@@ -185,6 +187,11 @@ def _merge_shards(
                 delta = pending.pop(LEGACY_ROUTER.sub(r"\1.mlp.gate.weight", key), None)
                 if delta is not None:
                     a, b, scale = delta
+                    if (b.shape[0], a.shape[1]) != tuple(value.shape):
+                        raise UserError(
+                            f"adapter weight for {key} is {b.shape[0]}x{a.shape[1]} but the base's is "
+                            f"{'x'.join(map(str, value.shape))}: pass the base the adapter was trained on (--base)"
+                        )
                     value = value.float() + scale * (b @ a)  # in fp32, then one rounding to the output dtype
                 tensors[key] = value.to(target if value.is_floating_point() else value.dtype).contiguous()
                 dtypes.add(str(tensors[key].dtype).removeprefix("torch."))

@@ -76,9 +76,13 @@ def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
     """Yield an empty staging folder; on a clean exit it becomes `out`, on an exception or SIGTERM it is deleted."""
     out = Path(out)
     refuse_nonempty(out, what)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{os.getpid()}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{os.getpid()}-", dir=out.parent))
+    except OSError as exc:  # a read-only mount, no permission, a file where a folder should be
+        reason = exc.strerror or exc
+        raise UserError(f"cannot write {what} '{out}' ({reason}): choose a folder you can write to") from None
     try:
         with _sigterm_unwinds():
             yield staging

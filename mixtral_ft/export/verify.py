@@ -46,17 +46,16 @@ def verify_merge(
 
     `weights_dtype` is what the merge wrote (its rounding sets the tolerance; "mixed": bf16's).
     """
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import default_device, load_model
+    from mixtral_ft.model.load import check_device, load_adapter, load_model
 
-    device = torch.device(device) if device else default_device()
+    device = check_device(device)
     dtype = torch.float32  # both sides, on any device: an accuracy check, where bf16 noise would hide errors
     rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
     base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
-    reference = _logits(PeftModel.from_pretrained(base_model, str(adapter)), rows, device)
+    reference = _logits(load_adapter(base_model, adapter), rows, device)
     del base_model
     # fp32 Mixtral (~190 GB) exceeds one GPU: device_map="auto" offloads what does not fit to host memory.
     merged_model = AutoModelForCausalLM.from_pretrained(

@@ -26,6 +26,20 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """`device` (None: `default_device()`) if it exists here; a UserError naming --device otherwise."""
+    if device is None:
+        return default_device()
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device '{device}' is not a device: use cpu or cuda (cuda:N)") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if checked.type == "cuda" and (checked.index or 0) >= gpus:
+        raise UserError(f"--device '{device}': no such CUDA GPU here; use cpu, or leave --device out")
+    return checked
+
+
 def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`auto`: bf16 (fp16 where bf16 is missing) on a CUDA GPU, fp32 on every CPU.
 
@@ -80,9 +94,9 @@ def load_model(
     """
     from transformers import AutoConfig
 
+    device = check_device(device)  # before a download or a load that takes minutes
     source = model_source(name_or_path, revision)
     path = source.local_path()
-    device = torch.device(device) if device is not None else default_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
     attn_implementation = check_attn_implementation(attn_implementation, device)
     config = AutoConfig.from_pretrained(path)
@@ -123,8 +137,16 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
     """
     import yaml
 
+    check_adapter_folder(adapter, "adapter")  # adapter_config.json there and readable
     recipe_file = adapter / "recipe.yaml"
-    model_cfg = ((yaml.safe_load(recipe_file.read_text()) or {}).get("model") or {}) if recipe_file.is_file() else {}
+    try:
+        recipe = (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise UserError(
+            f"'{recipe_file}' is not valid YAML ({problem}): fix it (checkpoint-N folders hold a copy)"
+        ) from None
+    model_cfg = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
     recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     base = recorded if recorded and Path(recorded).is_dir() else model_cfg.get("name") or recorded
     return (str(base) if base else None), model_cfg
@@ -140,13 +162,28 @@ def set_adapter_base(adapter: str | Path, base: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def load_adapter(model: nn.Module, adapter: str | Path, *, is_trainable: bool = False):
+    """peft's PeftModel of `adapter` on `model`; an adapter for another base is one line, not peft's shape dump."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise UserError(
+            f"adapter '{adapter}' does not fit this base model (its LoRA shapes differ): "
+            "pass the base model it was trained on"
+        ) from None
+
+
 def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
     """Wrap `model` with a trainable LoRA adapter on the recipe's targets (or continue `adapter`)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if adapter:
         check_adapter_folder(adapter)
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        return load_adapter(model, adapter, is_trainable=True)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

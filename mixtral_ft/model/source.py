@@ -68,20 +68,34 @@ def model_source(name: str | Path | ModelSource, revision: str | None = None) ->
         return ModelSource(name, "tiny")
     path = Path(name).expanduser()
     if path.exists():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise UserError(
+                f"'{path}' is a LoRA adapter folder, not a model: pass its base model "
+                "(audit also takes the run's recipe.yaml)"
+            )
         if not (path / "config.json").is_file():
             raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
         return ModelSource(name, "local")
-    if not HUB_ID.match(name):
+    from mixtral_ft.recipe import is_repo_id
+
+    if not is_repo_id(name):  # './nope' or 'runs/x/y' is a missing folder, not a Hub id to try and fail to fetch
         raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
     return ModelSource(name, "hub", revision)
 
 
 def check_adapter_folder(adapter: str | Path, key: str = "model.adapter") -> Path:
     """`adapter` as a LoRA adapter folder (one with adapter_config.json); a UserError naming `key` otherwise."""
-    if not (Path(adapter) / "adapter_config.json").is_file():
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
         raise UserError(
             f"{key} '{adapter}' is not an adapter folder (no adapter_config.json): pass a training output_dir"
         )
+    try:
+        json.loads(config.read_bytes())
+    except ValueError as exc:  # a truncated copy, an edit gone wrong
+        raise UserError(
+            f"{key} '{adapter}': adapter_config.json is not valid JSON ({exc}); copy it back from a checkpoint-N folder"
+        ) from None
     return Path(adapter)
 
 

@@ -33,10 +33,12 @@ class GenerationSettings:
     def check(self) -> GenerationSettings:
         if self.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be >= 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too: transformers would stop mid-load with a traceback
             raise UserError("--temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
+        if self.seed is not None and not 0 <= self.seed < 2**32:  # numpy's range; set_seed seeds it too
+            raise UserError("--seed must be in 0..4294967295")
         return self
 
     def generate_kwargs(self, tokenizer) -> dict:
@@ -141,9 +143,9 @@ def load_for_inference(target: Target, *, quantize: bool = True, attn_implementa
             attn_implementation=attn,
         )
     if target.adapter is not None:
-        from peft import PeftModel
+        from mixtral_ft.model.load import load_adapter
 
-        model = PeftModel.from_pretrained(model, str(target.adapter))
+        model = load_adapter(model, target.adapter)
     # Training turns the cache off (gradient checkpointing); generation wants it on.
     model.config.use_cache = True
     model.eval()
@@ -219,7 +221,8 @@ def repl(model, tokenizer, system: str | None, settings: GenerationSettings, std
         if not line:  # EOF (Ctrl-D or the end of piped input) is a normal way to leave
             print(flush=True)
             return
-        text = line.strip()
+        # Bytes that are not UTF-8 arrive as lone surrogates, which the tokenizer cannot take: they become '?'.
+        text = line.strip().encode("utf-8", "replace").decode("utf-8")
         if not stdin.isatty():
             print(text, flush=True)  # piped input is not echoed by a terminal; keep the transcript readable
         if not text:

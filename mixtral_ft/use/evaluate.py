@@ -1,7 +1,8 @@
 """`mixtral-ft eval`: held-out loss and perplexity, base vs adapter, plus sample generations in eval.json.
 
 The target is a training output folder (its recipe.yaml and adapter) or a recipe (its output_dir's
-adapter when there is one, else `--adapter`, else the base alone). Rows come from the recipe's
+adapter when there is one, else `--adapter`, else the base alone); a merged folder (merge.json) is scored
+itself, through the NF4 loader like chat. Rows come from the recipe's
 held-out split exactly as training made it (`data.eval_split`, or `data.test_size` with the run's
 seed, through `load_sft_data`), or from `--data FILE`, all of which is then held out. Loss counts the
 assistant tokens only (`assistant_masks`), the tokens training puts its loss on. The base numbers come
@@ -45,17 +46,33 @@ def resolve_eval_target(target: str, adapter: str | None):
     if adapter is not None:
         check_adapter_folder(adapter, "--adapter")
     m = recipe.model
+    base, experts, revision = m.name, m.quantize_experts, m.revision
+    if path.is_dir() and (path / "merge.json").is_file():  # a merged folder: score its weights, not the run's base
+        base, revision = str(path), None
+        experts = json.loads((path / "merge.json").read_text()).get("quantize_experts", True)
     return (
         recipe,
         Target(
-            base=m.name,
+            base=base,
             adapter=Path(adapter) if adapter else None,
-            quantize_experts=m.quantize_experts,
+            quantize_experts=experts,
             compute_dtype=m.compute_dtype,
-            revision=m.revision,
+            revision=revision,
         ),
         out_dir / "eval.json",
     )
+
+
+def check_report_path(path: Path) -> None:
+    """The report may replace an earlier report, never a folder or another file (a recipe, an adapter)."""
+    if path.is_dir():
+        raise UserError(f"--out '{path}' is a folder: pass a file path, e.g. {path / 'eval.json'}")
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"scores": {}}
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "scores" in earlier):
+        raise UserError(f"--out '{path}' exists and is not an eval report: choose a new file name")
 
 
 def held_out_rows(recipe, target: Target, data_path: str | None, max_rows: int | None):
@@ -142,6 +159,7 @@ def evaluate(
         raise UserError("--max-rows must be >= 1")
     recipe, loaded_target, default_out = resolve_eval_target(target, adapter)
     out_path = Path(out) if out else default_out
+    check_report_path(out_path)  # before the load and the scoring, not after them
     rows, what = held_out_rows(recipe, loaded_target, data, max_rows)
     say("eval", f"{len(rows)} held-out rows from {what}")
     say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''}")

@@ -123,3 +123,29 @@ def test_bad_input_is_one_line_and_exit_2(case, adapter, tiny_dir, tmp_path, mon
     assert "Traceback" not in err
     assert (adapter / "README.md").read_bytes() == before  # a refused push writes nothing
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_push_leaves_the_folders_own_readme_as_it_is(hub, adapter, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json"):
+        (folder / name).write_bytes((adapter / name).read_bytes())
+    (folder / "README.md").write_text("my own notes on this run\n")
+    before = len(hub.calls)
+    cmd = [sys.executable, "-m", "mixtral_ft.cli", "push", str(folder), "--repo-id", "org/mine"]
+    proc = subprocess.run(cmd, env=hub_env(hub), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [files] = commits(hub.calls[before:], "org/mine")
+    assert files["README.md"].decode().startswith("---\n") and "# org/mine" in files["README.md"].decode()
+    assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json"}
+    assert (folder / "README.md").read_text() == "my own notes on this run\n"  # the card went up from memory
+
+
+def test_a_checkpoint_folder_pushes_its_adapter_not_the_trainer_pickles(adapter, capsys):
+    [checkpoint] = adapter.glob("checkpoint-*")
+    assert (checkpoint / "optimizer.pt").is_file()
+    assert main(["push", str(checkpoint), "--repo-id", "org/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter_model.safetensors" in out
+    assert not re.search(r"optimizer\.pt|scheduler\.pt|rng_state|training_args\.bin", out), out

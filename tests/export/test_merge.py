@@ -153,3 +153,19 @@ def test_verify_report_is_printed_written_and_in_the_card(merged):
     card = (dirs["deq"] / "README.md").read_text()
     assert "## Verification" in card and f"{report['max_abs_logit_diff']:.6g}" in card
     assert "library_name: transformers" in card and "NF4-dequantized" in card
+
+
+@pytest.mark.parametrize("case", ["base_of_another_shape", "bad_verify_device"])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, adapter, tmp_path, capsys):
+    from tests.conftest import other_shape_model
+
+    out = tmp_path / "out"
+    argv, expect = {
+        "base_of_another_shape": (["--base", str(other_shape_model(tmp_path / "wide"))], "pass the base"),
+        "bad_verify_device": (["--verify", "--device", "banana"], "--device 'banana' is not a device"),
+    }[case]
+    assert main(["merge", str(adapter), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("merge: [")]  # progress lines may precede
+    assert len(errors) == 1 and errors[0].startswith("error:") and expect in errors[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "staging" in p.name]

@@ -98,3 +98,10 @@ def test_the_model_folder_gets_normal_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 before
+
+
+def test_an_unwritable_destination_is_a_user_error(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    match = "cannot write --out .* choose a folder you can write to"
+    with pytest.raises(UserError, match=match), staged_folder(tmp_path / "a_file" / "out", "--out"):
+        pass

@@ -69,3 +69,13 @@ def test_compiled_layers_with_lora_dropout_train_at_a_new_length():
     finally:
         torch._dynamo.reset()
     assert graphs == 2 and breaks == 0  # the second length compiled (dynamic), not eager
+
+
+def test_an_adapter_whose_recipe_is_not_yaml_is_one_line_and_exit_2(tmp_path, capsys):
+    from mixtral_ft.cli import main
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "recipe.yaml").write_text("model: [tiny\n")
+    assert main(["chat", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recipe.yaml' is not valid YAML" in err[0], err

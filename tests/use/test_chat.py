@@ -198,6 +198,8 @@ def test_fit_history_drops_the_oldest_exchanges():
     "args, message",
     [
         (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--seed", "-1"], "--seed"),
         (["--top-p", "0"], "--top-p"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--prompt", "  "], "--prompt is empty"),
@@ -214,3 +216,22 @@ def test_adapter_folder_with_a_second_adapter_is_refused(tmp_path, capsys):
     (tmp_path / "adapter_config.json").write_text("{}")
     assert main(["chat", str(tmp_path), "--adapter", str(tmp_path), "--prompt", "hi"]) == 2
     assert "already an adapter folder" in capsys.readouterr().err
+
+
+def test_adapter_on_a_base_of_another_shape_is_one_line_and_exit_2(adapter_run, tmp_path, capsys):
+    from tests.conftest import other_shape_model
+
+    base = other_shape_model(tmp_path / "wide")
+    assert main(["chat", str(base), "--adapter", str(adapter_run), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "pass the base model it was trained on" in err[-1], err
+    assert not [line for line in err if "Traceback" in line or "size mismatch" in line]
+
+
+def test_repl_takes_a_line_that_is_not_utf8(loaded, capsys):
+    from mixtral_ft.use.chat import GenerationSettings, repl
+
+    model, tokenizer = loaded
+    settings = GenerationSettings(max_new_tokens=2, temperature=0)
+    repl(model, tokenizer, None, settings, stdin=io.StringIO("caf\udce9\n/exit\n"))  # b"caf\xe9", surrogateescaped
+    assert "assistant>" in capsys.readouterr().out

@@ -130,3 +130,20 @@ def test_bad_adapter_and_samples_are_refused(capsys):
 def test_preference_run_needs_conversation_data(capsys):
     assert main(["eval", str(ROOT / "recipes" / "tiny_dpo.yaml")]) == 2
     assert "--data FILE with conversations" in capsys.readouterr().err
+
+
+def test_out_that_is_a_folder_or_another_file_is_refused_before_scoring(adapter_run, capsys):
+    recipe = (adapter_run / "recipe.yaml").read_bytes()
+    for out, message in ((adapter_run, "is a folder"), (adapter_run / "recipe.yaml", "is not an eval report")):
+        assert main(["eval", str(adapter_run), "--samples", "0", "--max-rows", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert (adapter_run / "recipe.yaml").read_bytes() == recipe  # the run's recipe is not replaced by a report
+
+
+def test_a_merged_folder_is_scored_itself_not_its_runs_base(adapter_run, tmp_path):
+    merged = tmp_path / "merged"
+    assert main(["merge", str(adapter_run), "--out", str(merged)]) == 0
+    assert main(["eval", str(merged), "--samples", "0", "--max-rows", "1"]) == 0
+    report = json.loads((merged / "eval.json").read_text())
+    assert report["model"] == str(merged) and list(report["scores"]) == ["base"]

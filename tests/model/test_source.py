@@ -1,0 +1,34 @@
+"""Model names that are not models: one line naming the fix, before any load or Hub request."""
+
+import pytest
+
+from mixtral_ft.cli import main
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("./no_such_folder", "neither a local folder nor a hub id"),
+        ("../no/such_folder", "neither a local folder nor a hub id"),
+        ("{adapter}", "is a LoRA adapter folder, not a model"),
+    ],
+)
+def test_a_name_that_is_not_a_model_is_one_line_and_exit_2(name, message, tmp_path, monkeypatch, capsys):
+    adapter = tmp_path / "run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["audit", name.format(adapter=adapter)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+@pytest.mark.parametrize("command", ["chat", "merge"])
+def test_an_adapter_config_that_is_not_json_is_one_line_and_exit_2(command, tmp_path, capsys):
+    adapter = tmp_path / "run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": ')  # truncated
+    argv = {"chat": ["--prompt", "hi"], "merge": ["--out", str(tmp_path / "out")]}[command]
+    assert main([command, str(adapter), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter_config.json is not valid JSON" in err[0], err
