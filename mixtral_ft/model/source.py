@@ -16,6 +16,7 @@ from pathlib import Path
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.shapes import tiny_config
 from mixtral_ft.model.tiny import TINY_NAME, tiny_model_dir
+from mixtral_ft.recipe import is_repo_id
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
@@ -76,8 +77,6 @@ def model_source(name: str | Path | ModelSource, revision: str | None = None) ->
         if not (path / "config.json").is_file():
             raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
         return ModelSource(name, "local")
-    from mixtral_ft.recipe import is_repo_id
-
     if not is_repo_id(name):  # './nope' or 'runs/x/y' is a missing folder, not a Hub id to try and fail to fetch
         raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
     return ModelSource(name, "hub", revision)
