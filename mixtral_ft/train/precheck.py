@@ -1,16 +1,16 @@
-"""The checks `train` can make in a fraction of a second, before transformers and the model load (seconds).
+"""The checks `train` can make in a fraction of a second, before torch and transformers load (seconds).
 
 load_recipe has checked the recipe; this checks what the recipe points at that needs no library: each local data
 file exists, has a supported extension and, for JSON Lines, starts with valid UTF-8 JSON rows of bounded size (a
 first pass over at most `FIRST_PASS_BYTES`: the full pass comes when the data loads); a model.adapter folder holds
-an adapter; `train.compile` has a torch it works with. The output folder is checked and locked by outdir.claimed.
+an adapter; with `train.compile`, that this torch can compile the layers (the one check that imports torch). The
+output folder is checked and locked by outdir.claimed.
 """
 
 from __future__ import annotations
 
 from mixtral_ft.data.files import check_file_source, locate
 from mixtral_ft.errors import UserError
-from mixtral_ft.model.grouped_gemm import compile_problem
 from mixtral_ft.model.source import check_adapter_folder
 from mixtral_ft.recipe import Recipe
 
@@ -24,8 +24,11 @@ def precheck(recipe: Recipe) -> None:
         _check_source(path, split)
     if recipe.model.adapter:
         check_adapter_folder(recipe.model.adapter)
-    if recipe.train.compile and (problem := compile_problem("train.compile", "set train.compile=false")):
-        raise UserError(problem)
+    if recipe.train.compile:
+        from mixtral_ft.model.grouped_gemm import compile_problem  # imports torch: only when it is needed
+
+        if problem := compile_problem("train.compile", "set train.compile=false"):
+            raise UserError(problem)
 
 
 def _check_source(path: str, split: str) -> None:
