@@ -61,6 +61,8 @@ def merge_adapter(
             f"adapter folder '{adapter}' not found or has no adapter_config.json: pass a training output_dir"
         )
     refuse_nonempty(out, "--out")  # now, before any work; staged_folder checks again as it starts
+    if out.resolve().is_relative_to(adapter.resolve()):  # `push` of the adapter would upload the whole model too
+        raise UserError(f"--out '{out}' is inside the adapter folder '{adapter}': choose a folder outside it")
     if base_weights not in BASE_WEIGHTS:
         raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
     if verify:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -73,6 +74,13 @@ def check_report_path(path: Path) -> None:
         earlier = None
     if not (isinstance(earlier, dict) and "scores" in earlier):
         raise UserError(f"--out '{path}' exists and is not an eval report: choose a new file name")
+    try:  # a folder that cannot be written would fail only after minutes of scoring
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot write --out '{path}' ({exc.strerror or exc}): choose a folder you can write to"
+        ) from None
 
 
 def held_out_rows(recipe, target: Target, data_path: str | None, max_rows: int | None):

@@ -169,3 +169,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, adapter, tmp_path
     errors = [line for line in err.splitlines() if not line.startswith("merge: [")]  # progress lines may precede
     assert len(errors) == 1 and errors[0].startswith("error:") and expect in errors[0], err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_out_inside_the_adapter_folder_is_refused(adapter, capsys):
+    """A merged model inside the run's folder would go up with the adapter on the next `push` of it."""
+    assert main(["merge", str(adapter), "--out", str(adapter / "merged")]) == 2
+    assert "is inside the adapter folder" in capsys.readouterr().err
+    assert not (adapter / "merged").exists()

@@ -134,7 +134,13 @@ def test_preference_run_needs_conversation_data(capsys):
 
 def test_out_that_is_a_folder_or_another_file_is_refused_before_scoring(adapter_run, capsys):
     recipe = (adapter_run / "recipe.yaml").read_bytes()
-    for out, message in ((adapter_run, "is a folder"), (adapter_run / "recipe.yaml", "is not an eval report")):
+    unwritable = Path("/proc/mixtral-ft-no-such-folder/eval.json")  # no one can create a folder in /proc
+    cases = (
+        (adapter_run, "is a folder"),
+        (adapter_run / "recipe.yaml", "is not an eval report"),
+        (unwritable, "cannot write"),
+    )
+    for out, message in cases:
         assert main(["eval", str(adapter_run), "--samples", "0", "--max-rows", "1", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
