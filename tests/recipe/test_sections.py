@@ -171,6 +171,10 @@ def test_allow_other_targets_opts_in():
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="is a folder: pass a YAML recipe file"):
+        load_recipe(tmp_path)
+    with pytest.raises(UserError, match=r"KEY=VALUE override goes after the recipe .* or after --set \(validate\)"):
+        load_recipe("lora.r=8")  # `validate recipe.yaml lora.r=8` reads the override as a second recipe
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
