@@ -19,6 +19,7 @@ ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SFT_FORMATS = ("messages", "sharegpt", "chatml", "alpaca", "prompt_completion")  # data.format (data/formats.py)
 PREFERENCE_FORMATS = ("preference", "implicit_prompt")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+MAX_MIXTURE_ROWS = 10**8  # data.mixture_size
 # TRL 1.16's DPO losses that need no setting beyond beta (exo_pair and robust need label smoothing; sft is
 # not a preference loss).
 DPO_LOSSES = (
@@ -150,6 +151,8 @@ def _check_sources(recipe: Recipe) -> None:
         raise UserError("missing required key 'data.path': add it to the recipe, or list sources in 'data.mixture'")
     _need(d.mixture_size is None or d.mixture, "data.mixture_size", "applies to data.mixture only: remove it")
     _need(d.mixture_size is None or d.mixture_size > 0, "data.mixture_size", "must be > 0 or null")
+    # Its row index is built in memory (8 bytes a row); 10**8 rows of 2k tokens would train for years on one node.
+    _need(d.mixture_size is None or d.mixture_size <= MAX_MIXTURE_ROWS, "data.mixture_size", "must be at most 10**8")
     _need(
         not d.mixture or (d.split == "train" and d.eval_split is None),
         "data.split",

@@ -87,6 +87,15 @@ def test_values_that_used_to_validate_and_crash_later(capsys, override, message)
     )
 
 
+def test_a_mixture_size_past_what_memory_can_index_is_refused(capsys):
+    # Its row index, 8 bytes a row, was built in memory: 74 GiB, then numpy's MemoryError traceback.
+    mixture = ("data.path=null", "data.mixture=[{path: builtin:oasst_top1}]")
+    assert "'data.mixture_size' must be at most 10**8" in validate(
+        capsys, TINY, *mixture, "data.mixture_size=10000000000"
+    )
+    assert main(["validate", TINY, *(f"--set={o}" for o in (*mixture, "data.mixture_size=100000000"))]) == 0
+
+
 def test_a_commit_hash_revision_is_not_a_secret(capsys):
     assert main(["validate", TINY, "--set", "model.revision=0123456789abcdef0123456789abcdef01234567"]) == 0
 
