@@ -24,6 +24,7 @@ import torch
 from mixtral_ft.common import say
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.load import DTYPES
+from mixtral_ft.train.checksums import file_digest
 
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -92,6 +93,7 @@ def merge_adapter(
             "format": "mixtral_ft-merged",
             "version": 1,
             "adapter": str(adapter),
+            "adapter_sha256": file_digest(adapter / "adapter_model.safetensors"),
             "base": shown,
             "base_path": str(source),
             "base_weights": base_weights,
@@ -113,6 +115,15 @@ def merge_adapter(
             info["verify"] = report
         write_card(staging, "model", title=out.name)
     return info
+
+
+def merged_in(model: Path, adapter: Path) -> bool:
+    """Whether `model` is a merged folder whose merge.json names these very adapter weights."""
+    try:
+        info = json.loads((model / "merge.json").read_text())
+        return info["adapter_sha256"] == file_digest(adapter / "adapter_model.safetensors")
+    except (OSError, ValueError, KeyError, TypeError):  # not merged, merged before the hash was kept, no weights
+        return False
 
 
 def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.errors import UserError
+from mixtral_ft.export.merge import merged_in
 from mixtral_ft.model.source import check_adapter_folder
 
 REPL_HELP = "type a message; /reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -80,7 +81,10 @@ def resolve_target(model: str, adapter: str | None = None) -> Target:
             raise UserError(f"'{model}' is already an adapter folder: drop --adapter, or pass the base model as MODEL")
         return _adapter_target(path)
     if adapter:
-        return Target(base=model, adapter=check_adapter_folder(Path(adapter).expanduser(), "--adapter"))
+        adapter_dir = check_adapter_folder(Path(adapter).expanduser(), "--adapter")
+        if merged_in(path, adapter_dir):  # on again, it would be applied twice, silently
+            raise UserError(f"'{model}' already has adapter '{adapter}' merged in (its merge.json): drop --adapter")
+        return Target(base=model, adapter=adapter_dir)
     return Target(base=model, adapter=None)
 
 

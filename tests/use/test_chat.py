@@ -228,6 +228,19 @@ def test_adapter_on_a_base_of_another_shape_is_one_line_and_exit_2(adapter_run, 
     assert not [line for line in err if "Traceback" in line or "size mismatch" in line]
 
 
+def test_the_adapter_a_merged_folder_holds_is_not_put_on_again(adapter_run, tmp_path, capsys):
+    merged, other = tmp_path / "merged", tmp_path / "other"
+    assert main(["merge", str(adapter_run), "--out", str(merged)]) == 0
+    assert main(["chat", str(merged), "--adapter", str(adapter_run), "--prompt", "hi"]) == 2
+    assert "already has adapter" in capsys.readouterr().err
+    other.mkdir()  # other LoRA weights (a later run) on the merged model are a choice, not a mistake
+    (other / "adapter_config.json").write_bytes((adapter_run / "adapter_config.json").read_bytes())
+    (other / "adapter_model.safetensors").write_bytes(b"other weights")
+    from mixtral_ft.use.chat import resolve_target
+
+    assert resolve_target(str(merged), str(other)).adapter == other
+
+
 def test_repl_takes_a_line_that_is_not_utf8(loaded, capsys):
     from mixtral_ft.use.chat import GenerationSettings, repl
 
