@@ -16,8 +16,10 @@ import warnings
 
 # Their loggers at ERROR; transformers and datasets reset theirs at import, from the variables below.
 LOGGERS = ("bitsandbytes", "trl", "torch", "accelerate", "peft", "datasets", "transformers")
-# Libraries that configure their own root logger on import read these instead (a user's setting wins).
-VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
+# Libraries that configure their own root logger on import read these instead (a user's setting wins). torch sets
+# its logger back to WARNING on import unless TORCH_LOGS says otherwise ("-all": ERROR; TORCH_LOGS=recompiles etc.
+# still work when set).
+VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error", "TORCH_LOGS": "-all"}
 WARNING_MODULES = r"(bitsandbytes|transformers|trl|datasets|torch|accelerate|peft)(\.|$)"
 WARNING_CATEGORIES = (UserWarning, RuntimeWarning)  # Future/DeprecationWarning: ignored everywhere, below
 

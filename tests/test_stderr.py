@@ -4,6 +4,7 @@ Each command runs in a fresh process, as a user runs it, so import-time logging 
 missing `kernels` package on a CPU with avx512_bf16) and warnings are counted too.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -48,3 +49,14 @@ def test_bad_commands_print_one_line_on_stderr(tmp_path):
         assert proc.returncode == 2, (argv, proc.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, lines)
     assert [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+def test_torch_keeps_its_logger_at_error_after_its_import():
+    """torch sets its logger back to WARNING as it imports; quiet_third_party's TORCH_LOGS default keeps it at ERROR."""
+    code = (
+        "from mixtral_ft.quiet import quiet_third_party as q; q(); "
+        "import logging, torch; print(logging.getLogger('torch').level)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MIXTRAL_FT_VERBOSE", "TORCH_LOGS")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert run.stdout.strip() == str(logging.ERROR), run.stderr
