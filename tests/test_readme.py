@@ -111,3 +111,79 @@ def test_recipe_reference_documents_every_key():
     for section, section_type in typing.get_type_hints(Recipe).items():
         for f in dataclasses.fields(section_type):
             assert f"{section}.{f.name}" in documented, f"README's recipe reference lacks {section}.{f.name}"
+
+
+def pipeline_table() -> dict[str, set[str]]:
+    """README's pipeline table: folder (or "" for the package's top level) -> the module files it names."""
+    section = README.split("## The pipeline", 1)[1].split("\n## ", 1)[0]
+    named: dict[str, set[str]] = {}
+    for row in re.findall(r"^\| (`.+)$", section, flags=re.M):
+        place, job = (cell.strip() for cell in row.rstrip("|").split(" | ", 1))
+        folders = re.findall(r"`(\w+)/`", place)
+        folder = folders[0] if folders else ""
+        named.setdefault(folder, set()).update(re.findall(r"`(\w+\.py)`", place if not folders else job))
+    return named
+
+
+def test_pipeline_table_names_every_module_and_only_real_ones():
+    package = ROOT / "mixtral_ft"
+    named = pipeline_table()
+    for folder, files in named.items():
+        real = {p.name for p in (package / folder).glob("*.py")} - {"__init__.py", "__main__.py"}
+        if folder:
+            assert files == real, (
+                f"README's pipeline row `{folder}/`: names {sorted(files - real)} that do not exist, "
+                f"lacks {sorted(real - files)}"
+            )
+        else:
+            assert files <= real, (
+                f"README's pipeline table names top-level modules that do not exist: {sorted(files - real)}"
+            )
+    top_level = {p.name for p in package.glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert top_level <= named[""], f"README's pipeline table lacks {sorted(top_level - named[''])}"
+    stages = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert stages == set(named) - {""}, (
+        f"README's pipeline table and the package's folders differ: {sorted(stages ^ (set(named) - {''}))}"
+    )
+
+
+def documented_defaults(reference: str) -> dict[str, str]:
+    """`section.key` -> the default README's reference table gives it (the backticked text), where it gives one:
+    the keys of the first cell zipped with the default cell's values, and `key` (`default`) in the meaning cell."""
+    defaults = {}
+    for row in re.findall(r"^\| (`.+)$", reference, flags=re.M):
+        key_cell, default_cell, meaning = (cell.strip() for cell in row.rstrip("|").split(" | ", 2))
+        keys = re.findall(r"`([\w.]+)`", key_cell)
+        section = keys[0].split(".")[0]
+        keys = [key if "." in key else f"{section}.{key}" for key in keys]
+        values = re.findall(r"`([^`]+)`", default_cell)
+        if values:
+            assert len(values) == len(keys), f"README's recipe reference: {keys} have defaults {values}"
+            defaults.update(zip(keys, values))
+        defaults.update((f"{section}.{k}", v) for k, v in re.findall(r"`(\w+)` \(`([^`]+)`\)", meaning))
+    return defaults
+
+
+def test_recipe_reference_keys_and_defaults_are_the_schemas():
+    import yaml
+
+    reference = README.split("## Recipe reference", 1)[1].split("\n## ", 1)[0]
+    fields = {
+        f"{section}.{f.name}": f
+        for section, section_type in typing.get_type_hints(Recipe).items()
+        for f in dataclasses.fields(section_type)
+    }
+    assert documented_keys(reference) <= set(fields), (
+        f"README documents {sorted(documented_keys(reference) - set(fields))}"
+    )
+    defaults = documented_defaults(reference)
+    assert len(defaults) > 40
+    for key, text in defaults.items():
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = yaml.safe_load(text)
+        if isinstance(value, str) and isinstance(default, float):
+            value = float(value)  # 2e-4: YAML 1.1 reads it as a string, the recipe as the number it is
+        if isinstance(default, tuple):
+            default = list(default)
+        assert value == default, f"README says {key} defaults to {text}; the schema says {default!r}"
