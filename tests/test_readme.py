@@ -187,3 +187,57 @@ def test_recipe_reference_keys_and_defaults_are_the_schemas():
         if isinstance(default, tuple):
             default = list(default)
         assert value == default, f"README says {key} defaults to {text}; the schema says {default!r}"
+
+
+def user_docs() -> dict[str, str]:
+    """What a user reads: README, the notebooks' cells, the recipes' and accelerate configs' comments, NOTES."""
+    import json
+
+    paths = [ROOT / "README.md", ROOT / "benchmarks" / "NOTES.md"]
+    paths += sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "accelerate_configs").glob("*.yaml"))
+    docs = {str(p.relative_to(ROOT)): p.read_text() for p in paths}
+    for p in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(p.read_text())["cells"]
+        docs[str(p.relative_to(ROOT))] = "\n".join("".join(c["source"]) for c in cells)
+    return docs
+
+
+def command_flags() -> dict[str, set[str]]:
+    """Each `mixtral-ft` command and the options its parser accepts (bench has its own parser)."""
+    import argparse
+
+    from mixtral_ft.bench.args import build_parser as bench_parser
+    from mixtral_ft.cli import build_parser
+
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.choices.items()}
+    flags["bench"] = {o for a in bench_parser()._actions for o in a.option_strings}
+    return flags
+
+
+def test_documented_command_lines_use_real_commands_and_flags():
+    flags = command_flags()
+    checked = 0
+    for name, text in user_docs().items():
+        # A command line ends at the end of its code span, table cell or line; a shell comment is not part of it.
+        for command, rest in re.findall(r"`?mixtral-ft ([a-z]+)([^`|\n]*)", text):
+            if command in ("trian", "commands", "has"):  # README's did-you-mean example; notebooks' prose
+                continue
+            assert command in flags, f"{name}: `mixtral-ft {command}` is not a command"
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest.split(" #")[0]):
+                assert flag in flags[command], f"{name}: `mixtral-ft {command}` has no option {flag}"
+                checked += 1
+    assert checked > 30
+
+
+def test_documented_recipe_keys_exist():
+    fields = {
+        f"{section}.{f.name}"
+        for section, section_type in typing.get_type_hints(Recipe).items()
+        for f in dataclasses.fields(section_type)
+    }
+    for name, text in user_docs().items():
+        keys = re.findall(r"(?<![\w./-])((?:model|data|lora|train|dpo|logging|hub)\.\w+)", text)
+        # Less README's example of the unknown-key error, and module names (`dpo.py`).
+        unknown = {key for key in keys if not key.endswith(".py")} - fields - {"lora.rank"}
+        assert not unknown, f"{name} mentions recipe keys the schema lacks: {sorted(unknown)}"
