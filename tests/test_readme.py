@@ -241,3 +241,13 @@ def test_documented_recipe_keys_exist():
         # Less README's example of the unknown-key error, and module names (`dpo.py`).
         unknown = {key for key in keys if not key.endswith(".py")} - fields - {"lora.rank"}
         assert not unknown, f"{name} mentions recipe keys the schema lacks: {sorted(unknown)}"
+
+
+def test_documented_repository_paths_exist():
+    # Not in the repository on purpose: the folder gpu_collect.py makes, and alignment-handbook's recipe.
+    elsewhere = {"benchmarks/results", "recipes/zephyr-7b-beta/dpo/config_qlora.yaml"}
+    top = r"(?:recipes|tests|benchmarks|accelerate_configs|requirements|notebooks|docs|mixtral_ft|\.ci)"
+    for name, text in user_docs().items():
+        paths = set(re.findall(rf"(?<![\w./-])({top}/[\w./-]*\w)", text)) - elsewhere
+        missing = sorted(p for p in paths if not (ROOT / p).exists())
+        assert not missing, f"{name} names paths that do not exist: {missing}"
