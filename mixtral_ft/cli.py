@@ -25,6 +25,11 @@ from mixtral_ft.errors import UserError
 from mixtral_ft.quiet import quiet_third_party
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage too: a bad flag is one line and exit 2, like all input
+        raise UserError(f"{message}: see `{self.prog} --help`")
+
+
 def _add_attn_flag(p) -> None:
     p.add_argument(
         "--attn-implementation",
@@ -44,7 +49,7 @@ def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from mixtral_ft import __version__
 
-    parser = argparse.ArgumentParser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
+    parser = _Parser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
     parser.add_argument("--version", action="version", version=f"mixtral-ft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -183,28 +188,30 @@ def unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | N
     return f"unknown command '{argv[0]}'; {hint} (commands: {', '.join(commands)})"
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command's arguments; a mistyped command or a bad flag is a UserError (one line, exit 2)."""
+    if argv[:1] == ["bench"]:  # its own parser owns every option after the command
+        return argparse.Namespace(func=commands.cmd_bench, bench_args=argv[1:])
+    parser = build_parser()
+    unknown = unknown_command(parser, argv)
+    if unknown:
+        raise UserError(unknown)
+    # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would
+    # leave `k=v` unrecognized: key=value leftovers are overrides too, in the order given.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra)):
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}: see `mixtral-ft {args.command} --help`")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own parser owns every option after the command
-        args = argparse.Namespace(func=commands.cmd_bench, bench_args=argv[1:])
-    else:
-        parser = build_parser()
-        unknown = unknown_command(parser, argv)
-        if unknown:
-            print(f"error: {unknown}", file=sys.stderr)
-            return 2
-        # argparse stops a `nargs="*"` positional at the first flag, so `train R --num-processes 2 k=v` would
-        # leave `k=v` unrecognized: key=value leftovers are overrides too, in the order given.
-        args, extra = parser.parse_known_args(argv)
-        if extra and (
-            getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra)
-        ):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        if extra:
-            args.overrides = [*args.overrides, *extra]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_third_party()  # before the commands import the libraries: stderr is ours (errors, progress)
     try:
+        args = parse(argv)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        quiet_third_party()  # before the commands import the libraries: stderr is ours (errors, progress)
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -36,6 +36,24 @@ def test_mistyped_command_suggests_the_right_one(capsys):
     assert main(["xyzzy"]) == 2 and "see `mixtral-ft --help`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", TINY, "--bogus"], "unrecognized arguments: --bogus: see `mixtral-ft train --help`"),
+        (["plan"], "the following arguments are required: recipe"),
+        (["merge", "runs/x"], "the following arguments are required: --out"),
+        (["tiny", "/tmp/x", "--layout", "flat"], "argument --layout: invalid choice: 'flat'"),
+        (["plan", TINY, "--gpu-mem", "lots"], "argument --gpu-mem: invalid float value: 'lots'"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_exit_2(capsys, argv, expected):
+    # argparse's own error prints the usage too; every other bad input is one line (README: stderr).
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith("error: ") and expected in captured.err
+
+
 # --- GPU pre-check -----------------------------------------------------------------------------------
 
 
