@@ -113,7 +113,7 @@ def merge_adapter(
             )
             write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
             info["verify"] = report
-        write_card(staging, "model", title=out.name)
+        write_card(staging, "model", title=out.name, ref=str(out))
     return info
 
 

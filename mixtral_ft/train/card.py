@@ -46,8 +46,11 @@ def _read(folder: Path, name: str, loader):
         return None
 
 
-def render_card(folder: Path, kind: str, title: str | None = None) -> str:
-    """README.md for the Hub: YAML front matter, usage, and the recipe, metrics and verify report we have."""
+def render_card(folder: Path, kind: str, title: str | None = None, ref: str | None = None) -> str:
+    """README.md for the Hub: YAML front matter, usage, and the recipe, metrics and verify report we have.
+
+    `title` is the repo id when pushing (else the folder's name); `ref`, what the usage code loads: the repo id, or
+    for the card kept in a local folder that folder's path (its bare name loads only from its parent folder)."""
     recipe = _read(folder, "recipe.yaml", yaml.safe_load) or {}
     run = _read(folder, "run.json", json.loads)
     merge = _read(folder, "merge.json", json.loads)
@@ -67,6 +70,7 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
     method = (recipe.get("train") or {}).get("method") or (run or {}).get("method") or "sft"
     meta["tags"] = ["mixtral", "qlora", "mixtral-ft", str(method)] + (["lora"] if kind == "adapter" else ["merged"])
     name = title or folder.resolve().name  # the repo id when pushing
+    ref = ref or name
     what = "a LoRA adapter" if kind == "adapter" else "a merged model (LoRA folded into the base weights)"
     lines = [
         "---",
@@ -87,7 +91,7 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
             "from peft import PeftModel",
             "from mixtral_ft import load_model",
             "",
-            f'model = PeftModel.from_pretrained(load_model("{base or "BASE_MODEL"}"), "{name}")',
+            f'model = PeftModel.from_pretrained(load_model("{base or "BASE_MODEL"}"), "{ref}")',
             "```",
             "",
             "`mixtral-ft merge ADAPTER --out DIR` merges it into the NF4-dequantized weights it was trained "
@@ -99,8 +103,8 @@ def render_card(folder: Path, kind: str, title: str | None = None) -> str:
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{ref}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
             "```",
             "",
         ]
@@ -204,5 +208,5 @@ def _run_sections(folder: Path, run: dict | None) -> list[str]:
     return lines
 
 
-def write_card(folder: Path, kind: str, title: str | None = None) -> None:
-    (folder / "README.md").write_text(render_card(folder, kind, title), encoding="utf-8")
+def write_card(folder: Path, kind: str, title: str | None = None, ref: str | None = None) -> None:
+    (folder / "README.md").write_text(render_card(folder, kind, title, ref), encoding="utf-8")

@@ -59,7 +59,7 @@ def write_run_files(out: Path, audit, reports) -> None:
         for r in reports
     ]
     (out / "data_report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    write_card(out, "adapter")
+    write_card(out, "adapter", ref=str(out))
 
 
 def written_files(out: Path) -> dict[str, list[str]]:

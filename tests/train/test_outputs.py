@@ -72,11 +72,12 @@ def test_output_folder_card_is_ours_and_what_push_uploads(run):
         assert section in card
     assert "format chatml (auto-detected)" in card and "![loss_curve](loss_curve.png)" in card
     assert "audit: ok" in card and "Eval loss at step 4" in card
-    assert card == render_card(out, "adapter")  # `mixtral-ft push` renders the same card (titled by the repo id)
+    # Its usage code loads the folder by its path, which works from anywhere (its bare name, from its parent only).
+    assert f'load_model("tiny"), "{out}")' in card
+    assert card == render_card(out, "adapter", ref=str(out))
+    # `mixtral-ft push` renders the same card, titled by the repo id and loading it
     assert (
-        render_card(out, "adapter", "org/name")
-        .replace("# org/name", f"# {out.name}")
-        .replace('"org/name"', f'"{out.name}"')
+        render_card(out, "adapter", "org/name").replace("# org/name", f"# {out.name}").replace('"org/name"', f'"{out}"')
         == card
     )
 
