@@ -12,6 +12,7 @@ Each command is one plain function in commands.py.
     mixtral-ft chat MODEL [--prompt TEXT|--web]  talk to a model, adapter or merged model (REPL, one shot, browser)
     mixtral-ft eval OUTPUT_DIR_OR_RECIPE         held-out loss/perplexity, base vs adapter; eval.json
     mixtral-ft plan RECIPE [--gpu-mem GiB]       predict peak GPU memory without loading the model
+    mixtral-ft bench [--batch N ...]             throughput and memory of full-width Mixtral in NF4
 """
 
 from __future__ import annotations
@@ -212,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         quiet_third_party()  # before the commands import the libraries: stderr is ours (errors, progress)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone (`| head`) fails here, inside the try, not in the exit-time flush
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mixtral-ft audit tiny --json | head`: the reader left; as a shell tool, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit-time flush fails once more
+        return 128 + 13  # SIGPIPE's status
 
 
 if __name__ == "__main__":

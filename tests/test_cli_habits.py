@@ -152,3 +152,15 @@ def test_plan_marks_each_suggestion(capsys):
     advice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("advice: train.")]
     assert advice and all(line.endswith(("(fits)", "(does not fit)")) for line in advice)
     assert any(line.endswith("(does not fit)") for line in advice)
+
+
+def test_a_closed_pipe_on_stdout_is_no_traceback():
+    """`mixtral-ft validate ... | head -0`: the reader is gone before the command writes."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "mixtral_ft.cli", "validate", TINY]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
