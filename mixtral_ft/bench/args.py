@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
 
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.grouped_gemm import compile_problem
+from mixtral_ft.model.load import check_device
 
 OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
 DESCRIPTION = "Throughput and memory of full-width Mixtral built straight into NF4 (our model; peers: benchmarks/)."
@@ -75,6 +77,15 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         values = getattr(args, name)
         if min(values if isinstance(values, list) else [values]) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if args.seq < 2:  # one token has no next token to predict: the loss is NaN, and JSON has no NaN
+        raise UserError("--seq must be at least 2 (a causal LM needs a next token to score)")
+    if args.warmup < 0:
+        raise UserError("--warmup must be 0 or more (untimed steps before the timed ones)")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UserError("--lora-dropout must be in [0, 1), e.g. 0.05")
+    if args.tag is not None and not re.fullmatch(r"[\w+-][\w.+-]*", args.tag):
+        raise UserError(f"--tag '{args.tag}' becomes part of a file name: use letters, digits, '-' or '_'")
+    check_device(args.device)  # a typo or a missing GPU: one line now, not a traceback once the run starts
     if args.tiny:
         args.seq, args.layers = min(args.seq, 256), 2
     if not 0 <= args.skip_checkpoint_layers <= args.layers:
