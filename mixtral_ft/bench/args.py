@@ -73,18 +73,7 @@ def build_parser(prog: str = "mixtral-ft bench", description: str | None = None)
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Reject bad options with a UserError (one line, exit 2) and gather the levers."""
-    for name in ("layers", "batch", "seq", "steps"):
-        values = getattr(args, name)
-        if min(values if isinstance(values, list) else [values]) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.seq < 2:  # one token has no next token to predict: the loss is NaN, and JSON has no NaN
-        raise UserError("--seq must be at least 2 (a causal LM needs a next token to score)")
-    if args.warmup < 0:
-        raise UserError("--warmup must be 0 or more (untimed steps before the timed ones)")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise UserError("--lora-dropout must be in [0, 1), e.g. 0.05")
-    if args.tag is not None and not re.fullmatch(r"[\w+-][\w.+-]*", args.tag):
-        raise UserError(f"--tag '{args.tag}' becomes part of a file name: use letters, digits, '-' or '_'")
+    _check_numbers(args)
     check_device(args.device)  # a typo or a missing GPU: one line now, not a traceback once the run starts
     if args.tiny:
         args.seq, args.layers = min(args.seq, 256), 2
@@ -108,6 +97,21 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         "compile": args.compile,
     }
     return args
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("layers", "batch", "seq", "steps"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.seq < 2:  # one token has no next token to predict: the loss is NaN, and JSON has no NaN
+        raise UserError("--seq must be at least 2 (a causal LM needs a next token to score)")
+    if args.warmup < 0:
+        raise UserError("--warmup must be 0 or more (untimed steps before the timed ones)")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UserError("--lora-dropout must be in [0, 1), e.g. 0.05")
+    if args.tag is not None and not re.fullmatch(r"[\w+-][\w.+-]*", args.tag):
+        raise UserError(f"--tag '{args.tag}' becomes part of a file name: use letters, digits, '-' or '_'")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
