@@ -89,10 +89,11 @@ def cmd_audit(args) -> int:
     from mixtral_ft.model.load import apply_lora, load_model, load_recipe_model
 
     target = args.model_or_recipe
-    if target.endswith((".yaml", ".yml")):
+    if target.lower().endswith((".yaml", ".yml")):
         from mixtral_ft.recipe import load_recipe
 
-        recipe = load_recipe(target, args.overrides)
+        flag = ["model.quantize_experts=false"] if args.bf16_experts else []  # the flag, last, wins
+        recipe = load_recipe(target, [*args.overrides, *flag])
         model = apply_lora(load_recipe_model(recipe.model), recipe.lora, adapter=recipe.model.adapter)
     else:
         if args.overrides:
