@@ -76,6 +76,8 @@ def cmd_validate(args) -> int:
     failed = 0
     for path in args.recipes:
         try:
+            if "=" in path and not Path(path).exists():  # train's habit: `validate R key=value`
+                raise UserError(f"'{path}' is an override, not a recipe: validate takes it as --set {path}")
             load_recipe(path, args.overrides)
             print(f"ok: {path}")
         except UserError as exc:

@@ -48,6 +48,8 @@ TOKEN_PATTERNS = (
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe '{path}' is a folder: pass a YAML recipe file, e.g. recipes/tiny.yaml")
     if not path.is_file():
         raise UserError(f"recipe file '{path}' not found: pass the path of a YAML recipe, e.g. recipes/tiny.yaml")
     try:
