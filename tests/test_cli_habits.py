@@ -134,3 +134,12 @@ def test_plan_marks_each_suggestion(capsys):
     advice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("advice: train.")]
     assert advice and all(line.endswith(("(fits)", "(does not fit)")) for line in advice)
     assert any(line.endswith("(does not fit)") for line in advice)
+
+
+@pytest.mark.parametrize("command", ["train", "audit", "plan"])
+def test_a_missing_recipe_is_named_alone(command, capsys):
+    """argparse listed the optional overrides as required too: "required: recipe, overrides"."""
+    with pytest.raises(SystemExit) as stop:
+        main([command])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "required:" in err and "overrides" not in err.splitlines()[-1]
