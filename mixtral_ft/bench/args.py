@@ -79,6 +79,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         args.seq, args.layers = min(args.seq, 256), 2
     if not 0 <= args.skip_checkpoint_layers <= args.layers:
         raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
+    _check_cpu_size(args)
     if args.liger and not args.device.startswith("cuda"):
         raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
     if args.liger and importlib.util.find_spec("liger_kernel") is None:
@@ -97,6 +98,23 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         "compile": args.compile,
     }
     return args
+
+
+def _check_cpu_size(args: argparse.Namespace) -> None:
+    """Full-width Mixtral on a CPU (the default on a machine without CUDA) would run for hours or be OOM-killed."""
+    if args.tiny or not args.device.startswith("cpu"):
+        return
+    from mixtral_ft.model.shapes import mixtral_config
+    from mixtral_ft.plan.fit_check import CPU_LIMIT_GIB
+    from mixtral_ft.plan.peak import Dims, Run, estimate
+
+    run = Run(max(args.batch), args.seq, dtype_bytes=4, checkpointing=not args.no_checkpointing, loop="plain")
+    need = estimate(Dims.of(mixtral_config(args.layers)), run).peak / 2**30
+    if need > CPU_LIMIT_GIB:
+        raise UserError(
+            f"full-width Mixtral at --layers {args.layers} needs about {need:.0f} GiB (plan) and runs on the CPU here: "
+            "add --tiny for a CPU smoke run, or run it on a CUDA GPU (--device cuda)"
+        )
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

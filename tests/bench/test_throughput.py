@@ -174,6 +174,15 @@ def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
     assert (tmp_path / "taken").read_text() == "kept\n"
 
 
+def test_full_width_mixtral_on_cpu_is_refused(tmp_path, capsys):
+    """`mixtral-ft bench` on a machine without CUDA built full Mixtral on the CPU: hours, or an OOM kill."""
+    assert main(["bench", "--device", "cpu", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: full-width Mixtral at --layers 32 needs about")
+    assert "--tiny" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_earlier_result_of_the_same_name_is_kept(tmp_path):
     args = bench.parse_args([*SMOKE, "--out-dir", str(tmp_path), "--tag", "t"])
     report = bench.new_report(args, CPU)
