@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune as a recipe says")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lora.r=8 train.max_steps=5")
+    p.add_argument(
+        "overrides", nargs="*", default=[], help="dotted.key=value overrides, e.g. lora.r=8 train.max_steps=5"
+    )
     p.add_argument("--num-processes", type=int, metavar="N", help="processes (GPUs) via accelerate (default: 1)")
     p.add_argument("--accelerate-config", metavar="PATH", help="e.g. accelerate_configs/fsdp_qlora.yaml")
     p.add_argument(
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="show what is 4-bit, what trains, what it weighs; exit 1 on failure")
     p.add_argument("model_or_recipe", help="model (tiny, folder, hub id) or a recipe (with its LoRA)")
-    p.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="recipe overrides, key=value")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--bf16-experts", action="store_true", help="load experts in bf16 (quantize_experts: false)")
     p.set_defaults(func=commands.cmd_audit)
@@ -163,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if it does not fit"
     )
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/oasst.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.per_device_train_batch_size=8")
+    p.add_argument(
+        "overrides", nargs="*", default=[], help="dotted.key=value overrides, e.g. train.per_device_train_batch_size=8"
+    )
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default: 80)")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs the run is spread over (DDP)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -76,6 +76,8 @@ def cmd_validate(args) -> int:
     failed = 0
     for path in args.recipes:
         try:
+            if "=" in path and not Path(path).exists():  # train's habit: `validate R key=value`
+                raise UserError(f"'{path}' is an override, not a recipe: validate takes it as --set {path}")
             load_recipe(path, args.overrides)
             print(f"ok: {path}")
         except UserError as exc:
@@ -89,10 +91,11 @@ def cmd_audit(args) -> int:
     from mixtral_ft.model.load import apply_lora, load_model, load_recipe_model
 
     target = args.model_or_recipe
-    if target.endswith((".yaml", ".yml")):
+    if target.lower().endswith((".yaml", ".yml")):
         from mixtral_ft.recipe import load_recipe
 
-        recipe = load_recipe(target, args.overrides)
+        flag = ["model.quantize_experts=false"] if args.bf16_experts else []  # the flag, last, wins
+        recipe = load_recipe(target, [*args.overrides, *flag])
         model = apply_lora(load_recipe_model(recipe.model), recipe.lora, adapter=recipe.model.adapter)
     else:
         if args.overrides:

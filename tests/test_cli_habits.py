@@ -164,3 +164,11 @@ def test_a_closed_pipe_on_stdout_is_no_traceback():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+@pytest.mark.parametrize("command", ["train", "audit", "plan"])
+def test_a_missing_recipe_is_named_alone(command, capsys):
+    """argparse listed the optional overrides as required too: "required: recipe, overrides"."""
+    assert main([command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "are required: " in err[0] and "overrides" not in err[0], err

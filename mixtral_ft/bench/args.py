@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
 
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.grouped_gemm import compile_problem
+from mixtral_ft.model.load import check_device
 
 OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
 DESCRIPTION = "Throughput and memory of full-width Mixtral built straight into NF4 (our model; peers: benchmarks/)."
@@ -71,14 +73,13 @@ def build_parser(prog: str = "mixtral-ft bench", description: str | None = None)
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Reject bad options with a UserError (one line, exit 2) and gather the levers."""
-    for name in ("layers", "batch", "seq", "steps"):
-        values = getattr(args, name)
-        if min(values if isinstance(values, list) else [values]) < 1:
-            raise UserError(f"--{name} must be at least 1")
+    _check_numbers(args)
+    check_device(args.device)  # a typo or a missing GPU: one line now, not a traceback once the run starts
     if args.tiny:
         args.seq, args.layers = min(args.seq, 256), 2
     if not 0 <= args.skip_checkpoint_layers <= args.layers:
         raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
+    _check_cpu_size(args)
     if args.liger and not args.device.startswith("cuda"):
         raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
     if args.liger and importlib.util.find_spec("liger_kernel") is None:
@@ -97,6 +98,38 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         "compile": args.compile,
     }
     return args
+
+
+def _check_cpu_size(args: argparse.Namespace) -> None:
+    """Full-width Mixtral on a CPU (the default on a machine without CUDA) would run for hours or be OOM-killed."""
+    if args.tiny or not args.device.startswith("cpu"):
+        return
+    from mixtral_ft.model.shapes import mixtral_config
+    from mixtral_ft.plan.fit_check import CPU_LIMIT_GIB
+    from mixtral_ft.plan.peak import Dims, Run, estimate
+
+    run = Run(max(args.batch), args.seq, dtype_bytes=4, checkpointing=not args.no_checkpointing, loop="plain")
+    need = estimate(Dims.of(mixtral_config(args.layers)), run).peak / 2**30
+    if need > CPU_LIMIT_GIB:
+        raise UserError(
+            f"full-width Mixtral at --layers {args.layers} needs about {need:.0f} GiB (plan) and runs on the CPU here: "
+            "add --tiny for a CPU smoke run, or run it on a CUDA GPU (--device cuda)"
+        )
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("layers", "batch", "seq", "steps"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.seq < 2:  # one token has no next token to predict: the loss is NaN, and JSON has no NaN
+        raise UserError("--seq must be at least 2 (a causal LM needs a next token to score)")
+    if args.warmup < 0:
+        raise UserError("--warmup must be 0 or more (untimed steps before the timed ones)")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UserError("--lora-dropout must be in [0, 1), e.g. 0.05")
+    if args.tag is not None and not re.fullmatch(r"[\w+-][\w.+-]*", args.tag):
+        raise UserError(f"--tag '{args.tag}' becomes part of a file name: use letters, digits, '-' or '_'")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -210,12 +211,16 @@ def new_report(args, device: torch.device) -> dict:
 
 
 def open_result(args, report: dict) -> Path:
-    """Create --out-dir and name the result file in it."""
+    """Create --out-dir and name the result file in it (a new name: an earlier result is never overwritten)."""
     try:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out-dir {args.out_dir}: cannot create it ({exc.strerror}): pass a writable folder") from exc
-    return result_path(report, args.out_dir, args.tag)
+    first = path = result_path(report, args.out_dir, args.tag)
+    n = 2
+    while path.exists():  # an earlier run of the same day, device and tag keeps its file: this one is -2, -3, ...
+        path, n = first.with_name(f"{first.stem}-{n}.json"), n + 1
+    return path
 
 
 def run_ours(args, batch: int, device: torch.device, path: Path | None = None, layers: int | None = None) -> dict:
@@ -244,7 +249,11 @@ def record(report: dict, ours: dict) -> None:
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")  # after every batch: a later OOM keeps the earlier ones
+    # After every batch: a later OOM or Ctrl-C keeps the earlier ones; written aside and renamed, so a stop
+    # during the write cannot truncate them.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def summary(ours: dict) -> str:

@@ -21,9 +21,15 @@ from mixtral_ft.errors import UserError
 
 
 def refuse_nonempty(path: Path, what: str) -> None:
-    """UserError unless `path` is missing or an empty folder; `what` names it as the user typed it (OUT, --out)."""
+    """UserError unless `path` is missing or an empty folder in a folder we can write; `what` names it as the
+    user typed it (OUT, --out). Called before the work, which takes minutes on Mixtral."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{what} '{path}' already exists and is not empty: choose a new folder")
+    above = next(p for p in Path(os.path.abspath(path)).parents if p.exists())  # where the folder will be made
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(
+            f"cannot write {what} '{path}' ('{above}' is not a writable folder): choose a folder you can write to"
+        )
 
 
 STAGING = "-staging-"  # .NAME-staging-PID-xxxx: the PID tells a later run whether its owner is gone

@@ -18,6 +18,7 @@ from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
 from mixtral_ft.model.quant import DTYPES
 from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source
+from mixtral_ft.recipe import ATTENTION_TARGETS
 
 
 def default_device() -> torch.device:
@@ -192,7 +193,17 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    others = [t for t in lora.target_modules if t not in ATTENTION_TARGETS]
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:  # allow_other_targets let through a module peft cannot adapt
+        if not others:
+            raise
+        reason = str(exc).splitlines()[0].rstrip("( ")[:160]  # peft may append the module's whole repr
+        raise UserError(
+            f"lora.target_modules {others}: peft cannot put LoRA there ({reason}); adapt linear layers only "
+            "(q_proj, k_proj, v_proj, o_proj, lm_head): the router and experts stay frozen"
+        ) from None
 
 
 # One code object, the decoder layer's forward, serves every layer, and each mode needs its own graph: training,

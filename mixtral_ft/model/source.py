@@ -54,7 +54,7 @@ class ModelSource:
         if self.kind == "tiny":
             return tiny_config().to_dict()
         if self.kind == "local":
-            return json.loads((self.local_path() / "config.json").read_text())
+            return read_config(self.local_path())
         from mixtral_ft.model.hub_config import fetch_config
 
         return fetch_config(self.name, self.revision)
@@ -76,10 +76,26 @@ def model_source(name: str | Path | ModelSource, revision: str | None = None) ->
             )
         if not (path / "config.json").is_file():
             raise UserError(f"model folder '{path}' has no config.json: point model.name at a Mixtral checkpoint")
+        read_config(path)  # a broken one is one line here, not a traceback from transformers or plan
         return ModelSource(name, "local")
     if not is_repo_id(name):  # './nope' or 'runs/x/y' is a missing folder, not a Hub id to try and fail to fetch
         raise UserError(f"model '{name}' is neither a local folder nor a hub id like mistralai/Mixtral-8x7B-v0.1")
     return ModelSource(name, "hub", revision)
+
+
+def read_config(folder: Path) -> dict:
+    """`folder`'s config.json, a JSON object with a model_type; a UserError naming the folder otherwise."""
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except ValueError as exc:  # truncated, edited by hand, not UTF-8
+        raise UserError(
+            f"model folder '{folder}': config.json is not valid JSON ({exc}): copy it back from the checkpoint"
+        ) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(
+            f"model folder '{folder}': config.json has no model_type: point model.name at a Mixtral checkpoint"
+        )
+    return config
 
 
 def check_adapter_folder(adapter: str | Path, key: str = "model.adapter") -> Path:

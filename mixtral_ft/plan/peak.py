@@ -42,6 +42,13 @@ class Dims:
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         if get("model_type", "mixtral") != "mixtral":
             raise UserError(f"the model is a {get('model_type')} model: mixtral_ft fine-tunes Mixtral only")
+        shape = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+        shape += ("num_key_value_heads", "num_local_experts", "num_experts_per_tok", "vocab_size")
+        missing = [k for k in shape if not isinstance(get(k), int) or get(k) < 1]
+        if missing:  # a hand-written or truncated config.json: the estimate has nothing to go on
+            raise UserError(
+                f"the model's config.json lacks {', '.join(missing)}: point model.name at a complete Mixtral checkpoint"
+            )
         h, heads = get("hidden_size"), get("num_attention_heads")
         return cls(
             get("num_hidden_layers"),

@@ -135,6 +135,22 @@ def launch(app, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True
     return url
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """A UserError unless host:port can be bound now: gradio says so only after the model has loaded."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
+            probe.bind(address)
+    except OSError as exc:  # in use, not an address of this machine, not a host name at all
+        raise UserError(
+            f"cannot serve on {host}:{port} ({exc.strerror or exc}): choose a free --port, "
+            "and a --host this machine has (default 127.0.0.1)"
+        ) from None
+
+
 def serve_web(
     model_name: str,
     *,
@@ -151,6 +167,7 @@ def serve_web(
     if not 0 < port < 65536:
         raise UserError("--port must be in 1..65535")
     _import_gradio()  # before the (long) model load
+    check_can_listen(host, port)
     model, tokenizer, what = load_announced(
         model_name, adapter, quantize=quantize, attn_implementation=attn_implementation
     )

@@ -152,6 +152,12 @@ def test_compare_smoke_measures_us_and_both_peers(tmp_path, v4_site):
         (["--skip-checkpoint-layers", "3"], "between 0 and --layers"),
         (["--experts", "fast"], "invalid choice"),
         (["--peer-v4-site", "DIR"], "python benchmarks/compare.py"),  # the peers' flags moved out with them
+        # These were tracebacks, some only after the whole run (--tag a/b lost its results; --seq 1 wrote NaN).
+        (["--device", "foo"], "--device 'foo' is not a device"),
+        (["--warmup", "-1"], "--warmup must be 0 or more"),
+        (["--lora-dropout", "2"], "--lora-dropout must be in [0, 1)"),
+        (["--tag", "a/b"], "--tag 'a/b' becomes part of a file name"),
+        (["--seq", "1"], "--seq must be at least 2"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -166,6 +172,27 @@ def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
     assert main(["bench", *SMOKE, "--out-dir", str(tmp_path / "taken")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "kept\n"
+
+
+def test_full_width_mixtral_on_cpu_is_refused(tmp_path, capsys):
+    """`mixtral-ft bench` on a machine without CUDA built full Mixtral on the CPU: hours, or an OOM kill."""
+    assert main(["bench", "--device", "cpu", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: full-width Mixtral at --layers 32 needs about")
+    assert "--tiny" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_result_of_the_same_name_is_kept(tmp_path):
+    args = bench.parse_args([*SMOKE, "--out-dir", str(tmp_path), "--tag", "t"])
+    report = bench.new_report(args, CPU)
+    first = bench.open_result(args, report)
+    first.write_text("earlier run\n")
+    second = bench.open_result(args, report)
+    assert second == tmp_path / f"{first.stem}-2.json"
+    bench.write_report(report, second)
+    assert first.read_text() == "earlier run\n" and json.loads(second.read_text())["batch"] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])  # no partial file left
 
 
 @pytest.mark.parametrize(

@@ -105,3 +105,17 @@ def test_an_unwritable_destination_is_a_user_error(tmp_path):
     match = "cannot write --out .* choose a folder you can write to"
     with pytest.raises(UserError, match=match), staged_folder(tmp_path / "a_file" / "out", "--out"):
         pass
+
+
+def test_quantize_into_an_unwritable_place_stops_before_the_load(tmp_path, capsys):
+    """A file where OUT's parent folder should be was found only after the load (minutes on Mixtral)."""
+    from mixtral_ft.cli import main
+
+    (tmp_path / "afile").write_text("kept\n")
+    assert main(["quantize", "tiny", str(tmp_path / "afile" / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: cannot write OUT '{tmp_path / 'afile' / 'out'}' ('{tmp_path / 'afile'}' is not a writable folder): "
+        "choose a folder you can write to"
+    ]  # one line, and no "quantize: ... loading" line before it
+    assert (tmp_path / "afile").read_text() == "kept\n"

@@ -7,6 +7,7 @@ from torch import nn
 from mixtral_ft.cli import main
 from mixtral_ft.model.audit import audit_model, classify
 from mixtral_ft.model.load import load_model
+from tests.conftest import ROOT
 
 
 def fresh(tiny_dir):
@@ -57,3 +58,12 @@ def test_audit_of_a_recipe_includes_its_lora(capsys):
     # r * (in + out) per target: q and o are 64 -> 64, k and v 64 -> 32; two layers.
     assert int(lora_line.split()[-1].replace(",", "")) == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2)
     assert "audit: ok" in out
+
+
+def test_bf16_experts_flag_applies_to_a_recipe_too(tmp_path, capsys):
+    """It was silently ignored for a recipe (the audit showed NF4 experts); an upper-case .YAML is a recipe too."""
+    recipe = tmp_path / "TINY.YAML"
+    recipe.write_text((ROOT / "recipes" / "tiny.yaml").read_text())
+    assert main(["audit", str(recipe), "--bf16-experts", "--json"]) == 0
+    groups = {row["group"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert groups["experts"]["dtypes"] == ["float32"] and groups["lora"]["trainable"] > 0

@@ -1,6 +1,7 @@
 """mixtral_ft.model.load's compile helpers: the recompile limit compiled layers get, the report that proves
 the compiled path ran, and compiled layers with LoRA dropout training across lengths."""
 
+import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
@@ -8,7 +9,7 @@ import torch._inductor.config
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.model.load import RECOMPILE_LIMIT, compile_layers, compile_report
 from mixtral_ft.model.shapes import tiny_config
-from tests.conftest import requires_compile
+from tests.conftest import ROOT, requires_compile
 
 
 class Doubler(torch.nn.Module):
@@ -79,3 +80,17 @@ def test_an_adapter_whose_recipe_is_not_yaml_is_one_line_and_exit_2(tmp_path, ca
     assert main(["chat", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recipe.yaml' is not valid YAML" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "target, reason",
+    [("experts", "Target module NF4Experts"), ("gate", "does not work with lora_dropout != 0")],
+)
+def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, capsys):
+    """allow_other_targets let these through validate; audit and train then died in peft with a traceback."""
+    from mixtral_ft.cli import main
+
+    overrides = ["lora.allow_other_targets=true", f"lora.target_modules=[q_proj,{target}]"]
+    assert main(["audit", str(ROOT / "recipes" / "tiny.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: lora.target_modules ['{target}']") and reason in err[0], err

@@ -3,6 +3,7 @@
 import pytest
 
 from mixtral_ft.cli import main
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize(
@@ -32,3 +33,26 @@ def test_an_adapter_config_that_is_not_json_is_one_line_and_exit_2(command, tmp_
     assert main([command, str(adapter), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "adapter_config.json is not valid JSON" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{bad", "config.json is not valid JSON"),
+        ("[1, 2]", "config.json has no model_type"),
+        ("{}", "config.json has no model_type"),
+    ],
+)
+@pytest.mark.parametrize("command", [["audit", "{model}"], ["quantize", "{model}", "{out}"], ["plan", "{recipe}"]])
+def test_a_broken_config_json_is_one_line_and_exit_2(command, config, message, tmp_path, capsys):
+    """A truncated or hand-written config.json was a transformers traceback (plan's: a TypeError)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(config)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / "recipes" / "tiny.yaml").read_text().replace("name: tiny", f"name: {model}"))
+    argv = [a.format(model=model, out=tmp_path / "out", recipe=recipe) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and message in err[-1] and "Traceback" not in "\n".join(err), err
+    assert not (tmp_path / "out").exists()

@@ -298,3 +298,10 @@ def test_gpu_benchmark_results():
     for run in runs:
         check = compare_bench(run)
         assert abs(check["error"]) < TOLERANCE, f"{run['layers']} layers B{run['batch']}: {check}"
+
+
+def test_plan_names_what_a_mixtral_config_lacks(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral", "hidden_size": 64}')
+    assert main(["plan", str(ROOT / "recipes" / "tiny.yaml"), f"model.name={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json lacks num_hidden_layers" in err[0] and "hidden_size," not in err[0]

@@ -196,6 +196,18 @@ def test_cli_validate_reports_each_recipe(tmp_path, capsys):
     assert "unknown key 'lora.rank' (did you mean 'lora.r'?)" in err
 
 
+def test_cli_validate_names_the_fix_for_an_override_or_a_folder(capsys):
+    """`validate R lora.r=8` (train's habit) and a folder both said "recipe file ... not found"."""
+    folder = ROOT / "recipes"
+    assert main(["validate", str(TINY), "lora.r=8", str(folder)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"ok: {TINY}\n"
+    assert captured.err.splitlines() == [
+        "error: lora.r=8: 'lora.r=8' is an override, not a recipe: validate takes it as --set lora.r=8",
+        f"error: {folder}: recipe '{folder}' is a folder: pass a YAML recipe file, e.g. recipes/tiny.yaml",
+    ]
+
+
 def test_every_shipped_recipe_validates():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert len(recipes) >= 2

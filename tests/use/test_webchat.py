@@ -73,6 +73,19 @@ def test_bad_port_is_a_user_error(capsys):
     assert "--port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "999.1.1.1"])
+def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_load(host, capsys):
+    """Both were gradio's OSError traceback ("Cannot find empty port"), after the model had loaded."""
+    pytest.importorskip("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["chat", "tiny", "--web", "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot serve on {host}:{port}"), err  # nothing loaded
+
+
 def test_web_and_prompt_do_not_mix(capsys):
     assert main(["chat", "tiny", "--web", "--prompt", "hi"]) == 2
     assert "--web" in capsys.readouterr().err
