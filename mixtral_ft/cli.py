@@ -22,13 +22,8 @@ import os
 import sys
 
 from mixtral_ft import commands
-from mixtral_ft.errors import UserError
+from mixtral_ft.errors import OneLineParser, UserError
 from mixtral_ft.quiet import quiet_third_party
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print its usage too: a bad flag is one line and exit 2, like all input
-        raise UserError(f"{message}: see `{self.prog} --help`")
 
 
 def _add_attn_flag(p) -> None:
@@ -50,7 +45,7 @@ def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from mixtral_ft import __version__
 
-    parser = _Parser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
+    parser = OneLineParser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
     parser.add_argument("--version", action="version", version=f"mixtral-ft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mixtral_ft.errors import UserError
+from mixtral_ft.errors import OneLineParser, UserError
 from mixtral_ft.model.grouped_gemm import compile_problem
 from mixtral_ft.model.load import check_device
 
@@ -20,10 +20,10 @@ OUT_DIR = Path("bench-results")  # relative: under the current folder, never nex
 DESCRIPTION = "Throughput and memory of full-width Mixtral built straight into NF4 (our model; peers: benchmarks/)."
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 through the CLI, like every other bad option
+class _Parser(OneLineParser):
+    def error(self, message):
         hint = " (the peers are measured by python benchmarks/compare.py)" if "--peer-" in message else ""
-        raise UserError(f"{message}{hint}: see {self.prog} --help")
+        super().error(f"{message}{hint}")
 
 
 def build_parser(prog: str = "mixtral-ft bench", description: str | None = None) -> argparse.ArgumentParser:

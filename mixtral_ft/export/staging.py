@@ -25,11 +25,21 @@ def refuse_nonempty(path: Path, what: str) -> None:
     user typed it (OUT, --out). Called before the work, which takes minutes on Mixtral."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{what} '{path}' already exists and is not empty: choose a new folder")
-    above = next(p for p in Path(os.path.abspath(path)).parents if p.exists())  # where the folder will be made
-    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+    refuse_unwritable(path, what)
+
+
+def refuse_unwritable(path: Path, what: str) -> None:
+    """UserError unless `path` (a folder or a file to be made) can be created: its nearest existing ancestor is a
+    folder a file can be written in. A real probe, as os.access passes root on a read-only mount or /proc."""
+    above = next(p for p in Path(os.path.abspath(path)).parents if p.exists())  # where `path` will be made
+    try:
+        if not above.is_dir():
+            raise NotADirectoryError
+        tempfile.TemporaryFile(dir=above).close()
+    except OSError:
         raise UserError(
             f"cannot write {what} '{path}' ('{above}' is not a writable folder): choose a folder you can write to"
-        )
+        ) from None
 
 
 STAGING = "-staging-"  # .NAME-staging-PID-xxxx: the PID tells a later run whether its owner is gone

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from mixtral_ft.common import bar, say
 from mixtral_ft.errors import UserError
+from mixtral_ft.export.staging import refuse_unwritable
 from mixtral_ft.model.scoring import assistant_nll
 from mixtral_ft.model.source import check_adapter_folder
 from mixtral_ft.use.chat import GenerationSettings, Target, generate, load_for_inference
@@ -74,13 +74,7 @@ def check_report_path(path: Path) -> None:
         earlier = None
     if not (isinstance(earlier, dict) and "scores" in earlier):
         raise UserError(f"--out '{path}' exists and is not an eval report: choose a new file name")
-    try:  # a folder that cannot be written would fail only after minutes of scoring
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as exc:
-        raise UserError(
-            f"cannot write --out '{path}' ({exc.strerror or exc}): choose a folder you can write to"
-        ) from None
+    refuse_unwritable(path, "--out")  # else it would fail only after minutes of scoring
 
 
 def held_out_rows(recipe, target: Target, data_path: str | None, max_rows: int | None):
