@@ -1,5 +1,7 @@
 """peak.py's estimate, number by number: pinned outputs (so a refactor is proven byte-identical) and LoRA targets."""
 
+from pathlib import Path
+
 import pytest
 
 from mixtral_ft.model.shapes import mixtral_config, tiny_config
@@ -69,3 +71,22 @@ def test_oasst_rows_are_pinned():
         ("dequant workspace (gate_up_proj, bf16)", 1937768448),
     ]
     assert est.weights == 24483746560
+
+
+def test_lm_head_and_embed_tokens_add_their_terms_on_mixtral():
+    """SFT on Mixtral (bf16, autocast): r * (H + V) parameters each, 4 + 4 + 2 bytes (paged 8-bit Adam) apiece."""
+    run = Run(2, 2048, optim="paged_adamw_8bit")
+    both = Run(2, 2048, optim="paged_adamw_8bit", lora_targets=run.lora_targets + ("lm_head", "embed_tokens"))
+    added = estimate(BIG, both).peak - estimate(BIG, run).peak
+    assert added == 2 * 16 * (4096 + 32000) * (4 + 4 + 2) + 4096 * 16 * 2  # + embed_tokens' lora_A output (bf16)
+
+
+def test_a_target_plan_cannot_size_is_named_not_priced(capsys):
+    from mixtral_ft.cli import main
+
+    run = Run(2, 2048, lora_targets=("q_proj", "v_proj", "w1"))
+    assert estimate(BIG, run).rows == estimate(BIG, Run(2, 2048, lora_targets=("q_proj", "v_proj"))).rows
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml")
+    main(["plan", recipe, "lora.allow_other_targets=true", "lora.target_modules=[q_proj,w1,lm_head]"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "LoRA on" in line]
+    assert len(notes) == 2 and "LoRA on w1 is not counted" in notes[0] and "no gradient" in notes[1], notes
