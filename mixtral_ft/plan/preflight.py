@@ -15,7 +15,9 @@ import math
 from dataclasses import replace
 
 from mixtral_ft.errors import UserError
-from mixtral_ft.plan.peak import Dims, Estimate, Run, dtype_name, estimate, optimizer_bytes_per_param
+from mixtral_ft.plan.inputs import Dims, Run, dtype_name, optimizer_bytes_per_param
+from mixtral_ft.plan.lora import lora_notes
+from mixtral_ft.plan.peak import Estimate, estimate
 
 GIB = 2**30
 RESERVE_GIB = 1.0  # CUDA context and kernels: on the GPU but outside the allocator's count
@@ -177,6 +179,7 @@ def plan(recipe, *, gpu_mem: float = 80.0, num_gpus: int = 1) -> dict:
     est, usable = estimate(d, run), gpu_mem - RESERVE_GIB
     peak = est.peak / GIB
     notes.append("per GPU, for a batch whose longest row is max_length; shorter batches need less")
+    notes += lora_notes(run.lora_targets)
     if run.rows == 2:
         notes.append("DPO: chosen and rejected rows go through together (2 sequences per example)")
     if num_gpus > 1:

@@ -22,6 +22,7 @@ from mixtral_ft.bench.throughput import DEFAULT_LEVERS, plan_covers
 from mixtral_ft.cli import main
 from mixtral_ft.plan.peak import Dims, Run, estimate
 from mixtral_ft.plan.preflight import compare_bench
+from mixtral_ft.recipe import ATTENTION_TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
 OASST = str(ROOT / "recipes" / "oasst.yaml")
@@ -79,11 +80,11 @@ def trainer_like():
     from mixtral_ft.model.load import apply_lora
     from mixtral_ft.recipe import LoraSection
 
-    def build(config, dtype=torch.float32):
+    def build(config, dtype=torch.float32, targets=ATTENTION_TARGETS):
         model = build_random_nf4(config, torch.device("cpu"), dtype)
         model.config.use_cache = False
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does; off unless asked
-        model = apply_lora(model, LoraSection(r=16, alpha=32, dropout=0.0))
+        model = apply_lora(model, LoraSection(r=16, alpha=32, dropout=0.0, target_modules=targets))
         model.train()
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
@@ -175,6 +176,22 @@ def test_checkpointing_levers_on_a_wider_model(wider, skip, reuse):
     measured = measured_peak(model, optimizer, 2, 64, skip=skip, reuse=reuse)  # the next call resets both
     error = predicted(config, 2, 64, skip_layers=skip, reuse_dequantized=reuse) / measured - 1
     assert abs(error) < TOLERANCE, f"skip={skip} reuse={reuse}: off by {error:+.1%}"
+
+
+# lora.allow_other_targets: LoRA beyond the attention. Each adds r * (in + out) parameters: fp32 weights, Adam's
+# two states and (counted whole, though this measurement frees them between steps) fp32 gradients; lm_head keeps
+# its input and lora_A's output until its backward, embed_tokens lora_A's output. Plan ignored them before.
+@pytest.mark.parametrize(
+    "target, width", [("lm_head", 64 + 32000), ("embed_tokens", 32000 + 64), ("gate", 2 * (64 + 4))]
+)
+def test_lora_beyond_attention_adds_what_it_measures(tiny, trainer_like, target, width):
+    config, model, optimizer = tiny
+    grads = 4 * 16 * width  # fp32, r = 16
+    base = measured_peak(model, optimizer, 2, 128)
+    other = measured_peak(*trainer_like(config, targets=ATTENTION_TARGETS + (target,)), 2, 128)
+    targets = ATTENTION_TARGETS + (target,)
+    added = predicted(config, 2, 128, lora_targets=targets) - predicted(config, 2, 128)
+    assert abs(added - (other - base + grads)) < 0.01 * added, f"{target}: plan adds {added}, measured {other - base}"
 
 
 def test_peft_keeps_lora_fp32_on_a_bf16_nf4_base():
