@@ -18,7 +18,7 @@ from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
 from mixtral_ft.model.quant import DTYPES
 from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source
-from mixtral_ft.recipe import ATTENTION_TARGETS
+from mixtral_ft.recipe import ATTENTION_TARGETS, LM_HEAD_BYPASSED
 
 
 def default_device() -> torch.device:
@@ -184,7 +184,7 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
 
     if adapter:
         check_adapter_folder(adapter)
-        return load_adapter(model, adapter, is_trainable=True)
+        return _refuse_lm_head_lora(load_adapter(model, adapter, is_trainable=True), f"model.adapter '{adapter}'")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -202,8 +202,17 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
         reason = str(exc).splitlines()[0].rstrip("( ")[:160]  # peft may append the module's whole repr
         raise UserError(
             f"lora.target_modules {others}: peft cannot put LoRA there ({reason}); adapt linear layers only "
-            "(q_proj, k_proj, v_proj, o_proj, lm_head): the router and experts stay frozen"
+            "(q_proj, k_proj, v_proj, o_proj): the router and experts stay frozen"
         ) from None
+
+
+def _refuse_lm_head_lora(model, where: str):
+    """A LoRA on the output head, from an adapter trained elsewhere, would sit idle through training."""
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(model.get_output_embeddings(), LoraLayer):
+        raise UserError(f"{where} puts LoRA on lm_head: {LM_HEAD_BYPASSED}; continue from an adapter without it")
+    return model
 
 
 # One code object, the decoder layer's forward, serves every layer, and each mode needs its own graph: training,

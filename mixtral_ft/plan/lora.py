@@ -34,12 +34,11 @@ def unsized_targets(targets: tuple[str, ...]) -> list[str]:
 
 
 def lora_notes(targets: tuple[str, ...]) -> list[str]:
-    """What plan says about targets beyond the attention: those it leaves out, and lm_head's under TRL."""
+    """What plan says about targets beyond the attention: those it leaves out of the estimate.
+
+    lm_head is sized for completeness, though recipes refuse it while TRL's fused LM head bypasses its LoRA."""
     unsized, sized = unsized_targets(targets), ", ".join(ATTENTION_TARGETS + MODEL_TARGETS)
-    notes = [f"LoRA on {', '.join(unsized)} is not counted in this estimate: plan sizes {sized}"] if unsized else []
-    if "lm_head" in targets:  # TRL's fused LM head (SFT and DPO) projects with lm_head.weight, the base weight
-        notes.append("LoRA on lm_head is counted, but TRL's fused LM head uses lm_head.weight: it gets no gradient")
-    return notes
+    return [f"LoRA on {', '.join(unsized)} is not counted in this estimate: plan sizes {sized}"] if unsized else []
 
 
 def lora_params(d: Dims, run: Run, s: Step, *, per_layer: bool = False) -> int:

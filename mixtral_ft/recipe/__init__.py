@@ -8,6 +8,7 @@
 from mixtral_ft.recipe.rules import (
     ATTENTION_TARGETS,
     ATTN_IMPLEMENTATIONS,
+    LM_HEAD_BYPASSED,
     PREFERENCE_FORMATS,
     SFT_FORMATS,
     check_trainer_names,
@@ -26,6 +27,7 @@ from mixtral_ft.recipe.sections import (
 __all__ = [
     "ATTENTION_TARGETS",
     "ATTN_IMPLEMENTATIONS",
+    "LM_HEAD_BYPASSED",
     "PREFERENCE_FORMATS",
     "SFT_FORMATS",
     "DataSection",

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from mixtral_ft.recipe.sections import Recipe
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# TRL's SFT and DPO trainers score through a fused LM head that multiplies by lm_head.weight itself (trl
+# add_fused_lm_head, 1.x), so a LoRA on lm_head gets no gradient in training yet changes chat and eval.
+LM_HEAD_BYPASSED = "TRL's fused LM head projects with the base lm_head weight, so LoRA there would never train"
 SFT_FORMATS = ("messages", "sharegpt", "chatml", "alpaca", "prompt_completion")  # data.format (data/formats.py)
 PREFERENCE_FORMATS = ("preference", "implicit_prompt")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -71,6 +74,11 @@ def check_recipe(recipe: Recipe) -> None:
         "lora.target_modules",
         f"has {others}: only {list(ATTENTION_TARGETS)} are supported (router and experts stay frozen); "
         "set lora.allow_other_targets: true to override",
+    )
+    _need(
+        "lm_head" not in lo.target_modules,
+        "lora.target_modules",
+        f"has lm_head: {LM_HEAD_BYPASSED}; drop lm_head from the list",
     )
     _need(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", "must be > 0, or -1 to train by epochs")
     _need(t.num_train_epochs > 0, "train.num_train_epochs", "must be > 0")

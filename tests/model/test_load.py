@@ -94,3 +94,42 @@ def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, capsy
     assert main(["audit", str(ROOT / "recipes" / "tiny.yaml"), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: lora.target_modules ['{target}']") and reason in err[0], err
+
+
+def test_trl_fused_head_gives_lm_head_lora_no_gradient(tiny_dir):
+    """Why lora.target_modules refuses lm_head: TRL's fused LM head multiplies by the base weight. If TRL ever
+    routes it through the LoRA, this fails and the refusal (recipe/rules.py, load.py) can go."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from mixtral_ft.model.load import load_model
+
+    torch.manual_seed(0)
+    base = load_model(tiny_dir, device="cpu")
+    add_fused_lm_head(base)  # as TRL's SFT and DPO trainers do, before peft
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    ids = torch.randint(3, 100, (1, 12))
+    model(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
+    head_lora = [p for n, p in model.named_parameters() if "lm_head.lora_" in n]
+    attention_lora = [p for n, p in model.named_parameters() if "q_proj.lora_" in n]
+    assert head_lora and all(p.grad is None for p in head_lora)
+    assert attention_lora and all(p.grad is not None for p in attention_lora)
+
+
+def test_continuing_an_adapter_with_lm_head_lora_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from mixtral_ft.cli import main
+    from mixtral_ft.model.load import load_model
+
+    adapter = tmp_path / "foreign_adapter"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    get_peft_model(load_model(tiny_dir, device="cpu"), config).save_pretrained(adapter)
+    out = tmp_path / "run"
+    assert (
+        main(["train", str(ROOT / "recipes" / "tiny.yaml"), f"model.adapter={adapter}", f"train.output_dir={out}"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "puts LoRA on lm_head" in err[0] and "fused LM head" in err[0], err
+    assert not out.exists() or not any(out.iterdir())

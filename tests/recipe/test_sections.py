@@ -164,8 +164,14 @@ def test_bad_recipes_name_the_key(overrides, key, fix):
 
 
 def test_allow_other_targets_opts_in():
-    recipe = load_recipe(TINY, ["lora.target_modules=[q_proj,lm_head]", "lora.allow_other_targets=true"])
-    assert "lm_head" in recipe.lora.target_modules
+    recipe = load_recipe(TINY, ["lora.target_modules=[q_proj,embed_tokens]", "lora.allow_other_targets=true"])
+    assert "embed_tokens" in recipe.lora.target_modules
+
+
+def test_lm_head_is_refused_even_with_allow_other_targets():
+    """TRL's fused LM head bypasses it in training (tests/model/test_load.py shows it), yet chat would apply it."""
+    with pytest.raises(UserError, match="lora.target_modules.*fused LM head.*drop lm_head"):
+        load_recipe(TINY, ["lora.target_modules=[q_proj,lm_head]", "lora.allow_other_targets=true"])
 
 
 def test_missing_and_malformed_files(tmp_path):
