@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.bench import steps
-from mixtral_ft.bench.args import OUT_DIR, parse_args
+from mixtral_ft.bench.args import OUT_DIR, model_config, parse_args
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.load import compile_layers, compile_report
 from mixtral_ft.model.loader import build_skeleton, finish_model
 from mixtral_ft.model.quant import NF4Experts, configure_experts, quantize_nf4
-from mixtral_ft.model.shapes import mixtral_config
+from mixtral_ft.model.shapes import mixtral_config  # noqa: F401 (tests/model/test_grouped_gemm.py reaches it here)
 
 DEFAULT_LEVERS = {
     "checkpointing": True,
@@ -115,11 +115,10 @@ def run_benchmark(
     profile_to: Path | None = None,
 ) -> dict:
     from mixtral_ft.model.load import resolve_compute_dtype
-    from mixtral_ft.model.shapes import tiny_config
 
     levers = DEFAULT_LEVERS | (levers or {})
     dtype = resolve_compute_dtype("auto", device)
-    config = tiny_config() if tiny else mixtral_config(layers)
+    config = model_config(tiny, layers)
     steps.reset_peak(device)
     started = time.perf_counter()
     model = build_random_nf4(config, device, dtype)
@@ -166,9 +165,7 @@ def result_path(result: dict, out_dir: Path = OUT_DIR, tag: str | None = None) -
 
 def bench_config(args, layers: int):
     """The model config a run measures at `layers` deep: full-width Mixtral, or the tiny one with --tiny."""
-    from mixtral_ft.model.shapes import tiny_config
-
-    return tiny_config(num_hidden_layers=layers) if args.tiny else mixtral_config(layers)
+    return model_config(args.tiny, layers)
 
 
 def free_memory(device: torch.device) -> None:
