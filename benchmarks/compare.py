@@ -23,6 +23,7 @@ import torch
 
 from mixtral_ft.bench import args as bench_args
 from mixtral_ft.bench import throughput as bench
+from mixtral_ft.bench.results import recording
 from mixtral_ft.errors import UserError
 
 
@@ -111,10 +112,11 @@ def compare(argv: list[str] | None) -> int:
     config = bench.bench_config(args, args.layers)
     report = bench.new_report(args, device) | {"peers": {}}
     path = bench.open_result(args, report)
-    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder:
-        for batch in args.batch:  # ours, then the peers; the file is rewritten after each batch
+    # the file is rewritten after each batch; a stop says why in it (complete: false) and keeps what was measured
+    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder, recording(report, path):
+        for batch in args.batch:  # ours, then the peers
             ours = bench.run_ours(args, batch, device, path)
-            bench.record(report, ours)
+            bench.record(report, ours)  # kept even if a peer then fails: the file is written below or on the stop
             # the stock peer's random checkpoint is written into `folder` once, then reused for every batch
             for name, figures in run_peers(args, config, batch, device, dtype, ours, Path(folder)).items():
                 report["peers"].setdefault(name, []).append(figures)
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # bad options: one line, exit 2, as the mixtral-ft CLI does
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:  # said in one line, and in the file, by recording(): no traceback
+        return 1
 
 
 if __name__ == "__main__":

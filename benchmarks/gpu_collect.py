@@ -5,7 +5,9 @@
 Every file is renamed `<date>-<gpu>-<name>` (bench's result files already are), so results of several sessions
 sit side by side and tests/plan/test_preflight.py checks `plan` against each bench run at default levers. Then it
 prints the figures benchmarks/NOTES.md needs: each bench run's tok/s and peak beside plan's prediction (where
-plan models its levers), our speed-up over each peer, and whether the checks and the training stage passed.
+plan models its levers), our speed-up over each peer, and whether the checks and the training stage passed. A bench
+file that is not `complete` (a stage stopped at the budget, an OOM, Ctrl-C) is flagged PARTIAL, with why and the
+batches it lacks.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def bench_lines(report: dict, tag: str) -> list[str]:
     from mixtral_ft.bench.throughput import plan_covers
     from mixtral_ft.plan.preflight import compare_bench
 
-    lines = []
+    lines = [] if report.get("complete") else [f"{tag:28} PARTIAL: {stop_note(report)}"]
     for run in report.get("runs", []):
         plan = compare_bench(run) if plan_covers(run["levers"]) else None
         predicted = f", plan {plan['predicted_gib']:.1f} GiB ({plan['error']:+.1%})" if plan else ""
@@ -65,6 +67,14 @@ def bench_lines(report: dict, tag: str) -> list[str]:
             )
             lines.append(f"{'  peer ' + name:28} B{batch}: {figures or peer.get('error') or peer.get('skipped')}")
     return lines
+
+
+def stop_note(report: dict) -> str:
+    """Why a result file is not complete: its own `stopped`, else it was killed outright (or predates the key)."""
+    if "complete" not in report:
+        return "written by a bench that did not mark complete files; the batch list may be cut short"
+    pending = ", ".join(f"B{b}" for b in report.get("pending", [])) or "none"
+    return f"{report.get('stopped') or 'killed with no word (SIGKILL, the OOM killer)'}; not measured: {pending}"
 
 
 def summary(written: list[Path]) -> list[str]:

@@ -17,6 +17,10 @@ from mixtral_ft.model.grouped_gemm import compile_problem
 from mixtral_ft.model.load import check_device
 
 OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
+# --layers and --seq when not given: Mixtral-8x7B's depth at 2048 tokens; the tiny model's depth at a length a
+# CPU steps through in seconds. Explicit values are always measured as given.
+FULL_DEFAULTS = {"layers": 32, "seq": 2048}
+TINY_DEFAULTS = {"layers": 2, "seq": 256}
 DESCRIPTION = "Throughput and memory of full-width Mixtral built straight into NF4 (our model; peers: benchmarks/)."
 
 
@@ -29,9 +33,10 @@ class _Parser(OneLineParser):
 def build_parser(prog: str = "mixtral-ft bench", description: str | None = None) -> argparse.ArgumentParser:
     """Our options; benchmarks/compare.py adds the peers' to the same parser."""
     parser = _Parser(prog=prog, description=description or DESCRIPTION)
-    parser.add_argument("--layers", type=int, default=32)
+    # None: the model's default (FULL or TINY below), filled in by check_args once --tiny is known
+    parser.add_argument("--layers", type=int, help="decoder layers (default: 32, with --tiny 2)")
     parser.add_argument("--batch", type=int, nargs="+", default=[2])
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default: 2048, with --tiny 256)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,13 +77,14 @@ def build_parser(prog: str = "mixtral-ft bench", description: str | None = None)
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Reject bad options with a UserError (one line, exit 2) and gather the levers."""
+    """Fill --layers/--seq defaults, reject bad options with a UserError (one line, exit 2), gather the levers."""
+    for name, default in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     _check_numbers(args)
     check_device(args.device)  # a typo or a missing GPU: one line now, not a traceback once the run starts
-    if args.tiny:
-        args.seq, args.layers = min(args.seq, 256), 2
-    if not 0 <= args.skip_checkpoint_layers <= args.layers:
-        raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
+    _check_context(args)
+    _check_levers(args)
     _check_cpu_size(args)
     if args.liger and not args.device.startswith("cuda"):
         raise UserError("--liger runs Triton kernels and needs a CUDA GPU: drop --liger on CPU")
@@ -100,21 +106,58 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def model_config(tiny: bool, layers: int):
+    """The config a run measures: full-width Mixtral, or the tiny one with --tiny, `layers` deep either way."""
+    from mixtral_ft.model.shapes import mixtral_config, tiny_config
+
+    return tiny_config(num_hidden_layers=layers) if tiny else mixtral_config(layers)
+
+
+def _check_context(args: argparse.Namespace) -> None:
+    # Past max_position_embeddings the rotary positions run on, but no Mixtral was trained there: a figure for a
+    # context the model does not have.
+    limit = model_config(args.tiny, 1).max_position_embeddings
+    if args.seq > limit:
+        model = "the tiny model's" if args.tiny else "Mixtral-8x7B's"
+        raise UserError(
+            f"--seq {args.seq} is past {model} context (max_position_embeddings {limit}): pass --seq {limit} or less"
+        )
+
+
+def _check_levers(args: argparse.Namespace) -> None:
+    if not 0 <= args.skip_checkpoint_layers <= args.layers:
+        raise UserError(f"--skip-checkpoint-layers must be between 0 and --layers ({args.layers})")
+    # As train.reuse_dequantized / skip_checkpoint_layers: without checkpointing there is no recompute to act on,
+    # and the result file would name a lever that was not measured.
+    for flag, on in (
+        ("--reuse-dequantized", args.reuse_dequantized),
+        ("--skip-checkpoint-layers", args.skip_checkpoint_layers),
+    ):
+        if on and args.no_checkpointing:
+            raise UserError(f"{flag} acts on checkpointed layers only: drop it or --no-checkpointing")
+
+
 def _check_cpu_size(args: argparse.Namespace) -> None:
-    """Full-width Mixtral on a CPU (the default on a machine without CUDA) would run for hours or be OOM-killed."""
-    if args.tiny or not args.device.startswith("cpu"):
+    """A run that plan says needs more than a CPU has (full-width Mixtral, the default on a machine without CUDA,
+    or a tiny one at a huge batch or length) would run for hours or be OOM-killed: refused before it starts."""
+    if not args.device.startswith("cpu"):
         return
-    from mixtral_ft.model.shapes import mixtral_config
     from mixtral_ft.plan.fit_check import CPU_LIMIT_GIB
     from mixtral_ft.plan.peak import Dims, Run, estimate
 
     run = Run(max(args.batch), args.seq, dtype_bytes=4, checkpointing=not args.no_checkpointing, loop="plain")
-    need = estimate(Dims.of(mixtral_config(args.layers)), run).peak / 2**30
-    if need > CPU_LIMIT_GIB:
+    need = estimate(Dims.of(model_config(args.tiny, args.layers)), run).peak / 2**30
+    if need <= CPU_LIMIT_GIB:
+        return
+    if args.tiny:
         raise UserError(
-            f"full-width Mixtral at --layers {args.layers} needs about {need:.0f} GiB (plan) and runs on the CPU here: "
-            "add --tiny for a CPU smoke run, or run it on a CUDA GPU (--device cuda)"
+            f"the tiny model at --layers {args.layers} --batch {max(args.batch)} --seq {args.seq} needs about "
+            f"{need:.0f} GiB (plan) on the CPU here, over {CPU_LIMIT_GIB:.0f}: lower --batch, --seq or --layers"
         )
+    raise UserError(
+        f"full-width Mixtral at --layers {args.layers} needs about {need:.0f} GiB (plan) and runs on the CPU here: "
+        "add --tiny for a CPU smoke run, or run it on a CUDA GPU (--device cuda)"
+    )
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

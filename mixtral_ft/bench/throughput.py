@@ -7,29 +7,26 @@ No 93 GB checkpoint is needed: each weight is drawn on the device and quantized 
 costs one layer of bf16 experts at a time. Then QLoRA steps run through `mixtral_ft.bench.steps`, and one
 result file per run is written to `<out-dir>/<date>-<device>[-<tag>].json` (default out-dir: ./bench-results
 in the current folder): tok/s, step time, peak memory and HFU (against a bf16 matmul peak measured in the
-same run) for each batch. The speed levers of benchmarks/NOTES.md are options, so each can be measured on
-its own. The peers (transformers 4.57 and stock transformers 5) are measured beside ours by
-benchmarks/compare.py, outside the package, which reuses these functions.
+same run) for each batch, and whether the run completed (`mixtral_ft.bench.results`). The speed levers of
+benchmarks/NOTES.md are options, so each can be measured on its own. The peers (transformers 4.57 and stock
+transformers 5) are measured beside ours by benchmarks/compare.py, outside the package, which reuses these functions.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from mixtral_ft.bench import steps
-from mixtral_ft.bench.args import OUT_DIR, parse_args
-from mixtral_ft.errors import UserError
+from mixtral_ft.bench.args import model_config, parse_args
+from mixtral_ft.bench.results import new_report, open_result, record, recording, write_report
 from mixtral_ft.model.load import compile_layers, compile_report
 from mixtral_ft.model.loader import build_skeleton, finish_model
 from mixtral_ft.model.quant import NF4Experts, configure_experts, quantize_nf4
-from mixtral_ft.model.shapes import mixtral_config
+from mixtral_ft.model.shapes import mixtral_config  # noqa: F401 (tests/model/test_grouped_gemm.py reaches it here)
 
 DEFAULT_LEVERS = {
     "checkpointing": True,
@@ -115,11 +112,10 @@ def run_benchmark(
     profile_to: Path | None = None,
 ) -> dict:
     from mixtral_ft.model.load import resolve_compute_dtype
-    from mixtral_ft.model.shapes import tiny_config
 
     levers = DEFAULT_LEVERS | (levers or {})
     dtype = resolve_compute_dtype("auto", device)
-    config = tiny_config() if tiny else mixtral_config(layers)
+    config = model_config(tiny, layers)
     steps.reset_peak(device)
     started = time.perf_counter()
     model = build_random_nf4(config, device, dtype)
@@ -159,16 +155,9 @@ def run_benchmark(
     }
 
 
-def result_path(result: dict, out_dir: Path = OUT_DIR, tag: str | None = None) -> Path:
-    device = result["device"].lower().replace(" ", "-")
-    return out_dir / f"{result['date']}-{device}{'-' + tag if tag else ''}.json"
-
-
 def bench_config(args, layers: int):
     """The model config a run measures at `layers` deep: full-width Mixtral, or the tiny one with --tiny."""
-    from mixtral_ft.model.shapes import tiny_config
-
-    return tiny_config(num_hidden_layers=layers) if args.tiny else mixtral_config(layers)
+    return model_config(args.tiny, layers)
 
 
 def free_memory(device: torch.device) -> None:
@@ -177,50 +166,6 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def versions() -> dict:
-    import bitsandbytes
-    import peft
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
-    }
-
-
-def new_report(args, device: torch.device) -> dict:
-    """The result file's skeleton; per-batch lists follow `batch` order, `runs` keeps every detail of ours."""
-    return {
-        "date": dt.date.today().isoformat(),
-        "device": steps.device_name(device),
-        "versions": versions(),
-        "layers": args.layers,
-        "seq": args.seq,
-        "batch": args.batch,
-        "levers": args.levers,
-        "tok_per_s": [],
-        "step_s": [],
-        "peak_gib": [],
-        "hfu": [],
-        "runs": [],
-    }
-
-
-def open_result(args, report: dict) -> Path:
-    """Create --out-dir and name the result file in it (a new name: an earlier result is never overwritten)."""
-    try:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out-dir {args.out_dir}: cannot create it ({exc.strerror}): pass a writable folder") from exc
-    first = path = result_path(report, args.out_dir, args.tag)
-    n = 2
-    while path.exists():  # an earlier run of the same day, device and tag keeps its file: this one is -2, -3, ...
-        path, n = first.with_name(f"{first.stem}-{n}.json"), n + 1
-    return path
 
 
 def run_ours(args, batch: int, device: torch.device, path: Path | None = None, layers: int | None = None) -> dict:
@@ -242,20 +187,6 @@ def run_ours(args, batch: int, device: torch.device, path: Path | None = None, l
     return ours
 
 
-def record(report: dict, ours: dict) -> None:
-    for key in ("tok_per_s", "step_s", "peak_gib", "hfu"):
-        report[key].append(ours[key])
-    report["runs"].append(ours)
-
-
-def write_report(report: dict, path: Path) -> None:
-    # After every batch: a later OOM or Ctrl-C keeps the earlier ones; written aside and renamed, so a stop
-    # during the write cannot truncate them.
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 def summary(ours: dict) -> str:
     return (
         f"B{ours['batch']} x S{ours['seq']}, {ours['layers']} layers: {ours['tok_per_s']:,.0f} tok/s, "
@@ -271,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     report = new_report(args, device)
     path = open_result(args, report)
-    for batch in args.batch:
-        ours = run_ours(args, batch, device, path)
-        record(report, ours)
-        print(summary(ours), flush=True)
-        write_report(report, path)
+    try:
+        with recording(report, path):  # each batch is in the file once measured; a stop says so in it
+            for batch in args.batch:
+                ours = run_ours(args, batch, device, path)
+                record(report, ours)
+                print(summary(ours), flush=True)
+                write_report(report, path)
+    except torch.OutOfMemoryError:  # said in one line by recording() (and in the file): no traceback
+        return 1
     print(f"wrote {path}", flush=True)
     return 0

@@ -16,7 +16,7 @@ import torch
 
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.cli import main
-from mixtral_ft.model.shapes import tiny_config
+from mixtral_ft.model.shapes import mixtral_config, tiny_config
 from tests.conftest import requires_compile
 
 CPU = torch.device("cpu")
@@ -84,6 +84,31 @@ def test_bench_writes_our_figures_into_out_dir_only(tmp_path, monkeypatch, capsy
     assert not list(work.iterdir())  # nothing in the working folder
     assert source_tree_state() == before  # nor in the checkout (benchmarks/results/ included)
     assert f"wrote {result_file}" in capsys.readouterr().out
+
+
+@pytest.mark.numeric
+def test_tiny_measures_the_layers_and_seq_asked_for(tmp_path):
+    """--tiny once measured 2 layers at <= 256 tokens whatever --layers and --seq said, and the file did not say so."""
+    smoke = [a for a in SMOKE if a not in ("--seq", "16")]
+    reports = {}
+    for layers in ("2", "3"):
+        out = tmp_path / layers
+        assert main(["bench", *smoke, "--layers", layers, "--seq", "300", "--out-dir", str(out)]) == 0
+        [result_file] = out.iterdir()
+        reports[layers] = json.loads(result_file.read_text())
+    report, [run] = reports["3"], reports["3"]["runs"]
+    assert (report["layers"], report["seq"], run["layers"], run["seq"]) == (3, 300, 3, 300)
+    assert run["tok_per_s"] == pytest.approx(2 * 300 / run["step_s"], rel=1e-2)
+    # the model really was 3 layers deep: half again the NF4 attention of 2 (the file rounds it to 1 KiB)
+    attention = [r["runs"][0]["weights_gib_by_group"]["attention"] for r in (reports["2"], reports["3"])]
+    assert attention[1] == pytest.approx(1.5 * attention[0], rel=0.05)
+
+
+def test_only_the_defaults_change_under_tiny():
+    tiny = bench.parse_args(["--device", "cpu", "--tiny"])
+    assert (tiny.layers, tiny.seq) == (2, 256)
+    explicit = bench.parse_args(["--device", "cpu", "--tiny", "--layers", "4", "--seq", "512"])
+    assert (explicit.layers, explicit.seq) == (4, 512)
 
 
 def test_bench_results_default_to_the_working_folder():
@@ -158,6 +183,11 @@ def test_compare_smoke_measures_us_and_both_peers(tmp_path, v4_site):
         (["--lora-dropout", "2"], "--lora-dropout must be in [0, 1)"),
         (["--tag", "a/b"], "--tag 'a/b' becomes part of a file name"),
         (["--seq", "1"], "--seq must be at least 2"),
+        # --tiny capped --seq at 256 without a word; past the model's context it is now refused instead
+        (["--seq", "8192"], "--seq 8192 is past the tiny model's context (max_position_embeddings 4096)"),
+        (["--batch", "2", "64", "--seq", "4096"], "the tiny model at --layers 2 --batch 64 --seq 4096 needs about"),
+        (["--no-checkpointing", "--reuse-dequantized"], "--reuse-dequantized acts on checkpointed layers only"),
+        (["--no-checkpointing", "--skip-checkpoint-layers", "1"], "--skip-checkpoint-layers acts on checkpointed"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -221,9 +251,9 @@ def test_a_broken_v4_site_is_recorded_not_fatal(tmp_path, scripts):
 
 
 def test_step_flops_scale_with_depth_and_recompute():
-    one, two = (bench.step_flops(bench.mixtral_config(n), 4096, 2048, n) for n in (1, 2))
+    one, two = (bench.step_flops(mixtral_config(n), 4096, 2048, n) for n in (1, 2))
     assert two > one
-    full = bench.mixtral_config(32)
+    full = mixtral_config(32)
     none, one_layer, all_layers = (bench.step_flops(full, 4096, 2048, n) for n in (0, 1, 32))
     assert all_layers - none == pytest.approx(32 * (one_layer - none))  # recompute adds a layer's forward each
     assert 2 / 3 < none / all_layers < 0.68  # the LM head is not recomputed
