@@ -26,7 +26,6 @@ from mixtral_ft.bench.results import new_report, open_result, record, recording,
 from mixtral_ft.model.load import compile_layers, compile_report
 from mixtral_ft.model.loader import build_skeleton, finish_model
 from mixtral_ft.model.quant import NF4Experts, configure_experts, quantize_nf4
-from mixtral_ft.model.shapes import mixtral_config  # noqa: F401 (tests/model/test_grouped_gemm.py reaches it here)
 
 DEFAULT_LEVERS = {
     "checkpointing": True,

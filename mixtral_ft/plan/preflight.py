@@ -254,7 +254,9 @@ def compare_bench(run: dict) -> dict:
     """
     from mixtral_ft.model.shapes import mixtral_config, tiny_config
 
-    d = Dims.of(tiny_config() if run["model"] == "tiny" else mixtral_config(run["layers"]))
+    d = Dims.of(
+        tiny_config(num_hidden_layers=run["layers"]) if run["model"] == "tiny" else mixtral_config(run["layers"])
+    )
     est = estimate(
         d,
         Run(

@@ -13,7 +13,7 @@ from mixtral_ft.bench import throughput as bench
 from mixtral_ft.model import grouped_gemm, quant
 from mixtral_ft.model.audit import audit_model
 from mixtral_ft.model.load import compile_layers
-from mixtral_ft.model.shapes import tiny_config
+from mixtral_ft.model.shapes import mixtral_config, tiny_config
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -182,7 +182,7 @@ def test_grouped_and_looped_experts_agree_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grouped_and_looped_experts_agree_in_bf16():
-    config = bench.mixtral_config(1)
+    config = mixtral_config(1)
     config.hidden_size, config.intermediate_size = 1024, 3584
     model = bench.build_random_nf4(config, torch.device("cuda"), torch.bfloat16)
     ids = torch.randint(3, 32000, (2, 256), device="cuda")

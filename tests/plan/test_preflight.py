@@ -300,6 +300,13 @@ def test_bad_input_exits_2(capsys, argv):
     assert len(err) == 1 and err[0].startswith("error: ")
 
 
+def test_compare_bench_sizes_a_tiny_run_at_its_own_depth():
+    """bench --tiny --layers N measures N layers (it was always 2); plan must predict those N, not tiny's 2."""
+    run = {"model": "tiny", "batch": 2, "seq": 256, "levers": DEFAULT_LEVERS, "dtype": "float32", "peak_gib": 1.0}
+    shallow, deep = (compare_bench({**run, "layers": n}) for n in (2, 6))
+    assert deep["weights_predicted_gib"] > shallow["weights_predicted_gib"]
+
+
 def test_gpu_benchmark_results():
     """Plan against every GPU `mixtral-ft bench` run whose levers it models; skipped until one exists (CPU: RSS)."""
     reports = [json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))]
