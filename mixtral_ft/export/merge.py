@@ -9,7 +9,7 @@ adapter-on-NF4-base computed in training. `"original"` merges into the checkpoin
 
 Output keeps the source's tensor names, layout (legacy per-expert or fused) and shard files, so plain
 `AutoModelForCausalLM.from_pretrained(out)` loads it. Peak host memory is one shard plus one layer of
-experts (the NF4 round trip must see a whole layer, see `_LegacyExperts`) plus the adapter.
+experts (the NF4 round trip must see a whole layer, see roundtrip.py's `LegacyExperts`) plus the adapter.
 """
 
 from __future__ import annotations
@@ -23,19 +23,23 @@ import torch
 
 from mixtral_ft.common import say
 from mixtral_ft.errors import UserError
+from mixtral_ft.export.roundtrip import LegacyExperts, nf4_roundtrip
 from mixtral_ft.model.load import DTYPES
 from mixtral_ft.train.checksums import file_digest
 
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
 BASE_WEIGHTS = ("dequantized", "original")
-
-
-def nf4_roundtrip(tensor: torch.Tensor) -> torch.Tensor:
-    """What `load_model` computes with: NF4 (blocksize 64, double quant) and back, in fp32."""
-    from mixtral_ft.model.quant import dequantize_nf4, quantize_nf4
-
-    return dequantize_nf4(quantize_nf4(tensor, "cpu", torch.float32))
+UNSUPPORTED_LORA = (  # adapter_config.json settings whose weights are not plain scale·B·A
+    "use_dora",
+    "lora_bias",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "trainable_token_indices",
+    "target_parameters",
+    "fan_in_fan_out",
+)
 
 
 def merge_adapter(
@@ -49,35 +53,12 @@ def merge_adapter(
     device: str | None = None,
 ) -> dict:
     """Write the merged model to `out` (new or empty); returns merge.json's content (+ the verify report)."""
-    from mixtral_ft.export.staging import refuse_nonempty, staged_folder
-    from mixtral_ft.export.verify import verify_merge
-    from mixtral_ft.model.load import adapter_base, check_device
-    from mixtral_ft.model.loader import read_manifest
-    from mixtral_ft.model.source import resolve_model_path
+    from mixtral_ft.export.staging import staged_folder
     from mixtral_ft.train.card import write_card, write_scrubbed
 
     adapter, out = Path(adapter_dir), Path(out)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(
-            f"adapter folder '{adapter}' not found or has no adapter_config.json: pass a training output_dir"
-        )
-    refuse_nonempty(out, "--out")  # now, before any work; staged_folder checks again as it starts
-    if out.resolve().is_relative_to(adapter.resolve()):  # `push` of the adapter would upload the whole model too
-        raise UserError(f"--out '{out}' is inside the adapter folder '{adapter}': choose a folder outside it")
-    if base_weights not in BASE_WEIGHTS:
-        raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
-    if verify:
-        check_device(device)  # now, not after the merge
-    recorded_base, model_cfg = adapter_base(adapter)
-    base_name = base or recorded_base
-    if not base_name:
-        raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: pass --base MODEL")
-    source = resolve_model_path(base_name, None if base else model_cfg.get("revision"))
-    if read_manifest(source) is not None:
-        raise UserError(
-            f"base '{source}' is a pre-quantized NF4 folder: merging needs the original checkpoint; "
-            "pass it with --base (e.g. --base mistralai/Mixtral-8x7B-v0.1)"
-        )
+    _check_request(adapter, out, base_weights, verify, device)
+    base_name, source, model_cfg = _resolve_base(adapter, base)
     quantize_experts = bool(model_cfg.get("quantize_experts", True))
     lora = _read_lora(adapter)
 
@@ -89,30 +70,10 @@ def merge_adapter(
         _write_side_files(source, adapter, staging, written)
         # `base` as the user knows it (hub id, `tiny`), not the cache folder it resolved to: the card shows it.
         shown = base or model_cfg.get("name") or base_name
-        info = {
-            "format": "mixtral_ft-merged",
-            "version": 1,
-            "adapter": str(adapter),
-            "adapter_sha256": file_digest(adapter / "adapter_model.safetensors"),
-            "base": shown,
-            "base_path": str(source),
-            "base_weights": base_weights,
-            "quantize_experts": quantize_experts,
-            "dtype": written["dtype"],
-            "lora_tensors": len(lora),
-        }
+        info = _merge_record(adapter, shown, source, base_weights, quantize_experts, written["dtype"], len(lora))
         write_scrubbed(staging / "merge.json", json.dumps(info, indent=2) + "\n")
         if verify:
-            report = verify_merge(
-                staging,
-                adapter,
-                source,
-                quantize_experts=quantize_experts,
-                device=device,
-                weights_dtype=written["dtype"],
-            )
-            write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
-            info["verify"] = report
+            info["verify"] = _verify(staging, adapter, source, quantize_experts, device, written["dtype"])
         write_card(staging, "model", title=out.name, ref=str(out))
     return info
 
@@ -126,25 +87,49 @@ def merged_in(model: Path, adapter: Path) -> bool:
         return False
 
 
+def _check_request(adapter: Path, out: Path, base_weights: str, verify: bool, device: str | None) -> None:
+    """The flags and folders that can be refused before anything is read."""
+    from mixtral_ft.export.staging import refuse_nonempty
+    from mixtral_ft.model.load import check_device
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(
+            f"adapter folder '{adapter}' not found or has no adapter_config.json: pass a training output_dir"
+        )
+    refuse_nonempty(out, "--out")  # now, before any work; staged_folder checks again as it starts
+    if out.resolve().is_relative_to(adapter.resolve()):  # `push` of the adapter would upload the whole model too
+        raise UserError(f"--out '{out}' is inside the adapter folder '{adapter}': choose a folder outside it")
+    if base_weights not in BASE_WEIGHTS:
+        raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
+    if verify:
+        check_device(device)  # now, not after the merge
+
+
+def _resolve_base(adapter: Path, base: str | None) -> tuple[str, Path, dict]:
+    """(base name, its local checkpoint folder, the adapter's recorded model settings); `base` overrides the record."""
+    from mixtral_ft.model.load import adapter_base
+    from mixtral_ft.model.loader import read_manifest
+    from mixtral_ft.model.source import resolve_model_path
+
+    recorded_base, model_cfg = adapter_base(adapter)
+    base_name = base or recorded_base
+    if not base_name:
+        raise UserError(f"adapter '{adapter}' does not say which base model it belongs to: pass --base MODEL")
+    source = resolve_model_path(base_name, None if base else model_cfg.get("revision"))
+    if read_manifest(source) is not None:
+        raise UserError(
+            f"base '{source}' is a pre-quantized NF4 folder: merging needs the original checkpoint; "
+            "pass it with --base (e.g. --base mistralai/Mixtral-8x7B-v0.1)"
+        )
+    return base_name, source, model_cfg
+
+
 def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """{checkpoint weight name: (A, B, scale)} for a plain LoRA adapter; anything fancier is refused."""
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    unsupported = [
-        k
-        for k in (
-            "use_dora",
-            "lora_bias",
-            "rank_pattern",
-            "alpha_pattern",
-            "modules_to_save",
-            "trainable_token_indices",
-            "target_parameters",
-            "fan_in_fan_out",
-        )
-        if cfg.get(k)
-    ]
+    unsupported = [k for k in UNSUPPORTED_LORA if cfg.get(k)]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
         raise UserError(
             f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge supports plain "
@@ -173,41 +158,19 @@ def _merge_shards(
     source: Path, staging: Path, lora: dict, dequantized: bool, quantize_experts: bool, out_dtype: torch.dtype | None
 ) -> dict:
     """Read, transform and write each source shard in turn; returns what was written."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mixtral_ft.model.loader import LEGACY_EXPERT, LEGACY_ROUTER, checkpoint_shards
+    from mixtral_ft.model.loader import checkpoint_shards
 
     shards = checkpoint_shards(source)
-    experts = _LegacyExperts(source, shards)
+    experts = LegacyExperts(source, shards)
     pending = dict(lora)
+    roundtrip = (dequantized, dequantized and quantize_experts)  # (attention, experts), as `_base_value` takes them
     weight_map, total, dtypes = {}, 0, set()
     for number, shard in enumerate(shards, 1):
         say("merge", f"shard {number}/{len(shards)} ({shard.name})")
-        tensors = {}
-        with safe_open(str(shard), framework="pt", device="cpu") as reader:
-            for key in reader.keys():
-                tensor = reader.get_tensor(key)
-                target = out_dtype or tensor.dtype
-                legacy = LEGACY_EXPERT.match(key)
-                roundtrip_expert = dequantized and quantize_experts
-                if (dequantized and ATTENTION_KEY.match(key)) or (roundtrip_expert and FUSED_EXPERT_KEY.match(key)):
-                    value = nf4_roundtrip(tensor)
-                elif roundtrip_expert and legacy:
-                    value = experts.get(int(legacy[1]), int(legacy[2]), legacy[3])
-                else:
-                    value = tensor  # untouched: in the source dtype it is copied bit for bit
-                delta = pending.pop(LEGACY_ROUTER.sub(r"\1.mlp.gate.weight", key), None)
-                if delta is not None:
-                    a, b, scale = delta
-                    if (b.shape[0], a.shape[1]) != tuple(value.shape):
-                        raise UserError(
-                            f"adapter weight for {key} is {b.shape[0]}x{a.shape[1]} but the base's is "
-                            f"{'x'.join(map(str, value.shape))}: pass the base the adapter was trained on (--base)"
-                        )
-                    value = value.float() + scale * (b @ a)  # in fp32, then one rounding to the output dtype
-                tensors[key] = value.to(target if value.is_floating_point() else value.dtype).contiguous()
-                dtypes.add(str(tensors[key].dtype).removeprefix("torch."))
+        tensors = _merged_shard(shard, experts, pending, roundtrip, out_dtype)
+        dtypes.update(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         save_file(tensors, str(staging / shard.name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard.name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -224,56 +187,49 @@ def _merge_shards(
     return {"dtype": float_dtypes.pop() if len(float_dtypes) == 1 else "mixed", "bytes": total}
 
 
-class _LegacyExperts:
-    """NF4 round trip of legacy per-expert tensors, done the way the loader quantizes them.
+def _merged_shard(
+    shard: Path, experts: LegacyExperts, pending: dict, roundtrip: tuple[bool, bool], out_dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """One shard's tensors as written: the base weights training saw, plus the deltas it pops from `pending`."""
+    from safetensors import safe_open
 
-    `load_model` stacks a layer's 3×E tensors into [E, 2I, H] and [E, H, I] and quantizes each stack as
-    one tensor. Per-expert quantization gives the same 64-blocks but not the same double-quant statistics
-    (their offset is the mean absmax over the whole tensor): up to 0.02 off on the tiny model. So a
-    layer is rebuilt whole, from whichever shards hold its pieces, and the last one is kept for reuse.
-    """
+    from mixtral_ft.model.loader import LEGACY_ROUTER
 
-    def __init__(self, source: Path, shards: list[Path]):
-        from safetensors import safe_open
+    tensors = {}
+    with safe_open(str(shard), framework="pt", device="cpu") as reader:
+        for key in reader.keys():
+            tensor = reader.get_tensor(key)
+            value = _base_value(key, tensor, experts, *roundtrip)
+            delta = pending.pop(LEGACY_ROUTER.sub(r"\1.mlp.gate.weight", key), None)
+            if delta is not None:
+                value = _add_delta(key, value, *delta)
+            target = out_dtype or tensor.dtype
+            tensors[key] = value.to(target if value.is_floating_point() else value.dtype).contiguous()
+    return tensors
 
-        index = source / "model.safetensors.index.json"
-        if index.exists():
-            self.where = json.loads(index.read_text())["weight_map"]
-        else:
-            with safe_open(str(shards[0]), framework="pt") as reader:
-                self.where = dict.fromkeys(reader.keys(), shards[0].name)
-        self.experts = json.loads((source / "config.json").read_text())["num_local_experts"]
-        self.source, self.layer, self.fused = source, None, None
 
-    def get(self, layer: int, expert: int, which: str) -> torch.Tensor:
-        if layer != self.layer:
-            self.fused = None  # free the previous layer before building the next
-            self.fused, self.layer = self._build(layer), layer
-        gate_up, down = self.fused
-        inter = down.shape[-1]
-        part = {"w1": gate_up[expert, :inter], "w3": gate_up[expert, inter:], "w2": down[expert]}[which]
-        return part.clone()
+def _base_value(
+    key: str, tensor: torch.Tensor, experts: LegacyExperts, roundtrip_attention: bool, roundtrip_experts: bool
+) -> torch.Tensor:
+    """`tensor`, or its NF4 round trip where `load_model` quantizes it and the merge asked for that."""
+    from mixtral_ft.model.loader import LEGACY_EXPERT
 
-    def _build(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from safetensors import safe_open
+    legacy = LEGACY_EXPERT.match(key)
+    if (roundtrip_attention and ATTENTION_KEY.match(key)) or (roundtrip_experts and FUSED_EXPERT_KEY.match(key)):
+        return nf4_roundtrip(tensor)
+    if roundtrip_experts and legacy:
+        return experts.get(int(legacy[1]), int(legacy[2]), legacy[3])
+    return tensor  # untouched: in the source dtype it is copied bit for bit
 
-        prefix = f"model.layers.{layer}.block_sparse_moe.experts."
-        keys = {k: f for k, f in self.where.items() if k.startswith(prefix)}
-        parts = {}
-        for file in sorted(set(keys.values())):
-            with safe_open(str(self.source / file), framework="pt") as reader:
-                parts.update({k: reader.get_tensor(k) for k, f in keys.items() if f == file})
-        try:  # fill [E, 2I, H] / [E, H, I] in place, dropping each piece as it is copied
-            inter, hidden = parts[f"{prefix}0.w1.weight"].shape
-            n, dtype = self.experts, parts[f"{prefix}0.w1.weight"].dtype
-            gate_up, down = torch.empty(n, 2 * inter, hidden, dtype=dtype), torch.empty(n, hidden, inter, dtype=dtype)
-            for e in range(n):
-                gate_up[e, :inter] = parts.pop(f"{prefix}{e}.w1.weight")  # gate_up_proj[e] = w1 over w3
-                gate_up[e, inter:] = parts.pop(f"{prefix}{e}.w3.weight")
-                down[e] = parts.pop(f"{prefix}{e}.w2.weight")
-        except KeyError as exc:
-            raise UserError(f"checkpoint lacks {exc.args[0]}: the download is incomplete") from None
-        return nf4_roundtrip(gate_up), nf4_roundtrip(down)
+
+def _add_delta(key: str, value: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """value + scale·B·A, once the shapes show the adapter belongs to this base."""
+    if (b.shape[0], a.shape[1]) != tuple(value.shape):
+        raise UserError(
+            f"adapter weight for {key} is {b.shape[0]}x{a.shape[1]} but the base's is "
+            f"{'x'.join(map(str, value.shape))}: pass the base the adapter was trained on (--base)"
+        )
+    return value.float() + scale * (b @ a)  # in fp32, then one rounding to the output dtype
 
 
 def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict) -> None:
@@ -296,3 +252,33 @@ def _write_side_files(source: Path, adapter: Path, staging: Path, written: dict)
     for name in ("recipe.yaml", "run.json"):
         if (adapter / name).exists():
             write_scrubbed(staging / name, (adapter / name).read_text())
+
+
+def _merge_record(
+    adapter: Path, shown: str, source: Path, base_weights: str, quantize_experts: bool, dtype: str, lora_tensors: int
+) -> dict:
+    """merge.json: what went into the merged folder; `merged_in` matches its adapter hash."""
+    return {
+        "format": "mixtral_ft-merged",
+        "version": 1,
+        "adapter": str(adapter),
+        "adapter_sha256": file_digest(adapter / "adapter_model.safetensors"),
+        "base": shown,
+        "base_path": str(source),
+        "base_weights": base_weights,
+        "quantize_experts": quantize_experts,
+        "dtype": dtype,
+        "lora_tensors": lora_tensors,
+    }
+
+
+def _verify(staging: Path, adapter: Path, source: Path, quantize_experts: bool, device: str | None, dtype: str) -> dict:
+    """`verify_merge` on the staged folder, its report kept beside the model as verify.json."""
+    from mixtral_ft.export.verify import verify_merge
+    from mixtral_ft.train.card import write_scrubbed
+
+    report = verify_merge(
+        staging, adapter, source, quantize_experts=quantize_experts, device=device, weights_dtype=dtype
+    )
+    write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
+    return report

@@ -46,38 +46,66 @@ def verify_merge(
 
     `weights_dtype` is what the merge wrote (its rounding sets the tolerance; "mixed": bf16's).
     """
-    from transformers import AutoModelForCausalLM
-
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import check_device, load_adapter, load_model
+    from mixtral_ft.model.load import check_device
 
     device = check_device(device)
     dtype = torch.float32  # both sides, on any device: an accuracy check, where bf16 noise would hide errors
     rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
-    base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
-    reference = _logits(load_adapter(base_model, adapter), rows, device)
-    del base_model
-    # fp32 Mixtral (~190 GB) exceeds one GPU: device_map="auto" offloads what does not fit to host memory.
-    merged_model = AutoModelForCausalLM.from_pretrained(
-        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None
-    )
-    got = _logits(merged_model, rows, device)
-    del merged_model
-    diffs = [(a - b).abs() for a, b in zip(reference, got)]
+    reference = _adapter_on_base_logits(base, adapter, rows, quantize_experts, device, dtype)
+    got = _merged_logits(merged, rows, device, dtype)
     report = {
         "samples": len(rows),
         "source": source,
         "tokens": sum(len(ids) for ids, _ in rows),
         "device": str(device),
         "compute_dtype": str(dtype).removeprefix("torch."),
+        **_compare(reference, got, rows),
+    }
+    report.update(_verdict(report, weights_dtype))
+    _print_report(report, weights_dtype)
+    return report
+
+
+def _adapter_on_base_logits(
+    base: Path, adapter: Path, rows: list, quantize_experts: bool, device: torch.device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The reference: the model as training ran it, `load_model` (NF4) with the adapter on top."""
+    from mixtral_ft.model.load import load_adapter, load_model
+
+    base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
+    return _logits(load_adapter(base_model, adapter), rows, device)
+
+
+def _merged_logits(merged: Path, rows: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The merged folder loaded the way users will load it: plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    # fp32 Mixtral (~190 GB) exceeds one GPU: device_map="auto" offloads what does not fit to host memory.
+    merged_model = AutoModelForCausalLM.from_pretrained(
+        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None
+    )
+    return _logits(merged_model, rows, device)
+
+
+def _compare(reference: list[torch.Tensor], got: list[torch.Tensor], rows: list) -> dict:
+    """Logit differences (merged vs reference) and both perplexities."""
+    diffs = [(a - b).abs() for a, b in zip(reference, got)]
+    return {
         "max_abs_logit_diff": max(d.max().item() for d in diffs),
         "mean_abs_logit_diff": sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs),
         "mean_abs_logit": sum(r.abs().sum().item() for r in reference) / sum(r.numel() for r in reference),
         "perplexity_adapter_on_base": _perplexity(reference, rows),
         "perplexity_merged": _perplexity(got, rows),
     }
-    report.update(_verdict(report, weights_dtype))
-    print(f"verify: {report['samples']} samples ({source}), {report['tokens']} tokens, {report['compute_dtype']}")
+
+
+def _print_report(report: dict, weights_dtype: str) -> None:
+    """Four `verify:` lines: what was scored, the logit gap, the perplexities, the verdict."""
+    print(
+        f"verify: {report['samples']} samples ({report['source']}), {report['tokens']} tokens, "
+        f"{report['compute_dtype']}"
+    )
     print(
         f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
         f"mean {report['mean_abs_logit_diff']:.3g} (mean |logit| {report['mean_abs_logit']:.3g})"
@@ -91,7 +119,6 @@ def verify_merge(
         f"{'<=' if report['verdict'] == 'ok' else '>'} tolerance {report['tolerance']:.3g} "
         f"({report['relative_tolerance']:g} x mean |logit|, for {weights_dtype} weights)"
     )
-    return report
 
 
 def _verdict(report: dict, weights_dtype: str) -> dict:

@@ -105,7 +105,7 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.data.tokenizer import load_tokenizer
     from mixtral_ft.model.load import default_device
     from mixtral_ft.train.callbacks import make_callbacks
-    from mixtral_ft.train.guards import Preempted, run_trainer
+    from mixtral_ft.train.guards import run_trainer
     from mixtral_ft.train.memory import PhaseMemory
     from mixtral_ft.train.outdir import replace_deferred
     from mixtral_ft.train.reporting import configure_reporting
@@ -119,8 +119,7 @@ def train(recipe: Recipe) -> dict:
     source = check_inputs(recipe)
     set_seed(recipe.train.seed)
 
-    model_path = source.local_path()
-    tokenizer = load_tokenizer(model_path, mode="finetuning")
+    tokenizer = load_tokenizer(source.local_path(), mode="finetuning")
     method = METHODS[recipe.train.method]
     data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
     for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
@@ -149,12 +148,19 @@ def train(recipe: Recipe) -> dict:
     # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
     summary, late_signal = run_trainer(trainer, resume_from, finish)
     if late_signal:  # the run is complete; only the push (minutes, maybe) is skipped
-        push = f"; hub push skipped: mixtral-ft push {out}" if recipe.hub.push else ""
-        raise Preempted(
-            f"{signal.Signals(late_signal).name} received as the run ended: it finished and is saved in {out}{push}",
-            late_signal,
-        )
+        raise finished_but_signalled(recipe, out, late_signal)
     return summary
+
+
+def finished_but_signalled(recipe: Recipe, out: Path, late_signal: int) -> Exception:
+    """The Preempted to raise when a stop signal came during the final save: the run itself is whole."""
+    from mixtral_ft.train.guards import Preempted
+
+    push = f"; hub push skipped: mixtral-ft push {out}" if recipe.hub.push else ""
+    return Preempted(
+        f"{signal.Signals(late_signal).name} received as the run ended: it finished and is saved in {out}{push}",
+        late_signal,
+    )
 
 
 def note_packing_kernel(recipe: Recipe) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from mixtral_ft.common import bar, say
 from mixtral_ft.errors import UserError
+from mixtral_ft.export.merge import merged_in
 from mixtral_ft.export.staging import refuse_unwritable
 from mixtral_ft.model.scoring import assistant_nll
 from mixtral_ft.model.source import check_adapter_folder
@@ -30,38 +31,48 @@ from mixtral_ft.use.chat import GenerationSettings, Target, generate, load_for_i
 
 def resolve_eval_target(target: str, adapter: str | None):
     """(recipe, Target, default eval.json path) for an output folder or a recipe file."""
-    from mixtral_ft.recipe import load_recipe
-
     path = Path(target).expanduser()
-    if path.is_dir():
-        if not (path / "recipe.yaml").is_file():
-            raise UserError(f"'{target}' has no recipe.yaml: pass a training output_dir or a recipe file")
-        recipe, out_dir = load_recipe(path / "recipe.yaml"), path
-    elif path.suffix in (".yaml", ".yml"):
-        recipe = load_recipe(path)
-        out_dir = Path(recipe.train.output_dir)
-    else:
-        raise UserError(f"'{target}' is neither a training output folder nor a .yaml recipe")
+    recipe, out_dir = _target_recipe(path, target)
     if adapter is None and (out_dir / "adapter_config.json").is_file():
         adapter = str(out_dir)
     if adapter is not None:
         check_adapter_folder(adapter, "--adapter")
-    m = recipe.model
-    base, experts, revision = m.name, m.quantize_experts, m.revision
-    if path.is_dir() and (path / "merge.json").is_file():  # a merged folder: score its weights, not the run's base
-        base, revision = str(path), None
-        experts = json.loads((path / "merge.json").read_text()).get("quantize_experts", True)
+    base, experts, revision = _scored_weights(path, recipe, target, adapter)
     return (
         recipe,
         Target(
             base=base,
             adapter=Path(adapter) if adapter else None,
             quantize_experts=experts,
-            compute_dtype=m.compute_dtype,
+            compute_dtype=recipe.model.compute_dtype,
             revision=revision,
         ),
         out_dir / "eval.json",
     )
+
+
+def _target_recipe(path: Path, target: str):
+    """(recipe, output folder) of a training output folder or a recipe file."""
+    from mixtral_ft.recipe import load_recipe
+
+    if path.is_dir():
+        if not (path / "recipe.yaml").is_file():
+            raise UserError(f"'{target}' has no recipe.yaml: pass a training output_dir or a recipe file")
+        return load_recipe(path / "recipe.yaml"), path
+    if path.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(path)
+        return recipe, Path(recipe.train.output_dir)
+    raise UserError(f"'{target}' is neither a training output folder nor a .yaml recipe")
+
+
+def _scored_weights(path: Path, recipe, target: str, adapter: str | None) -> tuple[str, bool, str | None]:
+    """(base, quantize_experts, revision) to load: a merged folder's own weights, else the run's base."""
+    m = recipe.model
+    if not (path.is_dir() and (path / "merge.json").is_file()):
+        return m.name, m.quantize_experts, m.revision
+    if adapter is not None and merged_in(path, Path(adapter)):  # on again, it would be applied twice, silently
+        raise UserError(f"'{target}' already has adapter '{adapter}' merged in (its merge.json): drop --adapter")
+    return str(path), json.loads((path / "merge.json").read_text()).get("quantize_experts", True), None
 
 
 def check_report_path(path: Path) -> None:
@@ -155,10 +166,7 @@ def evaluate(
 ) -> dict:
     """Score base (and adapter) on held-out rows, generate samples, write and return the report."""
     settings = (settings or GenerationSettings(max_new_tokens=128, temperature=0.0)).check()
-    if samples < 0:
-        raise UserError("--samples must be >= 0")
-    if max_rows is not None and max_rows < 1:
-        raise UserError("--max-rows must be >= 1")
+    _check_counts(samples, max_rows)
     recipe, loaded_target, default_out = resolve_eval_target(target, adapter)
     out_path = Path(out) if out else default_out
     check_report_path(out_path)  # before the load and the scoring, not after them
@@ -166,21 +174,8 @@ def evaluate(
     say("eval", f"{len(rows)} held-out rows from {what}")
     say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''}")
     model, tokenizer = load_for_inference(loaded_target, attn_implementation=attn_implementation)
-    device = next(p for p in model.parameters() if p.device.type != "meta").device
-
-    variants = {"base": model.disable_adapter if loaded_target.adapter else nullcontext}
-    if loaded_target.adapter:
-        variants["adapter"] = nullcontext
-    scores, prompts = {}, sample_prompts(rows, tokenizer, samples)
-    for name, context in variants.items():
-        with context():
-            say("eval", f"{name}: scoring {len(rows)} rows")
-            loss, tokens = assistant_loss(model, bar(rows, f"eval {name}"), device)
-            scores[name] = {"loss": round(loss, 6), "perplexity": _perplexity(loss)}
-            for i, sample in enumerate(prompts, 1):
-                say("eval", f"{name}: generating sample {i}/{len(prompts)} (up to {settings.max_new_tokens} tokens)")
-                sample[name] = generate(model, tokenizer, sample["prompt_ids"], settings)
-
+    prompts = sample_prompts(rows, tokenizer, samples)
+    scores, tokens = score_variants(model, tokenizer, rows, prompts, settings, with_adapter=bool(loaded_target.adapter))
     report = {
         "model": loaded_target.base,
         "adapter_dir": str(loaded_target.adapter) if loaded_target.adapter else None,
@@ -191,11 +186,42 @@ def evaluate(
         "generation": dataclasses.asdict(settings),
         "samples": [{k: v for k, v in s.items() if k != "prompt_ids"} for s in prompts],
     }
+    _write_report(report, out_path)
+    return report
+
+
+def _check_counts(samples: int, max_rows: int | None) -> None:
+    """`--samples` and `--max-rows`, refused before anything loads."""
+    if samples < 0:
+        raise UserError("--samples must be >= 0")
+    if max_rows is not None and max_rows < 1:
+        raise UserError("--max-rows must be >= 1")
+
+
+def score_variants(model, tokenizer, rows, prompts: list[dict], settings, *, with_adapter: bool) -> tuple[dict, int]:
+    """Loss and perplexity of the base (adapter switched off), then the adapter; each fills in its sample answers."""
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    variants = {"base": model.disable_adapter if with_adapter else nullcontext}
+    if with_adapter:
+        variants["adapter"] = nullcontext
+    scores = {}
+    for name, context in variants.items():
+        with context():
+            say("eval", f"{name}: scoring {len(rows)} rows")
+            loss, tokens = assistant_loss(model, bar(rows, f"eval {name}"), device)
+            scores[name] = {"loss": round(loss, 6), "perplexity": _perplexity(loss)}
+            for i, sample in enumerate(prompts, 1):
+                say("eval", f"{name}: generating sample {i}/{len(prompts)} (up to {settings.max_new_tokens} tokens)")
+                sample[name] = generate(model, tokenizer, sample["prompt_ids"], settings)
+    return scores, tokens
+
+
+def _write_report(report: dict, out_path: Path) -> None:
+    """eval.json (replacing an earlier report), then the report as a table on stdout."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(render(report))
     print(f"wrote {out_path}")
-    return report
 
 
 def _perplexity(loss: float) -> float:

@@ -153,3 +153,14 @@ def test_a_merged_folder_is_scored_itself_not_its_runs_base(adapter_run, tmp_pat
     assert main(["eval", str(merged), "--samples", "0", "--max-rows", "1"]) == 0
     report = json.loads((merged / "eval.json").read_text())
     assert report["model"] == str(merged) and list(report["scores"]) == ["base"]
+
+
+def test_a_merged_folder_with_its_own_adapter_again_is_refused(adapter_run, tmp_path, capsys):
+    """Scoring merged + the adapter merged into it would count the adapter twice: chat refuses it, so does eval."""
+    merged = tmp_path / "merged"
+    assert main(["merge", str(adapter_run), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(merged), "--adapter", str(adapter_run), "--samples", "0", "--max-rows", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already has adapter" in err[0] and "drop --adapter" in err[0], err
+    assert not (merged / "eval.json").exists()
