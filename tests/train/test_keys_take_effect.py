@@ -191,7 +191,11 @@ def test_model_batch_and_schedule_keys_reach_the_trainer(tmp_path):
         "train.learning_rate=1e-3",
         "train.lr_scheduler_type=linear",
         "train.warmup_ratio=0.2",
+        "lora.alpha=64",
+        "lora.r=8",
     )
+    q_proj = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == 8.0 and q_proj.r["default"] == 8  # alpha / r
     base = trainer.model.get_base_model()
     assert base.model.embed_tokens.weight.dtype == torch.bfloat16
     assert base.model.norm.weight.dtype == torch.bfloat16
