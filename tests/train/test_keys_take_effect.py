@@ -55,6 +55,12 @@ def baseline(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_max_length_and_batch_size_set_the_tokens_per_step(baseline):
+    """Two oasst conversations a step, each longer than 64 tokens and cut to train.max_length."""
+    assert [h["num_tokens"] for h in history(baseline, 2)] == [2 * 64, 4 * 64]
+
+
+@pytest.mark.slow
 def test_router_aux_loss_coef_adds_the_weighted_aux_loss(baseline, tmp_path):
     """Step 1 starts from the same adapter on the same batch: its loss is the baseline's plus coef x aux_loss."""
     out = run(tmp_path / "aux", 2, "train.router_aux_loss_coef=0.5")
