@@ -106,6 +106,11 @@ def load_model(
         raise UserError(f"'{name_or_path}' is a {config.model_type} model: mixtral_ft fine-tunes Mixtral only")
     manifest = read_manifest(path)
     if manifest is not None:
+        if manifest["quantize_experts"] and not quantize_experts:  # NF4 cannot be unquantized back to bf16
+            raise UserError(
+                f"'{name_or_path}' is pre-quantized with NF4 experts, so they cannot load unquantized "
+                "(model.quantize_experts: false, --bf16-experts): use the original checkpoint, or keep them NF4"
+            )
         quantize_experts = manifest["quantize_experts"]  # a pre-quantized folder is what it is
     model = build_skeleton(config, dtype, quantize_experts)
     stream_checkpoint(model, path, device, dtype)

@@ -64,6 +64,8 @@ def check_inputs(recipe: Recipe):
     if recipe.model.adapter:  # apply_lora checks it too, but only after the model has loaded
         check_adapter_folder(recipe.model.adapter)
     source = model_source(recipe.model.name, recipe.model.revision)
+    if recipe.model.revision and source.kind != "hub":  # a folder or tiny is read as it is: no revision to pick
+        raise UserError(f"model.revision applies to a Hub id, and '{recipe.model.name}' is not one: remove it")
     check_levers(recipe, source)  # train.liger without CUDA or the package; too many skip_checkpoint_layers
     return source
 
@@ -131,6 +133,7 @@ def train(recipe: Recipe) -> dict:
 
     dtype = model.get_base_model().dtype
     note_packing_kernel(recipe)
+    note_dpo_dropout(recipe)
     note_compile_dtype(recipe, dtype)
     replace_deferred(out)  # train.overwrite: the previous run goes only now that nothing can fail with exit 2
     callbacks = make_callbacks(recipe, out)
@@ -172,6 +175,18 @@ def note_packing_kernel(recipe: Recipe) -> None:
         print(
             "note: train.packing with sdpa attends through a dense block mask; model.attn_implementation: "
             "flash_attention_2 keeps the flash kernel",
+            flush=True,
+        )
+
+
+def note_dpo_dropout(recipe: Recipe) -> None:
+    """TRL's DPO turns every dropout off (disable_dropout), so a DPO run's lora.dropout would pass without effect."""
+    from mixtral_ft.common import is_main_process
+
+    if recipe.train.method == "dpo" and recipe.lora.dropout and not recipe.model.adapter and is_main_process():
+        print(
+            f"note: lora.dropout {recipe.lora.dropout} does not apply to DPO: TRL turns dropout off so that the "
+            "policy and reference log-probs come from the same network (lora.dropout: 0 says so)",
             flush=True,
         )
 

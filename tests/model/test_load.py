@@ -133,3 +133,18 @@ def test_continuing_an_adapter_with_lm_head_lora_is_one_line_and_exit_2(tiny_dir
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "puts LoRA on lm_head" in err[0] and "fused LM head" in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_unquantized_experts_from_a_pre_quantized_folder_are_refused(tmp_path, capsys):
+    """A folder from `mixtral-ft quantize` holds NF4 experts only: model.quantize_experts: false used to load them
+    as NF4 anyway (and audit noted 'kept unquantized (nf4)'); now it is one line naming the fix."""
+    from mixtral_ft.cli import main
+
+    nf4 = tmp_path / "nf4"
+    assert main(["quantize", "tiny", str(nf4)]) == 0
+    capsys.readouterr()
+    argv = ["audit", str(ROOT / "recipes" / "tiny.yaml"), f"model.name={nf4}"]
+    assert main([*argv, "model.quantize_experts=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NF4 experts" in err[0] and "model.quantize_experts" in err[0], err
+    assert main(argv) == 0  # the folder as it is

@@ -24,7 +24,7 @@ from tests.conftest import RUN, TINY, adapter_bytes, train
 STEPS = ["train.max_steps=2", "logging.router_stats_steps=0"]
 # tiny: 2 layers x 2 expert weights, each dequantized in forward, recompute and backward: 12 per step
 ACCUMULATE = "train.gradient_accumulation_steps=2"
-PER_STEP = {"default": 12, "reuse": 8, "skip": 10}
+PER_STEP = {"default": 12, "reuse": 8, "skip": 10, "no_checkpointing": 8}
 
 
 def counting(monkeypatch) -> list:
@@ -111,6 +111,13 @@ def test_skipping_the_last_layer_keeps_its_activations_and_the_losses(default_ru
     skipped, skipped_per_step = counted_run(monkeypatch, tmp_path / "skip", "train.skip_checkpoint_layers=1")
     assert skipped_per_step == PER_STEP["skip"]  # the last layer is not recomputed: 2 fewer per step
     assert skipped == pytest.approx(losses, rel=1e-6)
+
+
+def test_gradient_checkpointing_off_recomputes_no_layer(default_run, monkeypatch, tmp_path):
+    losses, per_step, _ = default_run
+    plain, plain_per_step = counted_run(monkeypatch, tmp_path / "plain", "train.gradient_checkpointing=false")
+    assert (per_step, plain_per_step) == (PER_STEP["default"], PER_STEP["no_checkpointing"])  # forward + backward
+    assert plain == pytest.approx(losses, rel=1e-6)
 
 
 def test_both_levers_together_reuse_only_where_layers_recompute(monkeypatch, tmp_path):

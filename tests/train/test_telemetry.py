@@ -157,6 +157,7 @@ def run(tmp_path_factory):
             "logging.router_stats_steps=2",
             "logging.report_to=[wandb, tensorboard]",
             "logging.run_name=telemetry-test",
+            "logging.project=telemetry-project",
         ]
     )
     assert code == 0
@@ -250,7 +251,7 @@ def test_wandb_offline_run_holds_the_loss(run):
     assert any("plots/router_heatmap/_type" in h for h in history)  # the images went along too
     names = [r.run.display_name for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
     projects = [r.run.project for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
-    assert names == ["telemetry-test"] and projects == ["mixtral-ft"]
+    assert names == ["telemetry-test"] and projects == ["telemetry-project"]
 
 
 @pytest.mark.slow
