@@ -106,11 +106,7 @@ def load_model(
         raise UserError(f"'{name_or_path}' is a {config.model_type} model: mixtral_ft fine-tunes Mixtral only")
     manifest = read_manifest(path)
     if manifest is not None:
-        if manifest["quantize_experts"] and not quantize_experts:  # NF4 cannot be unquantized back to bf16
-            raise UserError(
-                f"'{name_or_path}' is pre-quantized with NF4 experts, so they cannot load unquantized "
-                "(model.quantize_experts: false, --bf16-experts): use the original checkpoint, or keep them NF4"
-            )
+        check_experts_request(manifest, quantize_experts, name_or_path)
         quantize_experts = manifest["quantize_experts"]  # a pre-quantized folder is what it is
     model = build_skeleton(config, dtype, quantize_experts)
     stream_checkpoint(model, path, device, dtype)
@@ -181,6 +177,15 @@ def load_adapter(model: nn.Module, adapter: str | Path, *, is_trainable: bool = 
             f"adapter '{adapter}' does not fit this base model (its LoRA shapes differ): "
             "pass the base model it was trained on"
         ) from None
+
+
+def check_experts_request(manifest: dict | None, quantize_experts: bool, name: str) -> None:
+    """NF4 experts cannot be unquantized back to bf16: asking a pre-quantized folder for bf16 experts is an error."""
+    if manifest is not None and manifest["quantize_experts"] and not quantize_experts:
+        raise UserError(
+            f"'{name}' is pre-quantized with NF4 experts, so they cannot load unquantized "
+            "(model.quantize_experts: false, --bf16-experts): use the original checkpoint, or keep them NF4"
+        )
 
 
 def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):

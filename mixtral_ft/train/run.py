@@ -66,6 +66,11 @@ def check_inputs(recipe: Recipe):
     source = model_source(recipe.model.name, recipe.model.revision)
     if recipe.model.revision and source.kind != "hub":  # a folder or tiny is read as it is: no revision to pick
         raise UserError(f"model.revision applies to a Hub id, and '{recipe.model.name}' is not one: remove it")
+    if source.kind == "local":  # load_model checks it too, but only after the data has loaded
+        from mixtral_ft.model.load import check_experts_request
+        from mixtral_ft.model.loader import read_manifest
+
+        check_experts_request(read_manifest(source.local_path()), recipe.model.quantize_experts, recipe.model.name)
     check_levers(recipe, source)  # train.liger without CUDA or the package; too many skip_checkpoint_layers
     return source
 

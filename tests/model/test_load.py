@@ -148,3 +148,9 @@ def test_unquantized_experts_from_a_pre_quantized_folder_are_refused(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NF4 experts" in err[0] and "model.quantize_experts" in err[0], err
     assert main(argv) == 0  # the folder as it is
+    capsys.readouterr()
+    # train says so in its checks before the data and the model load: nothing printed to stdout yet
+    run = ["train", argv[1], argv[2], "model.quantize_experts=false", f"train.output_dir={tmp_path / 'run'}"]
+    assert main(run) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "NF4 experts" in err and not out.strip(), (out, err)
