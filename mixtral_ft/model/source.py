@@ -65,6 +65,8 @@ def model_source(name: str | Path | ModelSource, revision: str | None = None) ->
     if isinstance(name, ModelSource):
         return name
     name = str(name)
+    if revision and (name == TINY_NAME or Path(name).expanduser().exists()):  # read as it is: no revision to pick
+        raise UserError(f"model.revision applies to a Hub id, and '{name}' is not one: remove it")
     if name == TINY_NAME:
         return ModelSource(name, "tiny")
     path = Path(name).expanduser()

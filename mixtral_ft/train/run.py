@@ -64,8 +64,6 @@ def check_inputs(recipe: Recipe):
     if recipe.model.adapter:  # apply_lora checks it too, but only after the model has loaded
         check_adapter_folder(recipe.model.adapter)
     source = model_source(recipe.model.name, recipe.model.revision)
-    if recipe.model.revision and source.kind != "hub":  # a folder or tiny is read as it is: no revision to pick
-        raise UserError(f"model.revision applies to a Hub id, and '{recipe.model.name}' is not one: remove it")
     if source.kind == "local":  # load_model checks it too, but only after the data has loaded
         from mixtral_ft.model.load import check_experts_request
         from mixtral_ft.model.loader import read_manifest

@@ -227,6 +227,10 @@ def test_model_revision_without_a_hub_id_is_refused(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: model.revision applies to a Hub id, and 'tiny' is not one: remove it"]
+    for command in ("plan", "audit"):  # every command that reads model.name, not only train
+        assert main([command, TINY, f"model.name={tmp_path}", "model.revision=v1.0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "model.revision applies to a Hub id" in err[0], err
 
 
 # --- DPO: beta and the loss reach TRL's loss and rewards -------------------------------------------------------
