@@ -199,6 +199,7 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
+        use_rslora=lora.use_rslora,
         target_modules=list(lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",

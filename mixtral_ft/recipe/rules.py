@@ -83,6 +83,13 @@ def check_recipe(recipe: Recipe) -> None:
     _need(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", "must be > 0, or -1 to train by epochs")
     _need(t.num_train_epochs > 0, "train.num_train_epochs", "must be > 0")
     _need(t.save_steps > 0, "train.save_steps", "must be > 0, e.g. 500")
+    # The Trainer deletes older checkpoints before the newest is marked complete (its checksums.sha256 comes last):
+    # with 1 kept, a kill or a full disk in between would leave nothing to resume from.
+    _need(
+        t.save_total_limit is None or t.save_total_limit >= 2,
+        "train.save_total_limit",
+        "must be >= 2 (the newest checkpoint is complete only after older ones are deleted) or null to keep all",
+    )
     _need(t.learning_rate > 0, "train.learning_rate", "must be > 0, e.g. 2e-4")
     _need(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
     _need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -103,6 +110,18 @@ def check_recipe(recipe: Recipe) -> None:
             f"must be > 0 and below train.max_length ({t.max_length}) to leave room for the answer",
         )
         _need(not t.packing, "train.packing", "applies to SFT only: DPO compares whole answers; set it to false")
+        # TRL documents NEFTune for SFT only. transformers' hook would fire in DPO too, and TRL's reference pass (the
+        # adapter copy, run in train mode) would get noisy log-probs as well.
+        _need(
+            t.neftune_noise_alpha is None,
+            "train.neftune_noise_alpha",
+            "applies to SFT only (in DPO it would noise the reference model's log-probs too): set it to null",
+        )
+    _need(
+        t.neftune_noise_alpha is None or t.neftune_noise_alpha > 0,
+        "train.neftune_noise_alpha",
+        "must be > 0 (the NEFTune paper uses 5 to 15) or null to turn it off",
+    )
     _need(t.skip_checkpoint_layers >= 0, "train.skip_checkpoint_layers", "must be >= 0 (0 checkpoints every layer)")
     for key, on in (("reuse_dequantized", t.reuse_dequantized), ("skip_checkpoint_layers", t.skip_checkpoint_layers)):
         _need(

@@ -65,6 +65,7 @@ class LoraSection:
     dropout: float = 0.05  # dropout on the LoRA input; 0 is faster. SFT only: TRL's DPO turns dropout off
     target_modules: tuple[str, ...] = ATTENTION_TARGETS  # attention projections to adapt
     allow_other_targets: bool = False  # allow targets outside q/k/v/o_proj (router and experts stay frozen)
+    use_rslora: bool = False  # rank-stabilized LoRA (peft): scale = alpha / sqrt(r) instead of alpha / r
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class TrainSection:
     max_steps: int = -1  # optimizer steps; -1 runs `num_train_epochs` epochs
     num_train_epochs: float = 1.0  # used when max_steps is -1
     save_steps: int = 500  # checkpoint every N steps
+    save_total_limit: int | None = None  # keep only the newest N checkpoints (at least 2); null keeps them all
     seed: int = 42  # seeds python, numpy, torch and data shuffling
     learning_rate: float = 2e-4  # peak learning rate
     lr_scheduler_type: str = "cosine"  # transformers scheduler name
@@ -98,6 +100,7 @@ class TrainSection:
     check_fit: bool = True  # stop before any download if the model cannot train here (no CUDA GPU, or plan: no fit)
     resume: str | bool = "auto"  # auto (newest complete checkpoint, else fresh) | true (must resume) | false | PATH
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight (padding excluded); 0 = off, e.g. 0.01
+    neftune_noise_alpha: float | None = None  # SFT only: NEFTune noise on the input embeddings, e.g. 5; null = off
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ FREE_KEYS = {
     "train.resume",
     "train.overwrite",
     "train.save_steps",
+    "train.save_total_limit",  # which old checkpoints are deleted, not what is trained
     "train.logging_steps",
     "train.eval_steps",
     "train.check_fit",

@@ -21,7 +21,7 @@ from mixtral_ft.recipe import Recipe
 SAME_NAME = (
     "output_dir", "max_steps", "num_train_epochs", "save_steps", "seed", "learning_rate", "lr_scheduler_type",
     "weight_decay", "max_grad_norm", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "gradient_checkpointing", "logging_steps",
+    "gradient_checkpointing", "logging_steps", "save_total_limit",
 )  # fmt: skip
 
 
@@ -71,6 +71,8 @@ def sft_arguments(recipe: Recipe, pad_token: str) -> dict[str, Any]:
         # Our rows are pre-tokenized with exact assistant masks (data/conversations.py): TRL's documented path for
         # such rows builds the labels from `assistant_masks`, truncates and packs; it never re-renders the chat.
         assistant_only_loss=False,
+        # transformers' NEFTune hook on the input embeddings (train mode only); rules.py keeps it out of DPO.
+        neftune_noise_alpha=t.neftune_noise_alpha,
     )
 
 

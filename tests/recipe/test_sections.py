@@ -59,12 +59,14 @@ DOCUMENTED_DEFAULTS = {
         "dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "allow_other_targets": False,
+        "use_rslora": False,
     },
     "train": {
         "method": "sft",
         "max_steps": -1,
         "num_train_epochs": 1.0,
         "save_steps": 500,
+        "save_total_limit": None,
         "seed": 42,
         "learning_rate": 2e-4,
         "lr_scheduler_type": "cosine",
@@ -88,6 +90,7 @@ DOCUMENTED_DEFAULTS = {
         "resume": "auto",
         "router_aux_loss_coef": 0.0,
         "check_fit": True,
+        "neftune_noise_alpha": None,
     },
     "hub": {"push": False, "repo_id": None, "private": True},
     "dpo": {"beta": 0.1, "loss_type": "sigmoid", "max_prompt_length": 512},
@@ -148,6 +151,13 @@ def test_every_value_a_shipped_recipe_sets_is_the_value_loaded(path):
         (["train.max_steps=0"], "train.max_steps", "-1 to train by epochs"),
         (["train.packing=maybe"], "train.packing", "true or false"),
         (["train.save_steps=0"], "train.save_steps", "must be > 0"),
+        (["train.save_total_limit=1"], "train.save_total_limit", "must be >= 2"),
+        (["train.save_total_limit=0"], "train.save_total_limit", "or null to keep all"),
+        (["train.save_total_limit=2.5"], "train.save_total_limit", "must be an integer"),
+        (["train.neftune_noise_alpha=0"], "train.neftune_noise_alpha", "must be > 0"),
+        (["train.neftune_noise_alpha=-5"], "train.neftune_noise_alpha", "or null to turn it off"),
+        (["train.neftune_noise_alpha=loud"], "train.neftune_noise_alpha", "must be a number"),
+        (["lora.use_rslora=maybe"], "lora.use_rslora", "true or false"),
         (["data.format=csv"], "data.format", "alpaca, prompt_completion"),
         (["hub.token=hf_abc"], "hub.token", "HF_TOKEN"),
         (["model.api_key=xyz"], "model.api_key", "huggingface-cli login"),
@@ -161,6 +171,15 @@ def test_bad_recipes_name_the_key(overrides, key, fix):
     message = str(info.value)
     assert key in message and fix in message
     assert "\n" not in message
+
+
+def test_neftune_is_refused_for_dpo():
+    dpo = str(ROOT / "recipes" / "tiny_dpo.yaml")
+    with pytest.raises(UserError, match=r"^'train.neftune_noise_alpha' applies to SFT only .*: set it to null$"):
+        load_recipe(dpo, ["train.neftune_noise_alpha=5"])
+    assert load_recipe(dpo, ["train.save_total_limit=2", "lora.use_rslora=true"]).lora.use_rslora is True
+    recipe = load_recipe(TINY, ["train.neftune_noise_alpha=5", "train.save_total_limit=3"])
+    assert (recipe.train.neftune_noise_alpha, recipe.train.save_total_limit) == (5.0, 3)
 
 
 def test_allow_other_targets_opts_in():
