@@ -3,13 +3,17 @@
 The Trainer writes a checkpoint file by file; a kill, a full disk or a bad page flush can leave any of them short
 or silently altered (same size, flipped bytes). `write_manifest` runs after everything else in the folder is
 written (guards' and carry's `on_save` callbacks, in that order) and renames its file into place, so a folder
-with a readable manifest was saved whole; `manifest_problem` re-hashes before a resume trusts it.
+with a readable manifest was saved whole; `manifest_problem` re-hashes before a resume trusts it. The file-level
+checks (`safetensors_problem`, `torch_file_problem`) name what is wrong in a folder saved before manifests.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
+import zipfile
 from pathlib import Path
 
 MANIFEST = "checksums.sha256"
@@ -59,4 +63,33 @@ def manifest_problem(folder: Path) -> str | None:
                 return f"{name} does not match its checksum (corrupted)"
         except OSError:
             return f"{name} is unreadable"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be read whole (a damaged header, a truncated body), or None."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > path.stat().st_size - 8:  # a damaged length field: never allocate what it claims
+                return f"{path.name} has a corrupt header"
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + length + end:
+            return f"{path.name} is truncated"
+    except (OSError, ValueError, KeyError, TypeError, MemoryError, struct.error):
+        return f"{path.name} is unreadable"
+    return None
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why a torch.save file (a zip archive) is missing, empty, truncated or corrupted, or None."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return f"no {path.name}" if not path.is_file() else f"{path.name} is empty"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:  # CRC of every member: what a partial page-cache flush leaves
+                return f"{path.name} is corrupted"
+    except (OSError, zipfile.BadZipFile):
+        return f"{path.name} is truncated or not a torch.save file"
     return None

@@ -4,7 +4,8 @@
   auto (default)  resume from the newest complete checkpoint in train.output_dir if there is one, else start fresh
   true            resume from the newest complete checkpoint; if there is none, that is an error
   false           never resume; an output_dir holding checkpoints of an unfinished run is an error
-  PATH            resume from that checkpoint folder, which must be complete
+  PATH            resume from that checkpoint folder, which must be complete; later checkpoints in output_dir
+                  (a rewind) are refused, or with train.overwrite deleted once the run starts
 A run is finished once run.json exists (train/run.py writes it last); `train.overwrite` replaces a finished run only,
 so a preempted job whose recipe says `overwrite: true` still resumes instead of starting over on every restart.
 
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
-import zipfile
 from pathlib import Path
 
 import yaml
@@ -30,7 +29,7 @@ from mixtral_ft.common import is_main_process, world_size
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import Recipe, load_recipe
 from mixtral_ft.train.carry import read_state
-from mixtral_ft.train.checksums import manifest_problem
+from mixtral_ft.train.checksums import manifest_problem, safetensors_problem, torch_file_problem
 from mixtral_ft.train.outdir import defer_replace, deferred
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -95,7 +94,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     weights = next((folder / n for n in ADAPTER_FILES if (folder / n).is_file()), None)
     if weights is None:
         return "no adapter_model.safetensors"
-    problem = _safetensors_problem(weights)
+    problem = safetensors_problem(weights)
     if problem:
         return problem
     rng = sorted(folder.glob("rng_state*.pth"))
@@ -107,37 +106,10 @@ def checkpoint_problem(folder: Path) -> str | None:
     if ranks and (ranks != list(range(len(ranks))) or (world > 1 and len(ranks) < world)):
         return f"RNG states for ranks {ranks}, expected 0..{max(world, len(ranks)) - 1}"
     for name in [*TORCH_FILES, *(p.name for p in rng)]:
-        problem = _torch_file_problem(folder / name)
+        problem = torch_file_problem(folder / name)
         if problem:
             return problem
     return manifest_problem(folder)  # written last by carry.CarryState: complete, and every byte as saved
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > path.stat().st_size - 8:  # a damaged length field: never allocate what it claims
-                return f"{path.name} has a corrupt header"
-            header = json.loads(f.read(length))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if path.stat().st_size < 8 + length + end:
-            return f"{path.name} is truncated"
-    except (OSError, ValueError, KeyError, TypeError, MemoryError, struct.error):
-        return f"{path.name} is unreadable"
-    return None
-
-
-def _torch_file_problem(path: Path) -> str | None:
-    if not path.is_file() or path.stat().st_size == 0:
-        return f"no {path.name}" if not path.is_file() else f"{path.name} is empty"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if archive.testzip() is not None:  # CRC of every member: what a partial page-cache flush leaves
-                return f"{path.name} is corrupted"
-    except (OSError, zipfile.BadZipFile):
-        return f"{path.name} is truncated or not a torch.save file"
-    return None
 
 
 def newest_complete(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -229,9 +201,25 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
             return None
     check_same_recipe(folder, recipe)
     step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    if isinstance(resume, str) and resume != "auto":
+        _drop_later_steps(recipe, out, folder, step)
     _say(f"resume: continuing from {folder} (step {step})")
     _note_world_size(folder)
     return folder
+
+
+def _drop_later_steps(recipe: Recipe, out: Path, folder: Path, step: int) -> None:
+    """Rewinding (`train.resume: checkpoint-500` beside checkpoint-600) leaves the abandoned steps' folders, which
+    a later `resume: auto` would take for this run's, and this run's saves would write into."""
+    later = [p for p in list_checkpoints(out) if int(CHECKPOINT.match(p.name)[1]) > step]
+    later = [p for p in later if p.resolve() != folder.resolve()]
+    if later and not recipe.train.overwrite:
+        raise UserError(
+            f"train.resume '{recipe.train.resume}' goes back to step {step}, but '{out}' also holds "
+            f"{', '.join(p.name for p in reversed(later))} from later steps: move them out of the folder, "
+            "or set train.overwrite=true to delete them once the run has started"
+        )
+    defer_replace(out, deferred(out) + later)
 
 
 def _note_world_size(folder: Path) -> None:

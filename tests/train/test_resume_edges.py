@@ -112,3 +112,33 @@ def test_checkpoint_checksums_catch_flipped_bytes_and_a_huge_header(tmp_path):
     assert checkpoint_problem(bad) == "adapter_model.safetensors has a corrupt header"
     (good / MANIFEST).unlink()
     assert checkpoint_problem(good) == f"no {MANIFEST} (the save was cut short)"
+
+
+def test_rewinding_beside_later_checkpoints_is_refused_without_overwrite(tmp_path):
+    """`train.resume: checkpoint-2` beside checkpoint-4: a later `resume: auto` would take the abandoned step 4 for
+    this run's, so the later folders must go, and only train.overwrite may delete them."""
+    from tests.conftest import RUN
+
+    out = tmp_path / "run"
+    for step in (2, 4, 6):
+        make_checkpoint(out, step, tuple(RUN))
+    code, err = train(out, "train.resume=checkpoint-2")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "goes back to step 2" in lines[0] and "checkpoint-4, checkpoint-6" in lines[0] and "overwrite" in lines[0]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.slow
+def test_rewinding_with_overwrite_replaces_the_abandoned_steps(reference5, tmp_path):
+    out = tmp_path / "rewound"
+    with signal_at(4, signal.SIGINT):
+        assert train(out, "train.logging_steps=5", "train.save_steps=2")[0] == 130
+    (out / "checkpoint-4" / "abandoned.txt").write_text("from the run we went back on")
+    code, err = train(
+        out, "train.logging_steps=5", "train.save_steps=2", "train.resume=checkpoint-2", "train.overwrite=true"
+    )
+    assert code == 0, err
+    assert not (out / "checkpoint-4" / "abandoned.txt").exists()  # step 4 saved anew, not into the old folder
+    assert checkpoint_problem(out / "checkpoint-4") is None
+    assert adapter_bytes(out) == adapter_bytes(reference5)  # the rewound run is exact
