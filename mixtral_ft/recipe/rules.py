@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from mixtral_ft.errors import UserError
 
 if TYPE_CHECKING:
-    from mixtral_ft.recipe.sections import Recipe
+    from mixtral_ft.recipe.sections import HubSection, LoggingSection, LoraSection, ModelSection, Recipe, TrainSection
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # TRL's SFT and DPO trainers score through a fused LM head that multiplies by lm_head.weight itself (trl
@@ -46,7 +46,19 @@ HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def check_recipe(recipe: Recipe) -> None:
-    m, d, lo, t = recipe.model, recipe.data, recipe.lora, recipe.train
+    """Every value in range and the keys consistent with each other; the first problem is a UserError."""
+    _check_model(recipe.model)
+    _check_data(recipe)
+    _check_lora(recipe.lora)
+    _check_train(recipe.train)
+    if recipe.train.method == "dpo":
+        _check_dpo(recipe)
+    _check_levers(recipe.train)
+    _check_logging(recipe.logging)
+    _check_hub(recipe.hub)
+
+
+def _check_model(m: ModelSection) -> None:
     _need(
         m.compute_dtype in ("auto", "bfloat16", "float16", "float32"),
         "model.compute_dtype",
@@ -57,12 +69,19 @@ def check_recipe(recipe: Recipe) -> None:
         "model.attn_implementation",
         "must be sdpa, flash_attention_2 or eager",
     )
+
+
+def _check_data(recipe: Recipe) -> None:
+    d, t = recipe.data, recipe.train
     known = known_formats(t.method)
     _need(d.format in known, "data.format", f"must be one of {', '.join(known)} (train.method: {t.method})")
     _check_sources(recipe)
     _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
     _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1], e.g. 0.1")
     _need(d.max_rows is None or d.max_rows > 0, "data.max_rows", "must be > 0 or null")
+
+
+def _check_lora(lo: LoraSection) -> None:
     # A rank past Mixtral's hidden size (4096) adds nothing, and allocates far past memory on the way there.
     _need(0 < lo.r <= 4096, "lora.r", "must be > 0 and at most 4096 (Mixtral's hidden size), e.g. 16")
     _need(lo.alpha > 0, "lora.alpha", "must be > 0, e.g. 32 (twice r)")
@@ -80,6 +99,9 @@ def check_recipe(recipe: Recipe) -> None:
         "lora.target_modules",
         f"has lm_head: {LM_HEAD_BYPASSED}; drop lm_head from the list",
     )
+
+
+def _check_train(t: TrainSection) -> None:
     _need(t.max_steps == -1 or t.max_steps > 0, "train.max_steps", "must be > 0, or -1 to train by epochs")
     _need(t.num_train_epochs > 0, "train.num_train_epochs", "must be > 0")
     _need(t.save_steps > 0, "train.save_steps", "must be > 0, e.g. 500")
@@ -101,22 +123,28 @@ def check_recipe(recipe: Recipe) -> None:
     _need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", "must be > 0 or null")
     _need(0 <= t.seed < 2**32, "train.seed", "must be >= 0 and below 2**32 (numpy's seed range), e.g. 42")
     _need(t.method in ("sft", "dpo"), "train.method", "must be sft or dpo")
-    if t.method == "dpo":
-        _need(recipe.dpo.beta > 0, "dpo.beta", "must be > 0, e.g. 0.1")
-        _need(recipe.dpo.loss_type in DPO_LOSSES, "dpo.loss_type", f"must be one of {', '.join(DPO_LOSSES)}")
-        _need(
-            0 < recipe.dpo.max_prompt_length < t.max_length,
-            "dpo.max_prompt_length",
-            f"must be > 0 and below train.max_length ({t.max_length}) to leave room for the answer",
-        )
-        _need(not t.packing, "train.packing", "applies to SFT only: DPO compares whole answers; set it to false")
-        # TRL documents NEFTune for SFT only. transformers' hook would fire in DPO too, and TRL's reference pass (the
-        # adapter copy, run in train mode) would get noisy log-probs as well.
-        _need(
-            t.neftune_noise_alpha is None,
-            "train.neftune_noise_alpha",
-            "applies to SFT only (in DPO it would noise the reference model's log-probs too): set it to null",
-        )
+
+
+def _check_dpo(recipe: Recipe) -> None:
+    t = recipe.train
+    _need(recipe.dpo.beta > 0, "dpo.beta", "must be > 0, e.g. 0.1")
+    _need(recipe.dpo.loss_type in DPO_LOSSES, "dpo.loss_type", f"must be one of {', '.join(DPO_LOSSES)}")
+    _need(
+        0 < recipe.dpo.max_prompt_length < t.max_length,
+        "dpo.max_prompt_length",
+        f"must be > 0 and below train.max_length ({t.max_length}) to leave room for the answer",
+    )
+    _need(not t.packing, "train.packing", "applies to SFT only: DPO compares whole answers; set it to false")
+    # TRL documents NEFTune for SFT only. transformers' hook would fire in DPO too, and TRL's reference pass (the
+    # adapter copy, run in train mode) would get noisy log-probs as well.
+    _need(
+        t.neftune_noise_alpha is None,
+        "train.neftune_noise_alpha",
+        "applies to SFT only (in DPO it would noise the reference model's log-probs too): set it to null",
+    )
+
+
+def _check_levers(t: TrainSection) -> None:
     _need(
         t.neftune_noise_alpha is None or t.neftune_noise_alpha > 0,
         "train.neftune_noise_alpha",
@@ -130,7 +158,9 @@ def check_recipe(recipe: Recipe) -> None:
             "acts on checkpointed layers only: set train.gradient_checkpointing=true, or turn it off",
         )
     _need(t.router_aux_loss_coef >= 0, "train.router_aux_loss_coef", "must be >= 0 (0 turns it off), e.g. 0.01")
-    g = recipe.logging
+
+
+def _check_logging(g: LoggingSection) -> None:
     _need(
         set(g.report_to) <= {"wandb", "tensorboard", "none"} and len(g.report_to) > 0,
         "logging.report_to",
@@ -138,7 +168,9 @@ def check_recipe(recipe: Recipe) -> None:
     )
     _need("none" not in g.report_to or len(g.report_to) == 1, "logging.report_to", "cannot combine none with others")
     _need(g.router_stats_steps >= 0, "logging.router_stats_steps", "must be >= 0 (0 turns telemetry off), e.g. 10")
-    h = recipe.hub
+
+
+def _check_hub(h: HubSection) -> None:
     _need(
         not h.push or h.repo_id is not None, "hub.repo_id", "is required when hub.push is true: e.g. my-org/mixtral-sft"
     )
