@@ -54,8 +54,27 @@ def render_card(folder: Path, kind: str, title: str | None = None, ref: str | No
     recipe = _read(folder, "recipe.yaml", yaml.safe_load) or {}
     run = _read(folder, "run.json", json.loads)
     merge = _read(folder, "merge.json", json.loads)
-    verify = _read(folder, "verify.json", json.loads)
     base = (merge or {}).get("base") or (recipe.get("model") or {}).get("name")
+    name = title or folder.resolve().name  # the repo id when pushing
+    what = "a LoRA adapter" if kind == "adapter" else "a merged model (LoRA folded into the base weights)"
+    lines = [
+        *_front_matter(recipe, run, kind, base),
+        f"# {name}",
+        "",
+        f"QLoRA fine-tune of `{base or 'Mixtral'}` trained with mixtral-ft: {what}.",
+        "",
+        *_usage(kind, base, ref or name),
+        *_merge_section(merge),
+        *_verify_section(_read(folder, "verify.json", json.loads)),
+        *_run_table(run),
+        *_run_sections(folder, run),
+    ]
+    if recipe:
+        lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
+    return scrub("\n".join(lines))
+
+
+def _front_matter(recipe: dict, run: dict | None, kind: str, base: str | None) -> list[str]:
     data_path = (recipe.get("data") or {}).get("path")
     dataset = BUILTIN_DATASETS.get(data_path, data_path)
     meta = {}
@@ -69,24 +88,14 @@ def render_card(folder: Path, kind: str, title: str | None = None, ref: str | No
     meta["pipeline_tag"] = "text-generation"
     method = (recipe.get("train") or {}).get("method") or (run or {}).get("method") or "sft"
     meta["tags"] = ["mixtral", "qlora", "mixtral-ft", str(method)] + (["lora"] if kind == "adapter" else ["merged"])
-    name = title or folder.resolve().name  # the repo id when pushing
-    ref = ref or name
-    what = "a LoRA adapter" if kind == "adapter" else "a merged model (LoRA folded into the base weights)"
-    lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"QLoRA fine-tune of `{base or 'Mixtral'}` trained with mixtral-ft: {what}.",
-        "",
-        "## Usage",
-        "",
-    ]
+    return ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
+
+
+def _usage(kind: str, base: str | None, ref: str) -> list[str]:
+    lines = ["## Usage", ""]
     if kind == "adapter":
         # On the NF4 base it was trained against (adapter_config's base path is the training machine's).
-        lines += [
+        return lines + [
             "```python",
             "from peft import PeftModel",
             "from mixtral_ft import load_model",
@@ -98,78 +107,86 @@ def render_card(folder: Path, kind: str, title: str | None = None, ref: str | No
             "against; a plain `merge_and_unload()` onto the bf16 base gives a different model.",
             "",
         ]
-    else:
+    return lines + [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{ref}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
+        "```",
+        "",
+    ]
+
+
+def _merge_section(merge: dict | None) -> list[str]:
+    if not merge:
+        return []
+    how = (
+        "the NF4-dequantized base weights the adapter was trained against, so the merged model "
+        "computes what adapter-on-NF4-base computed in training"
+        if merge.get("base_weights") == "dequantized"
+        else "the original base weights (not the NF4 weights the adapter was trained against)"
+    )
+    return ["## Merge", "", f"Merged into {how}; written as {merge.get('dtype')}.", ""]
+
+
+VERIFY_METRICS = (
+    "max_abs_logit_diff",
+    "mean_abs_logit_diff",
+    "mean_abs_logit",
+    "tolerance",
+    "perplexity_adapter_on_base",
+    "perplexity_merged",
+)
+
+
+def _verify_section(verify: dict | None) -> list[str]:
+    if not verify:
+        return []
+    lines = [
+        "## Verification",
+        "",
+        f"{verify.get('samples')} samples ({verify.get('source')}), "
+        f"{verify.get('tokens')} tokens, {verify.get('compute_dtype')}:",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {verify[k]:.6g} |" for k in VERIFY_METRICS if isinstance(verify.get(k), (int, float))]
+    if verify.get("verdict"):
         lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            f'model = AutoModelForCausalLM.from_pretrained("{ref}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{ref}")',
-            "```",
-            "",
+            f"Verdict: **{verify['verdict']}** (mean |Δlogit| against the tolerance for "
+            f"{verify.get('weights_dtype')} weights).",
         ]
-    if merge:
-        how = (
-            "the NF4-dequantized base weights the adapter was trained against, so the merged model "
-            "computes what adapter-on-NF4-base computed in training"
-            if merge.get("base_weights") == "dequantized"
-            else "the original base weights (not the NF4 weights the adapter was trained against)"
-        )
-        lines += ["## Merge", "", f"Merged into {how}; written as {merge.get('dtype')}.", ""]
-    if verify:
-        lines += [
-            "## Verification",
-            "",
-            f"{verify.get('samples')} samples ({verify.get('source')}), "
-            f"{verify.get('tokens')} tokens, {verify.get('compute_dtype')}:",
-            "",
-            "| metric | value |",
-            "|---|---|",
-        ]
-        lines += [
-            f"| {k} | {verify[k]:.6g} |"
-            for k in (
-                "max_abs_logit_diff",
-                "mean_abs_logit_diff",
-                "mean_abs_logit",
-                "tolerance",
-                "perplexity_adapter_on_base",
-                "perplexity_merged",
-            )
-            if isinstance(verify.get(k), (int, float))
-        ]
-        if verify.get("verdict"):
-            lines += [
-                "",
-                f"Verdict: **{verify['verdict']}** (mean |Δlogit| against the tolerance for "
-                f"{verify.get('weights_dtype')} weights).",
-            ]
-        lines += [""]
-    if run:
-        keys = (
-            "method",
-            "steps",
-            "world_size",
-            "device",
-            "compute_dtype",
-            "train_loss",
-            "final_loss",
-            "tokens",
-            "tokens_per_s",
-            "train_runtime_s",
-            "peak_memory_gib",
-        )
-        lines += ["## Training run", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {run[k]} |" for k in keys if run.get(k) is not None]
-        lines += _memory_row(run.get("memory"))
-        versions = run.get("versions") or {}
-        if versions:
-            lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
-        lines += [""]
-    lines += _run_sections(folder, run)
-    if recipe:
-        lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
-    return scrub("\n".join(lines))
+    return lines + [""]
+
+
+RUN_METRICS = (
+    "method",
+    "steps",
+    "world_size",
+    "device",
+    "compute_dtype",
+    "train_loss",
+    "final_loss",
+    "tokens",
+    "tokens_per_s",
+    "train_runtime_s",
+    "peak_memory_gib",
+)
+
+
+def _run_table(run: dict | None) -> list[str]:
+    if not run:
+        return []
+    lines = ["## Training run", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {run[k]} |" for k in RUN_METRICS if run.get(k) is not None]
+    lines += _memory_row(run.get("memory"))
+    versions = run.get("versions") or {}
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
+    return lines + [""]
 
 
 def _memory_row(memory: dict | None) -> list[str]:
