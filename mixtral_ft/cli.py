@@ -35,11 +35,13 @@ def _add_attn_flag(p) -> None:
     )
 
 
-def _add_generation_flags(p, max_new_tokens: int, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens per reply")
-    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+def _add_generation_flags(p, max_new_tokens: int, temperature: float, sampling_note: str) -> None:
+    # Defaults are None so that commands.generation_settings can tell a flag given from one left out.
+    p.add_argument("--max-new-tokens", type=int, help=f"tokens per reply (default: {max_new_tokens})")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature; 0 is greedy (default: {temperature:g})")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling threshold (default: 0.95); {sampling_note}")
+    p.add_argument("--seed", type=int, help=f"seed for reproducible sampling; {sampling_note}")
+    p.set_defaults(generation_defaults={"max_new_tokens": max_new_tokens, "temperature": temperature})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify", action="store_true", help="compare with adapter-on-NF4-base on held-out rows; writes verify.json"
     )
-    p.add_argument("--device", default=None, help="device for --verify (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="--verify only: its device (default: cuda if available, else cpu)")
     p.set_defaults(func=commands.cmd_merge)
 
     p = sub.add_parser("push", help="upload an adapter or merged model folder to the Hub, with a model card")
     p.add_argument("dir", help="adapter folder or merged model folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    visibility = "create the repo private (default) or public (--no-private)"
+    visibility = "a repo this push creates is private (default) or public (--no-private); an existing one keeps its own"
     p.add_argument("--private", action=argparse.BooleanOptionalAction, default=True, help=visibility)
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no token")
     p.set_defaults(func=commands.cmd_push)
@@ -139,21 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load a plain transformers model (e.g. a merged folder) instead of the NF4 one",
     )
-    _add_generation_flags(p, max_new_tokens=256, temperature=0.7)
+    _add_generation_flags(p, 256, 0.7, "sampling only: refused with --temperature 0, but not with --web")
     _add_attn_flag(p)
     p.add_argument("--web", action="store_true", help="serve a browser chat UI (gradio; pip install 'mixtral-ft[web]')")
-    p.add_argument("--host", default="127.0.0.1", help="--web: address to bind (default: localhost only)")
-    p.add_argument("--port", type=int, default=7860, help="--web: port to listen on")
+    p.add_argument("--host", help="--web only: address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="--web only: port to listen on (default: 7860)")
     p.set_defaults(func=commands.cmd_chat)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
     p.add_argument("target", metavar="OUTPUT_DIR_OR_RECIPE", help="training output_dir or a recipe")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the output_dir's own)")
     p.add_argument("--data", default=None, help="evaluate on this file instead of the recipe's held-out split")
-    p.add_argument("--samples", type=int, default=3, help="sample generations to write to eval.json")
+    p.add_argument(
+        "--samples", type=int, default=3, help="sample generations to write to eval.json (0: none, no generation flags)"
+    )
     p.add_argument("--max-rows", type=int, default=None, help="score at most this many held-out rows")
     p.add_argument("--out", default=None, help="report path (default: OUTPUT_DIR/eval.json)")
-    _add_generation_flags(p, max_new_tokens=128, temperature=0.0)
+    _add_generation_flags(p, 128, 0.0, "sampling only: needs --temperature > 0")
     _add_attn_flag(p)
     p.set_defaults(func=commands.cmd_eval)
     p = sub.add_parser(

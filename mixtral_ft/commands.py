@@ -165,12 +165,28 @@ def cmd_push(args) -> int:
     return 0
 
 
-def _generation(args):
+def _flags_refused(flags: list[str], why: str, fix: str) -> None:
+    """One line naming the flags that would change nothing here (`why`), and how to make them count."""
+    if flags:
+        them = "them" if flags[1:] else "it"
+        raise UserError(f"{' and '.join(flags)} would change nothing ({why}): drop {them}, or {fix}")
+
+
+def _generation(args, *, greedy_stays: bool = True):
+    """GenerationSettings from the flags given, the command's defaults for the rest.
+
+    When the temperature is 0 (greedy) for good (`greedy_stays`: not --web, whose page can raise it),
+    --top-p and --seed could change nothing, so giving them is a mistake to say, not to ignore.
+    """
     from mixtral_ft.use.chat import GenerationSettings
 
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
+    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    settings = GenerationSettings(**{**args.generation_defaults, **{k: v for k, v in given.items() if v is not None}})
+    sampling_only = [flag for flag, key in (("--top-p", "top_p"), ("--seed", "seed")) if given[key] is not None]
+    if greedy_stays and settings.temperature == 0:
+        why = "is 0, greedy" if given["temperature"] is not None else f"is 0, greedy, by default for {args.command}"
+        _flags_refused(sampling_only, f"sampling only, and --temperature {why}", "pass --temperature above 0")
+    return settings
 
 
 def cmd_chat(args) -> int:
@@ -185,13 +201,15 @@ def cmd_chat(args) -> int:
             args.model,
             adapter=args.adapter,
             system=args.system,
-            settings=_generation(args),
+            settings=_generation(args, greedy_stays=False),
             quantize=not args.no_quantize,
             attn_implementation=args.attn_implementation,
-            host=args.host,
-            port=args.port,
+            host=args.host or "127.0.0.1",
+            port=7860 if args.port is None else args.port,
         )
         return 0
+    web_only = [flag for flag, value in (("--host", args.host), ("--port", args.port)) if value is not None]
+    _flags_refused(web_only, "--web only, for the browser page", "add --web")
     chat(
         args.model,
         adapter=args.adapter,
@@ -208,6 +226,10 @@ def cmd_eval(args) -> int:
     from mixtral_ft.use.evaluate import evaluate
 
     keys = ("adapter", "data", "samples", "out", "max_rows", "attn_implementation")
+    generation_flags = ("max_new_tokens", "temperature", "top_p", "seed")
+    given = [f"--{k.replace('_', '-')}" for k in generation_flags if getattr(args, k) is not None]
+    if args.samples == 0:
+        _flags_refused(given, "they shape the sample generations, and --samples 0 makes none", "pass --samples N")
     evaluate(args.target, settings=_generation(args), **_pick(args, *keys))
     return 0
 

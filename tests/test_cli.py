@@ -219,3 +219,12 @@ def test_tiny_interrupted_leaves_no_half_model_and_can_run_again(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
     assert main(["tiny", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.model.v1").is_file()
+
+
+def test_validate_set_overrides_every_recipe(tmp_path, capsys):
+    dpo = str(ROOT / "recipes" / "tiny_dpo.yaml")
+    assert main(["validate", TINY, dpo]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"ok: {TINY}", f"ok: {dpo}"]
+    assert main(["validate", TINY, dpo, "--set", "lora.r=8", "--set", "train.max_steps=0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("'train.max_steps'" in line for line in err)  # the last --set, on both recipes

@@ -103,6 +103,8 @@ def _check_request(adapter: Path, out: Path, base_weights: str, verify: bool, de
         raise UserError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}")
     if verify:
         check_device(device)  # now, not after the merge
+    elif device is not None:  # the merge itself streams shards on the CPU: without --verify it would do nothing
+        raise UserError(f"--device {device} applies to --verify only (merging runs on CPU): add --verify or drop it")
 
 
 def _resolve_base(adapter: Path, base: str | None) -> tuple[str, Path, dict]:

@@ -136,6 +136,8 @@ def test_push_leaves_the_folders_own_readme_as_it_is(hub, adapter, tmp_path):
     cmd = [sys.executable, "-m", "mixtral_ft.cli", "push", str(folder), "--repo-id", "org/mine"]
     proc = subprocess.run(cmd, env=hub_env(hub), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    create = [c["body"] for c in hub.calls[before:] if c["path"] == "/api/repos/create"]
+    assert [c["visibility"] for c in create] == ["private"]  # push's default; --no-private: see the merged push
     [files] = commits(hub.calls[before:], "org/mine")
     assert files["README.md"].decode().startswith("---\n") and "# org/mine" in files["README.md"].decode()
     assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json"}
@@ -149,3 +151,12 @@ def test_a_checkpoint_folder_pushes_its_adapter_not_the_trainer_pickles(adapter,
     out = capsys.readouterr().out
     assert "adapter_model.safetensors" in out
     assert not re.search(r"optimizer\.pt|scheduler\.pt|rng_state|training_args\.bin", out), out
+
+
+def test_dry_run_says_the_visibility_asked_for_and_help_says_an_existing_repo_keeps_its_own(adapter, capsys):
+    assert main(["push", str(adapter), "--repo-id", "org/x", "--dry-run", "--no-private"]) == 0
+    assert "to org/x (public); nothing uploaded" in capsys.readouterr().out
+    # As huggingface-cli upload's --private: the Hub API sets visibility when it creates the repo, not after.
+    with pytest.raises(SystemExit):
+        main(["push", "--help"])
+    assert "an existing one keeps its own" in " ".join(capsys.readouterr().out.split())

@@ -155,7 +155,7 @@ def test_verify_report_is_printed_written_and_in_the_card(merged):
     assert "library_name: transformers" in card and "NF4-dequantized" in card
 
 
-@pytest.mark.parametrize("case", ["base_of_another_shape", "bad_verify_device"])
+@pytest.mark.parametrize("case", ["base_of_another_shape", "bad_verify_device", "device_without_verify"])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, adapter, tmp_path, capsys):
     from tests.conftest import other_shape_model
 
@@ -163,6 +163,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, adapter, tmp_path
     argv, expect = {
         "base_of_another_shape": (["--base", str(other_shape_model(tmp_path / "wide"))], "pass the base"),
         "bad_verify_device": (["--verify", "--device", "banana"], "--device 'banana' is not a device"),
+        # Merging runs on the CPU whatever --device says: without --verify the flag would do nothing.
+        "device_without_verify": (["--device", "cpu"], "--device cpu applies to --verify only"),
     }[case]
     assert main(["merge", str(adapter), "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 
 from mixtral_ft.cli import main
 from mixtral_ft.export import merge as export
-from tests.conftest import trained_adapter
+from tests.conftest import requires_cuda, trained_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.numeric]
 
@@ -64,3 +64,14 @@ def test_merge_with_the_lora_scale_doubled_fails_verify_and_exits_1(adapter_run,
         line for line in err.splitlines() if line.strip() and "%|" not in line and not line.startswith("merge: [")
     ]
     assert errors == [f"merge --verify FAILED: see {out}/verify.json"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_verify_runs_on_the_device_given(device, adapter_run, tmp_path, capsys):
+    """On a GPU machine the default is cuda, so --device cpu must show in verify.json to have been obeyed."""
+    out = tmp_path / device
+    argv = [str(adapter_run), "--out", str(out), "--dtype", "float32", "--verify", "--device", device]
+    code, _, err = merge(argv, capsys)
+    assert code == 0, err
+    assert json.loads((out / "verify.json").read_text())["device"].startswith(device)

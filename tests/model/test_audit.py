@@ -67,3 +67,11 @@ def test_bf16_experts_flag_applies_to_a_recipe_too(tmp_path, capsys):
     assert main(["audit", str(recipe), "--bf16-experts", "--json"]) == 0
     groups = {row["group"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
     assert groups["experts"]["dtypes"] == ["float32"] and groups["lora"]["trainable"] > 0
+
+
+def test_bf16_experts_flag_on_a_model_and_overrides_refused_there(capsys):
+    assert main(["audit", "tiny", "--bf16-experts", "--json"]) == 0
+    groups = {row["group"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert groups["experts"]["dtypes"] == ["float32"] and groups["attention"]["dtypes"] == ["nf4"]
+    assert main(["audit", "tiny", "lora.r=4"]) == 2  # a bare model has no recipe for them to change
+    assert "overrides apply to recipes only" in capsys.readouterr().err

@@ -120,6 +120,30 @@ def test_quantize_then_load_round_trip(tiny_dir, nf4_model, tmp_path):
     assert main(["quantize", str(tiny_dir), str(out), "--device", "cpu"]) == 2  # never overwrites
 
 
+def test_quantize_bf16_experts_keeps_them_unquantized(tiny_dir, tmp_path):
+    import json
+
+    from mixtral_ft.cli import main
+
+    out = tmp_path / "nf4_attn"
+    assert main(["quantize", str(tiny_dir), str(out), "--bf16-experts", "--device", "cpu"]) == 0
+    assert json.loads((out / "mixtral_ft_nf4.json").read_text())["quantize_experts"] is False
+    model = load_model(str(out), device="cpu", compute_dtype="float32")
+    layer = model.model.layers[0]
+    assert not isinstance(layer.mlp.experts, NF4Experts) and not is_4bit(layer.mlp.experts.gate_up_proj)
+    assert is_4bit(layer.self_attn.q_proj.weight)  # attention is NF4 all the same
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_quantize_device_is_obeyed_and_checked_before_the_load(tiny_dir, tmp_path, capsys):
+    from mixtral_ft.cli import main
+
+    assert main(["quantize", str(tiny_dir), str(tmp_path / "out"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --device 'cuda': no such CUDA GPU here; use cpu, or leave --device out"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_layers_split_across_shards_still_load(tmp_path, nf4_model):
     from mixtral_ft.model.shapes import tiny_config
 

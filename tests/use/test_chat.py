@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixtral_ft.cli import main
 from tests.conftest import trained_adapter
@@ -202,6 +203,9 @@ def test_fit_history_drops_the_oldest_exchanges():
         (["--seed", "-1"], "--seed"),
         (["--top-p", "0"], "--top-p"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--temperature", "0", "--top-p", "0.5"], "--top-p would change nothing (sampling only"),
+        (["--temperature", "0", "--seed", "1"], "--seed would change nothing (sampling only"),
+        (["--temperature", "0", "--seed", "1", "--top-p", "0.5"], "--top-p and --seed would change nothing"),
         (["--prompt", "  "], "--prompt is empty"),
         (["--adapter", "/nonexistent/adapter"], "not an adapter folder"),
     ],
@@ -248,3 +252,67 @@ def test_repl_takes_a_line_that_is_not_utf8(loaded, capsys):
     settings = GenerationSettings(max_new_tokens=2, temperature=0)
     repl(model, tokenizer, None, settings, stdin=io.StringIO("caf\udce9\n/exit\n"))  # b"caf\xe9", surrogateescaped
     assert "assistant>" in capsys.readouterr().out
+
+
+def one_shot_cli(capsys, monkeypatch, *argv: str) -> tuple[str, str, object]:
+    """`mixtral-ft chat ... --prompt` in-process: (stdout reply, stderr, the model it answered with)."""
+    from mixtral_ft.use import chat
+
+    real, used = chat.one_shot, []
+
+    def spy(model, *args, **kwargs):  # the real one_shot; only the model it was given is kept
+        used.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "one_shot", spy)
+    assert main(["chat", *argv]) == 0
+    captured = capsys.readouterr()
+    return captured.out.strip(), captured.err, used[-1]
+
+
+@pytest.mark.slow
+def test_top_p_near_zero_is_greedy_and_seed_makes_sampling_reproducible(capsys, monkeypatch):
+    base = ["tiny", "--prompt", "Name a colour.", "--max-new-tokens", "8"]
+    greedy, _, _ = one_shot_cli(capsys, monkeypatch, *base, "--temperature", "0")
+    # Top-p keeps at least the top token: a vanishing --top-p leaves only it, so sampling becomes greedy.
+    narrow, _, _ = one_shot_cli(capsys, monkeypatch, *base, "--temperature", "1", "--top-p", "1e-9", "--seed", "1")
+    assert narrow == greedy
+    sampled = {
+        seed: one_shot_cli(capsys, monkeypatch, *base, "--temperature", "1", "--seed", seed)[0] for seed in "123"
+    }
+    assert one_shot_cli(capsys, monkeypatch, *base, "--temperature", "1", "--seed", "1")[0] == sampled["1"]
+    assert set(sampled.values()) - {greedy}  # the default top-p 0.95 really samples on the near-flat random model
+    assert len(set(sampled.values())) > 1  # and the seed picks the sample
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn, expected", [([], "sdpa"), (["--attn-implementation", "eager"], "eager")])
+def test_attn_implementation_flag_picks_the_kernel(attn, expected, capsys, monkeypatch):
+    argv = ["tiny", "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0", *attn]
+    _, _, model = one_shot_cli(capsys, monkeypatch, *argv)
+    assert model.config._attn_implementation == expected
+
+
+@pytest.mark.slow
+def test_adapter_flag_puts_the_adapter_on_the_base(adapter_run, capsys, monkeypatch):
+    from peft import PeftModel
+
+    argv = ["--prompt", "Hello, who are you?", "--max-new-tokens", "8", "--temperature", "0"]
+    on_base, err, model = one_shot_cli(capsys, monkeypatch, "tiny", "--adapter", str(adapter_run), *argv)
+    assert isinstance(model, PeftModel) and f"loading tiny + adapter {adapter_run} (NF4)" in err
+    bare, _, bare_model = one_shot_cli(capsys, monkeypatch, "tiny", *argv)
+    assert not isinstance(bare_model, PeftModel)
+    # The same reply as the run's own folder, which puts its adapter on its base (the recipe's `tiny`).
+    assert on_base == one_shot_cli(capsys, monkeypatch, str(adapter_run), *argv)[0]
+
+
+@pytest.mark.slow
+def test_no_quantize_loads_plain_weights_and_the_default_loads_nf4(tiny_dir, capsys, monkeypatch):
+    from mixtral_ft.model.quant import is_4bit
+
+    argv = ["--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0"]
+    _, _, plain = one_shot_cli(capsys, monkeypatch, str(tiny_dir), "--no-quantize", *argv)
+    _, _, nf4 = one_shot_cli(capsys, monkeypatch, str(tiny_dir), *argv)
+    assert not [p for p in plain.parameters() if is_4bit(p)]
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}  # auto on a CPU
+    assert [p for p in nf4.parameters() if is_4bit(p)]

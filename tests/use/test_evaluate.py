@@ -164,3 +164,82 @@ def test_a_merged_folder_with_its_own_adapter_again_is_refused(adapter_run, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already has adapter" in err[0] and "drop --adapter" in err[0], err
     assert not (merged / "eval.json").exists()
+
+
+def eval_report(tmp_path, name: str, *argv: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    assert main(["eval", *argv, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_adapter_flag_scores_that_adapter_against_the_base(adapter_run, tmp_path):
+    recipe = yaml.safe_load((adapter_run / "recipe.yaml").read_text())
+    recipe["train"]["output_dir"] = str(tmp_path / "no_run")  # no adapter of its own
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    rows = ["--samples", "0", "--max-rows", "2"]
+    given = eval_report(tmp_path, "given", str(path), "--adapter", str(adapter_run), *rows)
+    own = eval_report(tmp_path, "own", str(adapter_run), *rows)
+    assert list(given["scores"]) == ["base", "adapter"] and given["adapter_dir"] == str(adapter_run)
+    assert given["scores"] == own["scores"]  # the same numbers as the run's folder, which brings its adapter
+    assert list(eval_report(tmp_path, "bare", str(path), *rows)["scores"]) == ["base"]
+
+
+@pytest.mark.slow
+def test_max_rows_caps_the_rows_scored(adapter_run, tmp_path):
+    one, two = (eval_report(tmp_path, f"r{n}", str(adapter_run), "--samples", "0", "--max-rows", n) for n in "12")
+    assert (one["rows"], two["rows"]) == (1, 2)
+    assert 0 < one["assistant_tokens"] < two["assistant_tokens"]
+
+
+@pytest.mark.slow
+def test_generation_flags_shape_the_samples(adapter_run, tmp_path):
+    rows = [str(adapter_run), "--samples", "1", "--max-rows", "1"]
+    short = eval_report(tmp_path, "short", *rows, "--max-new-tokens", "3")
+    long = eval_report(tmp_path, "long", *rows, "--max-new-tokens", "12")
+    assert short["generation"] == {"max_new_tokens": 3, "temperature": 0.0, "top_p": 0.95, "seed": None}
+    for name in ("base", "adapter"):  # greedy: 3 tokens are the start of the 12
+        a, b = short["samples"][0][name], long["samples"][0][name]
+        assert b.startswith(a) and len(b) > len(a), (a, b)
+    # Sampling, narrowed by --top-p to the top token, is the greedy reply; --seed makes sampling repeatable.
+    narrow = eval_report(tmp_path, "narrow", *rows, "--max-new-tokens", "12", "--temperature", "1", "--top-p", "1e-9")
+    assert narrow["generation"]["temperature"] == 1.0 and narrow["generation"]["top_p"] == 1e-9
+    assert narrow["samples"] == long["samples"]
+    sampled = [eval_report(tmp_path, f"s{i}", *rows, "--temperature", "1", "--seed", "5") for i in range(2)]
+    assert sampled[0]["samples"] == sampled[1]["samples"] and sampled[0]["generation"]["seed"] == 5
+    assert sampled[0]["samples"] != long["samples"]  # temperature 1 with top-p 0.95 samples on a random model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn, expected", [([], "sdpa"), (["--attn-implementation", "eager"], "eager")])
+def test_attn_implementation_flag_picks_the_kernel(attn, expected, adapter_run, tmp_path, monkeypatch):
+    from mixtral_ft.use import evaluate
+
+    real, kernels = evaluate.load_for_inference, []
+
+    def spy(*args, **kwargs):  # the real load; only the kernel the model got is kept
+        model, tokenizer = real(*args, **kwargs)
+        kernels.append(model.config._attn_implementation)
+        return model, tokenizer
+
+    monkeypatch.setattr(evaluate, "load_for_inference", spy)
+    eval_report(tmp_path, "attn", str(adapter_run), "--samples", "0", "--max-rows", "1", *attn)
+    assert kernels == [expected]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--samples", "0", "--max-new-tokens", "4"], "--max-new-tokens would change nothing"),
+        (["--samples", "0", "--temperature", "1", "--seed", "2"], "--temperature and --seed would change nothing"),
+        (["--top-p", "0.9"], "--top-p would change nothing (sampling only, and --temperature is 0, greedy, by default"),
+        (["--temperature", "0", "--seed", "3"], "--seed would change nothing (sampling only"),
+    ],
+)
+def test_generation_flags_that_would_change_nothing_are_refused(argv, message, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(ROOT / "recipes" / "tiny.yaml"), *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists()

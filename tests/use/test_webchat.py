@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_ft.cli import build_parser, main
+from mixtral_ft.cli import main
 from mixtral_ft.use.chat import GenerationSettings
 from mixtral_ft.use.webchat import history_messages, stream_reply
 
@@ -61,11 +61,52 @@ def test_web_without_gradio_is_one_line_and_exit_2(monkeypatch, capsys):
     assert err == ["error: --web needs gradio: pip install 'mixtral-ft[web]' (or pip install gradio)"]
 
 
-def test_web_flags_default_to_localhost():
-    args = build_parser().parse_args(["chat", "tiny", "--web"])
-    assert (args.web, args.host, args.port) == (True, "127.0.0.1", 7860)
-    args = build_parser().parse_args(["chat", "tiny", "--web", "--port", "9000", "--host", "0.0.0.0"])
-    assert (args.host, args.port) == ("0.0.0.0", 9000)
+@pytest.fixture
+def served(monkeypatch, tiny_dir):
+    """`mixtral-ft chat ... --web` up to gradio's launch, which records the app, host and port instead of serving."""
+    pytest.importorskip("gradio")
+    from mixtral_ft.use import webchat
+
+    seen = {}
+
+    def record(app, *, host, port, block=True):
+        seen.update(app=app, host=host, port=port)
+
+    monkeypatch.setattr(webchat, "launch", record)
+    return seen
+
+
+def _page_settings(app) -> dict:
+    """The values the page's settings open with, by label."""
+    return {block.label: block.value for block in app.additional_inputs}
+
+
+def test_web_flags_default_to_localhost_and_the_page_takes_the_generation_flags(served):
+    assert main(["chat", "tiny", "--web"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 7860)
+    assert _page_settings(served["app"]) == {
+        "System prompt": "",
+        "Max new tokens": 256,
+        "Temperature (0 is greedy)": 0.7,
+        "Top-p": 0.95,
+    }
+    argv = ["--port", "9000", "--host", "0.0.0.0", "--system", "Be brief.", "--max-new-tokens", "12"]
+    assert main(["chat", "tiny", "--web", *argv, "--temperature", "0", "--top-p", "0.5"]) == 0
+    assert (served["host"], served["port"]) == ("0.0.0.0", 9000)
+    # --top-p with --temperature 0 is kept for --web: the page's temperature slider can raise it.
+    assert _page_settings(served["app"]) == {
+        "System prompt": "Be brief.",
+        "Max new tokens": 12,
+        "Temperature (0 is greedy)": 0.0,
+        "Top-p": 0.5,
+    }
+
+
+@pytest.mark.parametrize("argv", [["--port", "9000"], ["--host", "0.0.0.0"]])
+def test_host_and_port_without_web_are_refused(argv, capsys):
+    assert main(["chat", "tiny", "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{argv[0]} would change nothing (--web only" in err[0] and "add --web" in err[0], err
 
 
 def test_bad_port_is_a_user_error(capsys):
