@@ -77,11 +77,10 @@ def test_eval_no_grad_forward_keeps_our_nf4_weights_and_fp32(forced):
 
 def test_eval_no_grad_forward_with_lora_keeps_the_weights(forced):
     """The path eval, chat and merge --verify take: peft's LoRA layer around our Linear4bit."""
-    from types import SimpleNamespace
-
     from mixtral_ft.model.load import apply_lora
+    from mixtral_ft.recipe import LoraSection
 
-    lora = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    lora = LoraSection(r=4, alpha=8, dropout=0.0)  # the recipe's own section, so new LoRA keys come with defaults
     model = apply_lora(load_model("tiny", device="cpu", compute_dtype="float32"), lora).eval()
     before = _snapshot(model)
     with torch.no_grad():
