@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from mixtral_ft.bench import steps
 from mixtral_ft.bench.args import OUT_DIR
+from mixtral_ft.common import sigterm_unwinds
 from mixtral_ft.errors import UserError
 
 
@@ -111,7 +111,7 @@ def recording(report: dict, path: Path) -> Iterator[None]:
     """The measuring loop runs inside: any stop (Ctrl-C, SIGTERM, an error) writes why into the file, which keeps
     every batch recorded so far, and is re-raised; a loop that ends marks the file complete."""
     try:
-        with _sigterm_raises():
+        with sigterm_unwinds():  # so the file says it stopped
             yield
     except BaseException as exc:
         report["stopped"] = stop_reason(exc, report["pending"])
@@ -131,20 +131,3 @@ def stop_reason(exc: BaseException, pending: list[int]) -> str:
         return f"SIGTERM{at}"
     message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return f"{type(exc).__name__}{at}{': ' + message if message else ''}"
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM (a scheduler, `kill`) raises SystemExit(143), so the file says it stopped; the default just dies."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers; SIGTERM's default then applies
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -44,6 +44,7 @@ def raise_error():
 )
 def test_a_stopped_run_keeps_its_batches_and_says_it_is_partial(tmp_path, capsys, stop, outcome, reason):
     out, seen = tmp_path / "out", []
+    sigterm_before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or a plugin's: the test asserts it comes back
     handle = stop_at_batch(3, out, stop, seen)
     argv = ["bench", *SMOKE, "--batch", "2", "3", "4", "--out-dir", str(out)]
     try:
@@ -65,7 +66,7 @@ def test_a_stopped_run_keeps_its_batches_and_says_it_is_partial(tmp_path, capsys
     assert report["batch"] == [2, 3, 4] and report["runs"] == before["runs"] and len(report["tok_per_s"]) == 1
     err = capsys.readouterr().err
     assert f"stopped: {reason}; {path} keeps B2 (complete: false)" in err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is bench's only while it runs
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before  # the handler is bench's only while it runs
 
 
 def test_a_finished_run_is_marked_complete(tmp_path):
