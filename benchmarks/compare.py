@@ -113,8 +113,9 @@ def compare(argv: list[str] | None) -> int:
     report = bench.new_report(args, device) | {"peers": {}}
     path = bench.open_result(args, report)
     # the file is rewritten after each batch; a stop says why in it (complete: false) and keeps what was measured
-    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder, recording(report, path):
+    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder, recording(report, path) as progress:
         for batch in args.batch:  # ours, then the peers
+            progress.batch = batch
             ours = bench.run_ours(args, batch, device, path)
             bench.record(report, ours)  # kept even if a peer then fails: the file is written below or on the stop
             # the stock peer's random checkpoint is written into `folder` once, then reused for every batch

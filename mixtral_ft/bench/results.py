@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,15 +107,25 @@ def _text(report: dict) -> str:
     return json.dumps(report, indent=2) + "\n"
 
 
+@dataclass
+class Progress:
+    """The batch the measuring loop is on, set by the loop, for the stop message. compare.py runs the peers after
+    ours is recorded (no longer pending), so the first pending batch would name the next one."""
+
+    batch: int | None = None
+
+
 @contextmanager
-def recording(report: dict, path: Path) -> Iterator[None]:
+def recording(report: dict, path: Path) -> Iterator[Progress]:
     """The measuring loop runs inside: any stop (Ctrl-C, SIGTERM, an error) writes why into the file, which keeps
     every batch recorded so far, and is re-raised; a loop that ends marks the file complete."""
+    progress = Progress()
     try:
         with sigterm_unwinds():  # so the file says it stopped
-            yield
+            yield progress
     except BaseException as exc:
-        report["stopped"] = stop_reason(exc, report["pending"])
+        at = progress.batch if progress.batch is not None else next(iter(report["pending"]), None)
+        report["stopped"] = stop_reason(exc, at)
         write_report(report, path)
         kept = ", ".join(f"B{run['batch']}" for run in report["runs"]) or "no batch"
         print(f"stopped: {report['stopped']}; {path} keeps {kept} (complete: false)", file=sys.stderr, flush=True)
@@ -123,8 +134,8 @@ def recording(report: dict, path: Path) -> Iterator[None]:
     write_report(report, path)
 
 
-def stop_reason(exc: BaseException, pending: list[int]) -> str:
-    at = f" at batch {pending[0]}" if pending else ""
+def stop_reason(exc: BaseException, batch: int | None) -> str:
+    at = f" at batch {batch}" if batch is not None else ""
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted (Ctrl-C){at}"
     if isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM:

@@ -202,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     report = new_report(args, device)
     path = open_result(args, report)
     try:
-        with recording(report, path):  # each batch is in the file once measured; a stop says so in it
+        with recording(report, path) as progress:  # each batch is in the file once measured; a stop says so in it
             for batch in args.batch:
+                progress.batch = batch
                 ours = run_ours(args, batch, device, path)
                 record(report, ours)
                 print(summary(ours), flush=True)
