@@ -154,11 +154,6 @@ def run_benchmark(
     }
 
 
-def bench_config(args, layers: int):
-    """The model config a run measures at `layers` deep: full-width Mixtral, or the tiny one with --tiny."""
-    return model_config(args.tiny, layers)
-
-
 def free_memory(device: torch.device) -> None:
     # A reference cycle (accelerate's hooks on a stock model, say) would keep the last model allocated while the
     # next is built, and in its peak: collect before giving the cache back.
