@@ -217,13 +217,27 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
         ) from None
 
 
+def check_adapter_targets(adapter: str | Path) -> None:
+    """Refuse an adapter to continue whose LoRA is on lm_head, from its adapter_config.json: before the model loads.
+
+    A list of names is read here; a regex `target_modules` only shows once peft has matched it (_refuse_lm_head_lora).
+    """
+    targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules") or []
+    if not isinstance(targets, str) and "lm_head" in targets:
+        raise UserError(_lm_head_refusal(f"model.adapter '{adapter}'"))
+
+
 def _refuse_lm_head_lora(model, where: str):
     """A LoRA on the output head, from an adapter trained elsewhere, would sit idle through training."""
     from peft.tuners.lora import LoraLayer
 
     if isinstance(model.get_output_embeddings(), LoraLayer):
-        raise UserError(f"{where} puts LoRA on lm_head: {LM_HEAD_BYPASSED}; continue from an adapter without it")
+        raise UserError(_lm_head_refusal(where))
     return model
+
+
+def _lm_head_refusal(where: str) -> str:
+    return f"{where} puts LoRA on lm_head: {LM_HEAD_BYPASSED}; continue from an adapter without it"
 
 
 # One code object, the decoder layer's forward, serves every layer, and each mode needs its own graph: training,

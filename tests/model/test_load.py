@@ -130,8 +130,10 @@ def test_continuing_an_adapter_with_lm_head_lora_is_one_line_and_exit_2(tiny_dir
     assert (
         main(["train", str(ROOT / "recipes" / "tiny.yaml"), f"model.adapter={adapter}", f"train.output_dir={out}"]) == 2
     )
-    err = capsys.readouterr().err.strip().splitlines()
+    stdout, err = capsys.readouterr()
+    err = err.strip().splitlines()
     assert len(err) == 1 and "puts LoRA on lm_head" in err[0] and "fused LM head" in err[0], err
+    assert not stdout.strip(), stdout  # said in train's early checks, before the data report and the model load
     assert not out.exists() or not any(out.iterdir())
 
 
