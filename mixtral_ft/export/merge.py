@@ -134,8 +134,8 @@ def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
     unsupported = [k for k in UNSUPPORTED_LORA if cfg.get(k)]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
         raise UserError(
-            f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge supports plain "
-            "LoRA adapters as mixtral-ft trains them"
+            f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge folds plain LoRA on linear "
+            "layers and embed_tokens only; use the adapter unmerged (chat or eval --adapter, push)"
         )
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
