@@ -211,10 +211,10 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
         if not others:
             raise
         reason = str(exc).splitlines()[0].rstrip("( ")[:160]  # peft may append the module's whole repr
-        raise UserError(
-            f"lora.target_modules {others}: peft cannot put LoRA there ({reason}); adapt linear layers only "
-            "(q_proj, k_proj, v_proj, o_proj): the router and experts stay frozen"
-        ) from None
+        fix = "adapt linear layers only (q_proj, k_proj, v_proj, o_proj): the router and experts stay frozen"
+        if "lora_dropout" in reason:  # the router gate: peft wraps its weight (ParamWrapper), which takes no dropout
+            fix = "set lora.dropout: 0"
+        raise UserError(f"lora.target_modules {others}: peft cannot put LoRA there ({reason}); {fix}") from None
 
 
 def check_adapter_targets(adapter: str | Path) -> None:

@@ -83,10 +83,14 @@ def test_an_adapter_whose_recipe_is_not_yaml_is_one_line_and_exit_2(tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "target, reason",
-    [("experts", "Target module NF4Experts"), ("gate", "does not work with lora_dropout != 0")],
+    "target, reason, fix",
+    [
+        ("experts", "Target module NF4Experts", "adapt linear layers only"),
+        # The router's weight takes LoRA through peft's ParamWrapper, without dropout: plan sizes it, so it is usable.
+        ("gate", "does not work with lora_dropout != 0", "set lora.dropout: 0"),
+    ],
 )
-def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, capsys):
+def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, fix, capsys):
     """allow_other_targets let these through validate; audit and train then died in peft with a traceback."""
     from mixtral_ft.cli import main
 
@@ -94,6 +98,9 @@ def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, capsy
     assert main(["audit", str(ROOT / "recipes" / "tiny.yaml"), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: lora.target_modules ['{target}']") and reason in err[0], err
+    assert fix in err[0], err
+    if target == "gate":  # and with the fix, the same recipe loads
+        assert main(["audit", str(ROOT / "recipes" / "tiny.yaml"), *overrides, "lora.dropout=0"]) == 0
 
 
 def test_trl_fused_head_gives_lm_head_lora_no_gradient(tiny_dir):
