@@ -132,7 +132,8 @@ def load_recipe_model(model_section, source: ModelSource | None = None) -> nn.Mo
 
 
 def adapter_base(adapter: Path) -> tuple[str | None, dict]:
-    """The base model an adapter folder was trained on (None if it does not say), and its run's `model` section.
+    """The base model an adapter folder was trained on (None if it does not say), and its run's `model` section
+    (less `revision` when the base is the local folder, already at that revision).
 
     The exact folder training loaded if it is still here (no download); else the recipe's model.name; else
     what peft recorded. The raw YAML, not load_recipe: only the model section matters to chat and merge.
@@ -150,7 +151,9 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
         ) from None
     model_cfg = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
     recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    base = recorded if recorded and Path(recorded).is_dir() else model_cfg.get("name") or recorded
+    if recorded and Path(recorded).is_dir():  # the snapshot training loaded is that revision: none to pick again
+        return recorded, {k: v for k, v in model_cfg.items() if k != "revision"}
+    base = model_cfg.get("name") or recorded
     return (str(base) if base else None), model_cfg
 
 

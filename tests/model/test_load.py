@@ -163,3 +163,29 @@ def test_unquantized_experts_from_a_pre_quantized_folder_are_refused(tmp_path, c
     assert main(run) == 2
     out, err = capsys.readouterr()
     assert len(err.strip().splitlines()) == 1 and "NF4 experts" in err and not out.strip(), (out, err)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_a_hub_run_with_a_revision_serves_from_its_local_base(
+    tiny_dir, tmp_path, tmp_path_factory, capsys
+):
+    """A checkpoint-N folder of a run on a Hub id at model.revision records the local snapshot it loaded (peft's
+    base_model_name_or_path); chat and merge load that folder, which is the revision already. Passing the revision
+    along with it was refused ('model.revision applies to a Hub id')."""
+    import json
+    import shutil
+
+    import yaml
+
+    from mixtral_ft.cli import main
+    from tests.conftest import trained_adapter
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(trained_adapter(tmp_path_factory), checkpoint)
+    recipe = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    recipe["model"] |= {"name": "mistralai/Mixtral-8x7B-v0.1", "revision": "v0.1"}
+    (checkpoint / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    (checkpoint / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny_dir)}))
+    assert main(["chat", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert main(["merge", str(checkpoint), "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
