@@ -77,7 +77,7 @@ def run_peers(args, config, batch: int, device: torch.device, dtype: torch.dtype
             "skipped": "no --peer-v4-site (a pip --target folder of transformers 4.57)",
         }
     if args.peer_v5_layers:
-        small = bench.bench_config(args, min(args.peer_v5_layers, config.num_hidden_layers))
+        small = bench_args.model_config(args.tiny, min(args.peer_v5_layers, config.num_hidden_layers))
         v5 = peers.run_stock_v5(small, full_depth=config.num_hidden_layers, folder=v5_folder, **common)
         bench.free_memory(device)
         ours_small = bench.run_ours(args, batch, device, layers=small.num_hidden_layers)
@@ -109,12 +109,13 @@ def compare(argv: list[str] | None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = resolve_compute_dtype("auto", device)
-    config = bench.bench_config(args, args.layers)
+    config = bench_args.model_config(args.tiny, args.layers)
     report = bench.new_report(args, device) | {"peers": {}}
     path = bench.open_result(args, report)
     # the file is rewritten after each batch; a stop says why in it (complete: false) and keeps what was measured
-    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder, recording(report, path):
+    with tempfile.TemporaryDirectory(prefix="mixtral-ft-v5-peer-") as folder, recording(report, path) as progress:
         for batch in args.batch:  # ours, then the peers
+            progress.batch = batch
             ours = bench.run_ours(args, batch, device, path)
             bench.record(report, ours)  # kept even if a peer then fails: the file is written below or on the stop
             # the stock peer's random checkpoint is written into `folder` once, then reused for every batch

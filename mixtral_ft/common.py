@@ -9,8 +9,12 @@ torch, and the transformers 4.57 peer in benchmarks/ measures through it in its 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +64,24 @@ def human_bytes(n: float, digits: int = 2) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     return f"{n:.{digits}f} GiB"
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Inside the block, SIGTERM (a scheduler, `kill`) raises SystemExit(143), so `finally` and `except` clauses run
+    (the default handler just dies); the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; SIGTERM's default then applies
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cache_root() -> Path:

@@ -9,12 +9,16 @@ import argparse
 import importlib.util
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mixtral_ft.errors import OneLineParser, UserError
 from mixtral_ft.model.grouped_gemm import compile_problem
 from mixtral_ft.model.load import check_device
+
+if TYPE_CHECKING:
+    from transformers import MixtralConfig
 
 OUT_DIR = Path("bench-results")  # relative: under the current folder, never next to the installed package
 # --layers and --seq when not given: Mixtral-8x7B's depth at 2048 tokens; the tiny model's depth at a length a
@@ -106,7 +110,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def model_config(tiny: bool, layers: int):
+def model_config(tiny: bool, layers: int) -> MixtralConfig:
     """The config a run measures: full-width Mixtral, or the tiny one with --tiny, `layers` deep either way."""
     from mixtral_ft.model.shapes import mixtral_config, tiny_config
 

@@ -13,15 +13,16 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mixtral_ft.bench import steps
 from mixtral_ft.bench.args import OUT_DIR
+from mixtral_ft.common import sigterm_unwinds
 from mixtral_ft.errors import UserError
 
 
@@ -106,15 +107,25 @@ def _text(report: dict) -> str:
     return json.dumps(report, indent=2) + "\n"
 
 
+@dataclass
+class Progress:
+    """The batch the measuring loop is on, set by the loop, for the stop message. compare.py runs the peers after
+    ours is recorded (no longer pending), so the first pending batch would name the next one."""
+
+    batch: int | None = None
+
+
 @contextmanager
-def recording(report: dict, path: Path) -> Iterator[None]:
+def recording(report: dict, path: Path) -> Iterator[Progress]:
     """The measuring loop runs inside: any stop (Ctrl-C, SIGTERM, an error) writes why into the file, which keeps
     every batch recorded so far, and is re-raised; a loop that ends marks the file complete."""
+    progress = Progress()
     try:
-        with _sigterm_raises():
-            yield
+        with sigterm_unwinds():  # so the file says it stopped
+            yield progress
     except BaseException as exc:
-        report["stopped"] = stop_reason(exc, report["pending"])
+        at = progress.batch if progress.batch is not None else next(iter(report["pending"]), None)
+        report["stopped"] = stop_reason(exc, at)
         write_report(report, path)
         kept = ", ".join(f"B{run['batch']}" for run in report["runs"]) or "no batch"
         print(f"stopped: {report['stopped']}; {path} keeps {kept} (complete: false)", file=sys.stderr, flush=True)
@@ -123,28 +134,11 @@ def recording(report: dict, path: Path) -> Iterator[None]:
     write_report(report, path)
 
 
-def stop_reason(exc: BaseException, pending: list[int]) -> str:
-    at = f" at batch {pending[0]}" if pending else ""
+def stop_reason(exc: BaseException, batch: int | None) -> str:
+    at = f" at batch {batch}" if batch is not None else ""
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted (Ctrl-C){at}"
     if isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM:
         return f"SIGTERM{at}"
     message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return f"{type(exc).__name__}{at}{': ' + message if message else ''}"
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM (a scheduler, `kill`) raises SystemExit(143), so the file says it stopped; the default just dies."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers; SIGTERM's default then applies
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -154,11 +154,6 @@ def run_benchmark(
     }
 
 
-def bench_config(args, layers: int):
-    """The model config a run measures at `layers` deep: full-width Mixtral, or the tiny one with --tiny."""
-    return model_config(args.tiny, layers)
-
-
 def free_memory(device: torch.device) -> None:
     # A reference cycle (accelerate's hooks on a stock model, say) would keep the last model allocated while the
     # next is built, and in its peak: collect before giving the cache back.
@@ -202,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     report = new_report(args, device)
     path = open_result(args, report)
     try:
-        with recording(report, path):  # each batch is in the file once measured; a stop says so in it
+        with recording(report, path) as progress:  # each batch is in the file once measured; a stop says so in it
             for batch in args.batch:
+                progress.batch = batch
                 ours = run_ours(args, batch, device, path)
                 record(report, ours)
                 print(summary(ours), flush=True)

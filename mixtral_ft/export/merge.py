@@ -134,8 +134,8 @@ def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
     unsupported = [k for k in UNSUPPORTED_LORA if cfg.get(k)]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
         raise UserError(
-            f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge supports plain "
-            "LoRA adapters as mixtral-ft trains them"
+            f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge folds plain LoRA on linear "
+            "layers and embed_tokens only; use the adapter unmerged (chat or eval --adapter, push)"
         )
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
@@ -143,10 +143,14 @@ def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
     state = load_file(str(weights))
     lora = {}
     for key, a in state.items():
-        if ".lora_A." not in key:
+        if ".lora_A." in key:
+            module, b = key.split(".lora_A.")[0], state[key.replace(".lora_A.", ".lora_B.")]
+        elif key.endswith(".lora_embedding_A"):  # embed_tokens: A is [r, vocab], B [hidden, r], the delta (B·A)ᵀ
+            module, b = key.removesuffix(".lora_embedding_A"), state[key.removesuffix("A") + "B"]
+            a, b = b.T, a.T  # Bᵀ is [r, hidden] and Aᵀ [vocab, r]: B·A below is then the [vocab, hidden] delta
+        else:
             continue
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        b = state[key.replace(".lora_A.", ".lora_B.")]
+        module = module.removeprefix("base_model.model.")
         r = a.shape[0]
         # peft's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA.
         scale = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mixtral_ft.common import sigterm_unwinds
 from mixtral_ft.errors import UserError
 
 
@@ -71,23 +70,6 @@ def _umask() -> int:
 
 
 @contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises SystemExit(143) inside the block, so the cleanup below runs (the default just dies)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def unwind(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, unwind)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
 def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
     """Yield an empty staging folder; on a clean exit it becomes `out`, on an exception or SIGTERM it is deleted."""
     out = Path(out)
@@ -100,7 +82,7 @@ def staged_folder(out: str | Path, what: str) -> Iterator[Path]:
         reason = exc.strerror or exc
         raise UserError(f"cannot write {what} '{out}' ({reason}): choose a folder you can write to") from None
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():
             yield staging
             staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the model private to its writer
             if out.exists():

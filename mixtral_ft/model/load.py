@@ -132,7 +132,8 @@ def load_recipe_model(model_section, source: ModelSource | None = None) -> nn.Mo
 
 
 def adapter_base(adapter: Path) -> tuple[str | None, dict]:
-    """The base model an adapter folder was trained on (None if it does not say), and its run's `model` section.
+    """The base model an adapter folder was trained on (None if it does not say), and its run's `model` section
+    (less `revision` when the base is the local folder, already at that revision).
 
     The exact folder training loaded if it is still here (no download); else the recipe's model.name; else
     what peft recorded. The raw YAML, not load_recipe: only the model section matters to chat and merge.
@@ -150,7 +151,9 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
         ) from None
     model_cfg = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
     recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    base = recorded if recorded and Path(recorded).is_dir() else model_cfg.get("name") or recorded
+    if recorded and Path(recorded).is_dir():  # the snapshot training loaded is that revision: none to pick again
+        return recorded, {k: v for k, v in model_cfg.items() if k != "revision"}
+    base = model_cfg.get("name") or recorded
     return (str(base) if base else None), model_cfg
 
 
@@ -211,10 +214,20 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
         if not others:
             raise
         reason = str(exc).splitlines()[0].rstrip("( ")[:160]  # peft may append the module's whole repr
-        raise UserError(
-            f"lora.target_modules {others}: peft cannot put LoRA there ({reason}); adapt linear layers only "
-            "(q_proj, k_proj, v_proj, o_proj): the router and experts stay frozen"
-        ) from None
+        fix = "adapt linear layers only (q_proj, k_proj, v_proj, o_proj): the router and experts stay frozen"
+        if "lora_dropout" in reason:  # the router gate: peft wraps its weight (ParamWrapper), which takes no dropout
+            fix = "set lora.dropout: 0"
+        raise UserError(f"lora.target_modules {others}: peft cannot put LoRA there ({reason}); {fix}") from None
+
+
+def check_adapter_targets(adapter: str | Path) -> None:
+    """Refuse an adapter to continue whose LoRA is on lm_head, from its adapter_config.json: before the model loads.
+
+    A list of names is read here; a regex `target_modules` only shows once peft has matched it (_refuse_lm_head_lora).
+    """
+    targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules") or []
+    if not isinstance(targets, str) and "lm_head" in targets:
+        raise UserError(_lm_head_refusal(f"model.adapter '{adapter}'"))
 
 
 def _refuse_lm_head_lora(model, where: str):
@@ -222,8 +235,12 @@ def _refuse_lm_head_lora(model, where: str):
     from peft.tuners.lora import LoraLayer
 
     if isinstance(model.get_output_embeddings(), LoraLayer):
-        raise UserError(f"{where} puts LoRA on lm_head: {LM_HEAD_BYPASSED}; continue from an adapter without it")
+        raise UserError(_lm_head_refusal(where))
     return model
+
+
+def _lm_head_refusal(where: str) -> str:
+    return f"{where} puts LoRA on lm_head: {LM_HEAD_BYPASSED}; continue from an adapter without it"
 
 
 # One code object, the decoder layer's forward, serves every layer, and each mode needs its own graph: training,

@@ -12,6 +12,7 @@ from mixtral_ft.plan.inputs import Dims, Run, Step, optimizer_bytes_per_param
 from mixtral_ft.recipe import ATTENTION_TARGETS
 
 MODEL_TARGETS = ("gate", "lm_head", "embed_tokens")  # sized beyond the attention projections
+VOCABULARY_TARGETS = ("lm_head", "embed_tokens")  # one per model; every other target is one per decoder layer
 
 
 def target_widths(d: Dims, s: Step) -> dict[str, tuple[int, int]]:
@@ -42,9 +43,11 @@ def lora_notes(targets: tuple[str, ...]) -> list[str]:
 
 
 def lora_params(d: Dims, run: Run, s: Step, *, per_layer: bool = False) -> int:
+    """LoRA weights on every sized target, or (per_layer) on the decoder layers' targets only."""
     widths = target_widths(d, s)
-    sized = [widths[t] for t in run.lora_targets if t in widths]
-    return run.lora_r * sum(n * w for n, w in sized if n == d.layers or not per_layer)
+    # By name, not by count: in a one-layer model lm_head's count equals the layers'.
+    targets = [t for t in run.lora_targets if t in widths and not (per_layer and t in VOCABULARY_TARGETS)]
+    return run.lora_r * sum(widths[t][0] * widths[t][1] for t in targets)
 
 
 def lora_rows(d: Dims, run: Run, s: Step) -> list[tuple[str, int]]:

@@ -123,6 +123,11 @@ def _check_train(t: TrainSection) -> None:
     _need(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", "must be > 0 or null")
     _need(0 <= t.seed < 2**32, "train.seed", "must be >= 0 and below 2**32 (numpy's seed range), e.g. 42")
     _need(t.method in ("sft", "dpo"), "train.method", "must be sft or dpo")
+    _need(
+        t.neftune_noise_alpha is None or t.neftune_noise_alpha > 0,
+        "train.neftune_noise_alpha",
+        "must be > 0 (the NEFTune paper uses 5 to 15) or null to turn it off",
+    )
 
 
 def _check_dpo(recipe: Recipe) -> None:
@@ -145,11 +150,6 @@ def _check_dpo(recipe: Recipe) -> None:
 
 
 def _check_levers(t: TrainSection) -> None:
-    _need(
-        t.neftune_noise_alpha is None or t.neftune_noise_alpha > 0,
-        "train.neftune_noise_alpha",
-        "must be > 0 (the NEFTune paper uses 5 to 15) or null to turn it off",
-    )
     _need(t.skip_checkpoint_layers >= 0, "train.skip_checkpoint_layers", "must be >= 0 (0 checkpoints every layer)")
     for key, on in (("reuse_dequantized", t.reuse_dequantized), ("skip_checkpoint_layers", t.skip_checkpoint_layers)):
         _need(

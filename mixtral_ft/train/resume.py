@@ -217,7 +217,8 @@ def _drop_later_steps(recipe: Recipe, out: Path, folder: Path, step: int) -> Non
         raise UserError(
             f"train.resume '{recipe.train.resume}' goes back to step {step}, but '{out}' also holds "
             f"{', '.join(p.name for p in reversed(later))} from later steps: move them out of the folder, "
-            "or set train.overwrite=true to delete them once the run has started"
+            "or set train.overwrite=true to delete them once the run has started (if this run saved them after "
+            "going back, e.g. a preempted job restarting, set train.resume=auto to continue from the newest)"
         )
     defer_replace(out, deferred(out) + later)
 

@@ -62,7 +62,10 @@ def check_inputs(recipe: Recipe):
 
     check_trainer_names(recipe)  # a misspelled train.optim / train.lr_scheduler_type
     if recipe.model.adapter:  # apply_lora checks it too, but only after the model has loaded
+        from mixtral_ft.model.load import check_adapter_targets
+
         check_adapter_folder(recipe.model.adapter)
+        check_adapter_targets(recipe.model.adapter)
     source = model_source(recipe.model.name, recipe.model.revision)
     if source.kind == "local":  # load_model checks it too, but only after the data has loaded
         from mixtral_ft.model.load import check_experts_request

@@ -44,6 +44,7 @@ def raise_error():
 )
 def test_a_stopped_run_keeps_its_batches_and_says_it_is_partial(tmp_path, capsys, stop, outcome, reason):
     out, seen = tmp_path / "out", []
+    sigterm_before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or a plugin's: the test asserts it comes back
     handle = stop_at_batch(3, out, stop, seen)
     argv = ["bench", *SMOKE, "--batch", "2", "3", "4", "--out-dir", str(out)]
     try:
@@ -65,7 +66,7 @@ def test_a_stopped_run_keeps_its_batches_and_says_it_is_partial(tmp_path, capsys
     assert report["batch"] == [2, 3, 4] and report["runs"] == before["runs"] and len(report["tok_per_s"]) == 1
     err = capsys.readouterr().err
     assert f"stopped: {reason}; {path} keeps B2 (complete: false)" in err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is bench's only while it runs
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before  # the handler is bench's only while it runs
 
 
 def test_a_finished_run_is_marked_complete(tmp_path):
@@ -106,3 +107,28 @@ def test_the_collector_flags_a_partial_file(tmp_path, monkeypatch):
     assert "PARTIAL: killed with no word (SIGKILL, the OOM killer); not measured: B3" in killed_line
     complete = json.loads(path.read_text()) | {"complete": True, "pending": []}
     assert not any("PARTIAL" in line for line in collect.bench_lines(complete, "t"))
+
+
+def test_compare_stopped_in_a_peer_names_the_batch_it_was_on(tmp_path, monkeypatch, capsys):
+    """compare.py records ours at a batch, then runs the peers at it: a stop there is at that batch, not the next
+    pending one (nor, at the last batch, at none)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    compare = importlib.import_module("compare")
+
+    def hook(module, inputs, output):  # stock transformers 5's experts: only the v5 peer has them (ours are NF4)
+        if type(module) is MixtralExperts:
+            raise RuntimeError("boom in the v5 peer")
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(RuntimeError, match="boom in the v5 peer"):
+            compare.main([*SMOKE, "--batch", "2", "3", "--peer-v5-layers", "1", "--out-dir", str(out)])
+    finally:
+        handle.remove()
+    [path] = out.iterdir()
+    report = json.loads(path.read_text())
+    assert report["stopped"] == "RuntimeError at batch 2: boom in the v5 peer" and report["pending"] == [3]
+    assert [r["batch"] for r in report["runs"]] == [2] and report["complete"] is False

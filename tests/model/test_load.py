@@ -83,10 +83,14 @@ def test_an_adapter_whose_recipe_is_not_yaml_is_one_line_and_exit_2(tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "target, reason",
-    [("experts", "Target module NF4Experts"), ("gate", "does not work with lora_dropout != 0")],
+    "target, reason, fix",
+    [
+        ("experts", "Target module NF4Experts", "adapt linear layers only"),
+        # The router's weight takes LoRA through peft's ParamWrapper, without dropout: plan sizes it, so it is usable.
+        ("gate", "does not work with lora_dropout != 0", "set lora.dropout: 0"),
+    ],
 )
-def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, capsys):
+def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, fix, capsys):
     """allow_other_targets let these through validate; audit and train then died in peft with a traceback."""
     from mixtral_ft.cli import main
 
@@ -94,6 +98,9 @@ def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, capsy
     assert main(["audit", str(ROOT / "recipes" / "tiny.yaml"), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: lora.target_modules ['{target}']") and reason in err[0], err
+    assert fix in err[0], err
+    if target == "gate":  # and with the fix, the same recipe loads
+        assert main(["audit", str(ROOT / "recipes" / "tiny.yaml"), *overrides, "lora.dropout=0"]) == 0
 
 
 def test_trl_fused_head_gives_lm_head_lora_no_gradient(tiny_dir):
@@ -130,8 +137,10 @@ def test_continuing_an_adapter_with_lm_head_lora_is_one_line_and_exit_2(tiny_dir
     assert (
         main(["train", str(ROOT / "recipes" / "tiny.yaml"), f"model.adapter={adapter}", f"train.output_dir={out}"]) == 2
     )
-    err = capsys.readouterr().err.strip().splitlines()
+    stdout, err = capsys.readouterr()
+    err = err.strip().splitlines()
     assert len(err) == 1 and "puts LoRA on lm_head" in err[0] and "fused LM head" in err[0], err
+    assert not stdout.strip(), stdout  # said in train's early checks, before the data report and the model load
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -154,3 +163,29 @@ def test_unquantized_experts_from_a_pre_quantized_folder_are_refused(tmp_path, c
     assert main(run) == 2
     out, err = capsys.readouterr()
     assert len(err.strip().splitlines()) == 1 and "NF4 experts" in err and not out.strip(), (out, err)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_a_hub_run_with_a_revision_serves_from_its_local_base(
+    tiny_dir, tmp_path, tmp_path_factory, capsys
+):
+    """A checkpoint-N folder of a run on a Hub id at model.revision records the local snapshot it loaded (peft's
+    base_model_name_or_path); chat and merge load that folder, which is the revision already. Passing the revision
+    along with it was refused ('model.revision applies to a Hub id')."""
+    import json
+    import shutil
+
+    import yaml
+
+    from mixtral_ft.cli import main
+    from tests.conftest import trained_adapter
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(trained_adapter(tmp_path_factory), checkpoint)
+    recipe = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    recipe["model"] |= {"name": "mistralai/Mixtral-8x7B-v0.1", "revision": "v0.1"}
+    (checkpoint / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    (checkpoint / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny_dir)}))
+    assert main(["chat", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert main(["merge", str(checkpoint), "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err

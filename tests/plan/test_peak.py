@@ -90,3 +90,14 @@ def test_a_target_plan_cannot_size_is_named_not_priced(capsys):
     main(["plan", recipe, "lora.allow_other_targets=true", "lora.target_modules=[q_proj,w1,embed_tokens]"])
     notes = [line for line in capsys.readouterr().out.splitlines() if "LoRA on" in line]
     assert len(notes) == 1 and "LoRA on w1 is not counted" in notes[0], notes
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_model_targets_add_no_per_layer_bf16_copies_at_any_depth(layers):
+    """Autocast's bf16 copies are those of the decoder layers' LoRA; lm_head and embed_tokens, one each per model,
+    are not among them, even in a model one layer deep (where "one per model" and "one per layer" coincide)."""
+    dims = Dims.of(tiny_config(num_hidden_layers=layers))
+    run = Run(2, 128)
+    both = Run(2, 128, lora_targets=run.lora_targets + ("lm_head", "embed_tokens"))
+    copies = [dict(estimate(dims, r).rows)["LoRA bf16 copies (autocast)"] for r in (run, both)]
+    assert copies[0] == copies[1]

@@ -126,6 +126,7 @@ def test_rewinding_beside_later_checkpoints_is_refused_without_overwrite(tmp_pat
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert "goes back to step 2" in lines[0] and "checkpoint-4, checkpoint-6" in lines[0] and "overwrite" in lines[0]
+    assert "train.resume=auto" in lines[0]  # a restart of the rewound run itself must not delete its own saves
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
 
