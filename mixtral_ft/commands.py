@@ -172,6 +172,12 @@ def _flags_refused(flags: list[str], why: str, fix: str) -> None:
         raise UserError(f"{' and '.join(flags)} would change nothing ({why}): drop {them}, or {fix}")
 
 
+def _given_generation_flags(args) -> dict:
+    """The generation flags on the command line (their parser defaults are None), by settings name."""
+    keys = ("max_new_tokens", "temperature", "top_p", "seed")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
 def _generation(args, *, greedy_stays: bool = True):
     """GenerationSettings from the flags given, the command's defaults for the rest.
 
@@ -180,11 +186,11 @@ def _generation(args, *, greedy_stays: bool = True):
     """
     from mixtral_ft.use.chat import GenerationSettings
 
-    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
-    settings = GenerationSettings(**{**args.generation_defaults, **{k: v for k, v in given.items() if v is not None}})
-    sampling_only = [flag for flag, key in (("--top-p", "top_p"), ("--seed", "seed")) if given[key] is not None]
+    given = _given_generation_flags(args)
+    settings = GenerationSettings(**{**args.generation_defaults, **given})
+    sampling_only = [flag for flag, key in (("--top-p", "top_p"), ("--seed", "seed")) if key in given]
     if greedy_stays and settings.temperature == 0:
-        why = "is 0, greedy" if given["temperature"] is not None else f"is 0, greedy, by default for {args.command}"
+        why = "is 0, greedy" if "temperature" in given else f"is 0, greedy, by default for {args.command}"
         _flags_refused(sampling_only, f"sampling only, and --temperature {why}", "pass --temperature above 0")
     return settings
 
@@ -204,8 +210,7 @@ def cmd_chat(args) -> int:
             settings=_generation(args, greedy_stays=False),
             quantize=not args.no_quantize,
             attn_implementation=args.attn_implementation,
-            host=args.host or "127.0.0.1",
-            port=7860 if args.port is None else args.port,
+            **{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None},  # else serve_web's
         )
         return 0
     web_only = [flag for flag, value in (("--host", args.host), ("--port", args.port)) if value is not None]
@@ -226,8 +231,7 @@ def cmd_eval(args) -> int:
     from mixtral_ft.use.evaluate import evaluate
 
     keys = ("adapter", "data", "samples", "out", "max_rows", "attn_implementation")
-    generation_flags = ("max_new_tokens", "temperature", "top_p", "seed")
-    given = [f"--{k.replace('_', '-')}" for k in generation_flags if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in _given_generation_flags(args)]
     if args.samples == 0:
         _flags_refused(given, "they shape the sample generations, and --samples 0 makes none", "pass --samples N")
     evaluate(args.target, settings=_generation(args), **_pick(args, *keys))

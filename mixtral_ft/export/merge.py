@@ -87,6 +87,14 @@ def merged_in(model: Path, adapter: Path) -> bool:
         return False
 
 
+def refuse_merged_twice(model: Path, adapter: Path, model_name: str, adapter_name: str) -> None:
+    """chat and eval: an adapter put on the merged folder that already holds it would be applied twice, silently."""
+    if merged_in(model, adapter):
+        raise UserError(
+            f"'{model_name}' already has adapter '{adapter_name}' merged in (its merge.json): drop --adapter"
+        )
+
+
 def _check_request(adapter: Path, out: Path, base_weights: str, verify: bool, device: str | None) -> None:
     """The flags and folders that can be refused before anything is read."""
     from mixtral_ft.export.staging import refuse_nonempty
@@ -130,7 +138,9 @@ def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
     """{checkpoint weight name: (A, B, scale)} for a plain LoRA adapter; anything fancier is refused."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    from mixtral_ft.model.source import read_adapter_config
+
+    cfg = read_adapter_config(adapter, "adapter")
     unsupported = [k for k in UNSUPPORTED_LORA if cfg.get(k)]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
         raise UserError(

@@ -17,7 +17,7 @@ from mixtral_ft.common import local_rank
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
 from mixtral_ft.model.quant import DTYPES
-from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source
+from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source, read_adapter_config
 from mixtral_ft.recipe import ATTENTION_TARGETS, LM_HEAD_BYPASSED
 
 
@@ -140,7 +140,7 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
     """
     import yaml
 
-    check_adapter_folder(adapter, "adapter")  # adapter_config.json there and readable
+    recorded = read_adapter_config(adapter, "adapter").get("base_model_name_or_path")
     recipe_file = adapter / "recipe.yaml"
     try:
         recipe = (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
@@ -150,7 +150,6 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
             f"'{recipe_file}' is not valid YAML ({problem}): fix it (checkpoint-N folders hold a copy)"
         ) from None
     model_cfg = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if recorded and Path(recorded).is_dir():  # the snapshot training loaded is that revision: none to pick again
         return recorded, {k: v for k, v in model_cfg.items() if k != "revision"}
     base = model_cfg.get("name") or recorded
@@ -221,11 +220,11 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
 
 
 def check_adapter_targets(adapter: str | Path) -> None:
-    """Refuse an adapter to continue whose LoRA is on lm_head, from its adapter_config.json: before the model loads.
+    """Refuse an adapter folder to continue from (missing, broken, or with LoRA on lm_head) before the model loads.
 
     A list of names is read here; a regex `target_modules` only shows once peft has matched it (_refuse_lm_head_lora).
     """
-    targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules") or []
+    targets = read_adapter_config(adapter).get("target_modules") or []
     if not isinstance(targets, str) and "lm_head" in targets:
         raise UserError(_lm_head_refusal(f"model.adapter '{adapter}'"))
 

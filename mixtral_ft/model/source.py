@@ -102,18 +102,23 @@ def read_config(folder: Path) -> dict:
 
 def check_adapter_folder(adapter: str | Path, key: str = "model.adapter") -> Path:
     """`adapter` as a LoRA adapter folder (one with adapter_config.json); a UserError naming `key` otherwise."""
+    read_adapter_config(adapter, key)
+    return Path(adapter)
+
+
+def read_adapter_config(adapter: str | Path, key: str = "model.adapter") -> dict:
+    """The folder's adapter_config.json; a UserError naming `key` when it is missing or not JSON."""
     config = Path(adapter) / "adapter_config.json"
     if not config.is_file():
         raise UserError(
             f"{key} '{adapter}' is not an adapter folder (no adapter_config.json): pass a training output_dir"
         )
     try:
-        json.loads(config.read_bytes())
+        return json.loads(config.read_bytes())
     except ValueError as exc:  # a truncated copy, an edit gone wrong
         raise UserError(
             f"{key} '{adapter}': adapter_config.json is not valid JSON ({exc}); copy it back from a checkpoint-N folder"
         ) from None
-    return Path(adapter)
 
 
 def resolve_model_path(name: str | Path | ModelSource, revision: str | None = None) -> Path:

@@ -177,7 +177,8 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
     resume = recipe.train.resume
     if resume is False:
         return None
-    if isinstance(resume, str) and resume != "auto":
+    from_path = isinstance(resume, str) and resume != "auto"
+    if from_path:
         folder = Path(resume).expanduser()
         if not folder.is_absolute() and not folder.exists() and (out / folder).is_dir():
             folder = out / folder  # `train.resume: checkpoint-N`: the run's own checkpoint
@@ -201,7 +202,7 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
             return None
     check_same_recipe(folder, recipe)
     step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
-    if isinstance(resume, str) and resume != "auto":
+    if from_path:
         _drop_later_steps(recipe, out, folder, step)
     _say(f"resume: continuing from {folder} (step {step})")
     _note_world_size(folder)

@@ -57,14 +57,13 @@ def library_versions() -> dict[str, str]:
 
 def check_inputs(recipe: Recipe):
     """What can be checked before minutes of loading: trainer names, the adapter folder, the model source, levers."""
-    from mixtral_ft.model.source import check_adapter_folder, model_source
+    from mixtral_ft.model.source import model_source
     from mixtral_ft.train.levers import check_levers
 
     check_trainer_names(recipe)  # a misspelled train.optim / train.lr_scheduler_type
     if recipe.model.adapter:  # apply_lora checks it too, but only after the model has loaded
         from mixtral_ft.model.load import check_adapter_targets
 
-        check_adapter_folder(recipe.model.adapter)
         check_adapter_targets(recipe.model.adapter)
     source = model_source(recipe.model.name, recipe.model.revision)
     if source.kind == "local":  # load_model checks it too, but only after the data has loaded

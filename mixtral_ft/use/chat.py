@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mixtral_ft.errors import UserError
-from mixtral_ft.export.merge import merged_in
+from mixtral_ft.export.merge import refuse_merged_twice
 from mixtral_ft.model.source import check_adapter_folder
 
 REPL_HELP = "type a message; /reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -82,8 +82,7 @@ def resolve_target(model: str, adapter: str | None = None) -> Target:
         return _adapter_target(path)
     if adapter:
         adapter_dir = check_adapter_folder(Path(adapter).expanduser(), "--adapter")
-        if merged_in(path, adapter_dir):  # on again, it would be applied twice, silently
-            raise UserError(f"'{model}' already has adapter '{adapter}' merged in (its merge.json): drop --adapter")
+        refuse_merged_twice(path, adapter_dir, model, adapter)
         return Target(base=model, adapter=adapter_dir)
     return Target(base=model, adapter=None)
 

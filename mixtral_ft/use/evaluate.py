@@ -22,7 +22,7 @@ import torch
 
 from mixtral_ft.common import bar, say
 from mixtral_ft.errors import UserError
-from mixtral_ft.export.merge import merged_in
+from mixtral_ft.export.merge import refuse_merged_twice
 from mixtral_ft.export.staging import refuse_unwritable
 from mixtral_ft.model.scoring import assistant_nll
 from mixtral_ft.model.source import check_adapter_folder
@@ -70,8 +70,8 @@ def _scored_weights(path: Path, recipe, target: str, adapter: str | None) -> tup
     m = recipe.model
     if not (path.is_dir() and (path / "merge.json").is_file()):
         return m.name, m.quantize_experts, m.revision
-    if adapter is not None and merged_in(path, Path(adapter)):  # on again, it would be applied twice, silently
-        raise UserError(f"'{target}' already has adapter '{adapter}' merged in (its merge.json): drop --adapter")
+    if adapter is not None:
+        refuse_merged_twice(path, Path(adapter), target, adapter)
     return str(path), json.loads((path / "merge.json").read_text()).get("quantize_experts", True), None
 
 
