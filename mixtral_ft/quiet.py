@@ -38,3 +38,6 @@ def quiet_third_party() -> None:
     # transformers) are not the user's to fix either.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Python hides these unless PYTHONWARNINGS asks; then torch 2.6's module-level TemporaryDirectory
+    # (torch.distributed.nn.jit.instantiator) turned a one-line error into seven at exit.
+    warnings.filterwarnings("ignore", category=ResourceWarning)
