@@ -9,6 +9,7 @@ torch, and the transformers 4.57 peer in benchmarks/ measures through it in its 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -87,6 +88,36 @@ def sigterm_unwinds() -> Iterator[None]:
 def cache_root() -> Path:
     """Where mixtral_ft keeps what it builds once (the tiny model, the tokenizer file): $MIXTRAL_FT_CACHE."""
     return Path(os.environ.get("MIXTRAL_FT_CACHE", Path.home() / ".cache" / "mixtral_ft"))
+
+
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+
+
+def why_no_cuda(driver_file: Path = NVIDIA_DRIVER_FILE, devices: Path = Path("/dev")) -> str:
+    """Why torch sees no CUDA GPU, as a clause for an error line (call it when `torch.cuda.is_available()` is False).
+
+    The common trap is a GPU machine with the wrong torch: PyPI's Linux wheel targets a recent CUDA, which an
+    older driver cannot run, and torch then reports no GPU rather than an error.
+    """
+    import torch
+
+    try:
+        driver = driver_file.read_text()
+    except OSError:
+        return "this machine has no NVIDIA driver"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build: install a CUDA build (pytorch.org/get-started/locally)"
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and not any(c.isdigit() or c.isalpha() for c in hidden.replace("-1", "")):
+        return f"CUDA_VISIBLE_DEVICES='{hidden}' hides every GPU"
+    if not any(devices.glob("nvidia[0-9]*")):
+        return f"no GPU device is visible ({devices}/nvidia*): in a container, start it with GPUs (docker --gpus all)"
+    found = re.search(r"Kernel Module(?: for \S+)?\s+([\d.]+)", driver)
+    return (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which NVIDIA driver "
+        f"{found.group(1) if found else '(version unknown)'} may be too old to run: install the torch build for the "
+        f"CUDA version nvidia-smi shows (pytorch.org/get-started/locally)"
+    )
 
 
 def reset_peak(device: torch.device) -> bool:

@@ -11,6 +11,7 @@ import torch
 
 from mixtral_ft import __version__
 from mixtral_ft.cli import main
+from mixtral_ft.common import why_no_cuda
 from mixtral_ft.errors import UserError
 from mixtral_ft.plan.fit_check import check_can_train, verdict
 from mixtral_ft.recipe import load_recipe
@@ -64,6 +65,7 @@ def test_full_mixtral_without_gpu_stops_before_any_download(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "needs a CUDA GPU" in err[0] and "stopped before any download" in err[0]
     assert "recipes/tiny.yaml" in err[0] and "mixtral-ft plan" in err[0] and "--force" in err[0]
+    assert f"torch sees none: {why_no_cuda()};" in err[0]  # and says why (CPU build, driver, container…)
     assert not (tmp_path / "runs").exists()  # no empty output folder left behind
 
 

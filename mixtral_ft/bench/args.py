@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mixtral_ft.common import why_no_cuda
 from mixtral_ft.errors import OneLineParser, UserError
 from mixtral_ft.model.grouped_gemm import compile_problem
 from mixtral_ft.model.load import check_device
@@ -158,9 +159,10 @@ def _check_cpu_size(args: argparse.Namespace) -> None:
             f"the tiny model at --layers {args.layers} --batch {max(args.batch)} --seq {args.seq} needs about "
             f"{need:.0f} GiB (plan) on the CPU here, over {CPU_LIMIT_GIB:.0f}: lower --batch, --seq or --layers"
         )
+    unseen = "" if torch.cuda.is_available() else f" (torch sees no CUDA GPU: {why_no_cuda()})"
     raise UserError(
-        f"full-width Mixtral at --layers {args.layers} needs about {need:.0f} GiB (plan) and runs on the CPU here: "
-        "add --tiny for a CPU smoke run, or run it on a CUDA GPU (--device cuda)"
+        f"full-width Mixtral at --layers {args.layers} needs about {need:.0f} GiB (plan) and runs on the CPU "
+        f"here{unseen}: add --tiny for a CPU smoke run, or run it on a CUDA GPU (--device cuda)"
     )
 
 

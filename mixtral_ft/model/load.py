@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixtral_ft.common import local_rank
+from mixtral_ft.common import local_rank, why_no_cuda
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
 from mixtral_ft.model.quant import DTYPES
@@ -37,7 +37,8 @@ def check_device(device: str | torch.device | None) -> torch.device:
         raise UserError(f"--device '{device}' is not a device: use cpu or cuda (cuda:N)") from None
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if checked.type == "cuda" and (checked.index or 0) >= gpus:
-        raise UserError(f"--device '{device}': no such CUDA GPU here; use cpu, or leave --device out")
+        found = f"torch sees {gpus} CUDA GPU(s)" if gpus else f"torch sees no CUDA GPU: {why_no_cuda()}"
+        raise UserError(f"--device '{device}': {found}; use cpu, or leave --device out")
     return checked
 
 

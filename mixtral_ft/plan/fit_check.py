@@ -7,7 +7,7 @@ A full Mixtral needs a CUDA GPU with room for plan's estimate; without that the 
 
 from __future__ import annotations
 
-from mixtral_ft.common import world_size
+from mixtral_ft.common import why_no_cuda, world_size
 from mixtral_ft.errors import UserError
 
 CPU_LIMIT_GIB = 8.0  # above this predicted peak, a CPU run is hopeless (the tiny model needs ~0.01 GiB)
@@ -39,9 +39,9 @@ def verdict(recipe, recipe_path: str, gpu_mem: float | None) -> str | None:
         if need <= CPU_LIMIT_GIB:
             return None
         return (
-            f"{recipe.model.name} needs a CUDA GPU (plan: {need:.1f} GiB at peak) and this machine has none; "
-            f"stopped before any download. On CPU try `mixtral-ft train recipes/tiny.yaml`; size a GPU with "
-            f"`mixtral-ft plan {recipe_path}`; {override}"
+            f"{recipe.model.name} needs a CUDA GPU (plan: {need:.1f} GiB at peak) and torch sees none: "
+            f"{why_no_cuda()}; stopped before any download. On CPU try `mixtral-ft train recipes/tiny.yaml`; "
+            f"size a GPU with `mixtral-ft plan {recipe_path}`; {override}"
         )
     if report["fits"]:
         return None
