@@ -1,4 +1,4 @@
-"""`mixtral-ft COMMAND ...`: the flags and the dispatch; bad input is one line and exit 2.
+"""`mixtral-ft COMMAND ...`: the flags and the dispatch; bad input is one line and exit 2, a full disk exit 74.
 
 Each command is one plain function in commands.py.
 
@@ -22,7 +22,7 @@ import os
 import sys
 
 from mixtral_ft import commands
-from mixtral_ft.errors import OneLineParser, UserError
+from mixtral_ft.errors import EXIT_IO, OneLineParser, UserError, io_failure
 from mixtral_ft.quiet import quiet_third_party
 
 
@@ -228,6 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `mixtral-ft audit tiny --json | head`: the reader left; as a shell tool, stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit-time flush fails once more
         return 128 + 13  # SIGPIPE's status
+    except Exception as exc:  # a full disk under merge, quantize, eval or a download: one line, exit 74
+        found = io_failure(exc)
+        if found is None:
+            raise
+        cause, path = found
+        where = f" at '{path}'" if path else ""
+        print(
+            f"error: storage failure{where}: {cause}. Free space (or fix the mount or permissions) and run the "
+            "same command again",
+            file=sys.stderr,
+        )
+        return EXIT_IO
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mixtral_ft.errors import UserError
+from mixtral_ft.errors import UserError, io_failure
 from mixtral_ft.model.shapes import tiny_config
 from mixtral_ft.model.tiny import TINY_NAME, tiny_model_dir
 from mixtral_ft.recipe import is_repo_id
@@ -44,10 +44,9 @@ class ModelSource:
         try:
             return Path(snapshot_download(repo_id=self.name, revision=self.revision, allow_patterns=HUB_FILES))
         except Exception as exc:  # network, auth, missing repo: all the user's to fix
-            raise UserError(
-                f"could not fetch model '{self.name}' from the Hub ({type(exc).__name__}): check the "
-                "id, your network, and HF_TOKEN / `huggingface-cli login` for gated models"
-            ) from None
+            if io_failure(exc):
+                raise  # a full disk is not bad input: exit 74 (cli.py)
+            raise UserError(fetch_problem(exc, self.name, self.revision)) from None
 
     def config_dict(self) -> dict:
         """config.json alone (no weights); for a Hub id the cache or one request (hub_config.ConfigUnavailable)."""
@@ -58,6 +57,34 @@ class ModelSource:
         from mixtral_ft.model.hub_config import fetch_config
 
         return fetch_config(self.name, self.revision)
+
+
+def fetch_problem(exc: Exception, name: str, revision: str | None) -> str:
+    """The one line for a failed model download: what the Hub answered, and the fix for it."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from mixtral_ft.model.hub_config import offline
+
+    head = f"could not fetch model '{name}' from the Hub"
+    if isinstance(exc, GatedRepoError):  # a RepositoryNotFoundError too: first
+        return (
+            f"{head}: it is gated; accept its terms at https://huggingface.co/{name} with your account, "
+            "then `hf auth login` (or set HF_TOKEN)"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{head}: it has no revision '{revision}'; fix model.revision"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{head}: no such repo, or a private one you cannot see; check model.name, or `hf auth login`"
+    if offline():
+        return f"{head}: HF_HUB_OFFLINE is set and it is not in the local cache; unset it to download the model"
+    if isinstance(exc, LocalEntryNotFoundError):  # no answer from the Hub, and nothing cached
+        return f"{head}: the Hub did not answer and it is not in the local cache; check your network (or HF_ENDPOINT)"
+    return f"{head} ({type(exc).__name__}): check the id, your network, and HF_TOKEN / `hf auth login`"
 
 
 def model_source(name: str | Path | ModelSource, revision: str | None = None) -> ModelSource:

@@ -1,38 +1,16 @@
 """I/O failures of a run (a full disk, a read-only or vanished mount, no permission, a file-size limit) as one line.
 
-They are not bad input (exit 2) nor a diverged run (exit 1): the CLI prints which path failed and why, names the
-last complete checkpoint, and exits `EXIT_IO` (74, sysexits' EX_IOERR). The libraries report them in several
-shapes: an OSError (often wrapped), torch.save's "file write failed" RuntimeError, safetensors' "Os { code: 28 }".
+They are not bad input (exit 2) nor a diverged run (exit 1): `train` prints which path failed and why, names the
+last complete checkpoint, and exits `EXIT_IO` (74, sysexits' EX_IOERR). `errors.io_failure` recognises them.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import re
 from pathlib import Path
 
-EXIT_IO = 74
-ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}
-_OS_CODE = re.compile(r"Os \{ code: (\d+)")  # safetensors (Rust) errors
+from mixtral_ft.errors import EXIT_IO, io_failure
 
-
-def io_failure(exc: BaseException) -> tuple[str, str | None] | None:
-    """(cause, path or None) when `exc`, or an exception it wraps, is a storage failure; else None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in ERRNOS:
-            path = exc.filename2 or exc.filename  # a copy fails on its destination
-            return os.strerror(exc.errno), str(path) if path else None
-        text = str(exc)
-        code = _OS_CODE.search(text)
-        if code and int(code[1]) in ERRNOS:
-            return os.strerror(int(code[1])), None
-        if "PytorchStreamWriter failed" in text or "file write failed" in text:
-            return "a write failed (full disk or file-size limit)", None
-        exc = exc.__cause__ or exc.__context__
-    return None
+__all__ = ["EXIT_IO", "io_failure", "io_message"]
 
 
 def io_message(exc: BaseException, output_dir: str | Path | None) -> str | None:
