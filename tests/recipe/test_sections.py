@@ -193,6 +193,13 @@ def test_lm_head_is_refused_even_with_allow_other_targets():
         load_recipe(TINY, ["lora.target_modules=[q_proj,lm_head]", "lora.allow_other_targets=true"])
 
 
+def test_lm_head_error_does_not_point_at_allow_other_targets():
+    """Without allow_other_targets the fix named is the one that works: drop lm_head, not opt in to other targets."""
+    with pytest.raises(UserError, match="fused LM head.*drop lm_head") as err:
+        load_recipe(TINY, ["lora.target_modules=[q_proj,lm_head]"])
+    assert "allow_other_targets" not in str(err.value)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
