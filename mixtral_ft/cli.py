@@ -2,7 +2,7 @@
 
 Each command is one plain function in commands.py.
 
-    mixtral-ft train RECIPE [key=value ...]      fine-tune (SFT) as the recipe says
+    mixtral-ft train RECIPE [key=value ...]      fine-tune (SFT or DPO) as the recipe says
     mixtral-ft validate RECIPE [RECIPE ...]      check recipes without loading a model
     mixtral-ft audit MODEL_OR_RECIPE [--json]    show what is 4-bit, what trains, what it weighs
     mixtral-ft tiny DIR                          write the built-in tiny random Mixtral
