@@ -46,7 +46,7 @@ class ModelSource:
         except Exception as exc:  # network, auth, missing repo: all the user's to fix
             raise UserError(
                 f"could not fetch model '{self.name}' from the Hub ({type(exc).__name__}): check the "
-                "id, your network, and HF_TOKEN / `huggingface-cli login` for gated models"
+                "id, your network, and HF_TOKEN / `hf auth login` for gated models"
             ) from None
 
     def config_dict(self) -> dict:

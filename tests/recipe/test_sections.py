@@ -160,7 +160,7 @@ def test_every_value_a_shipped_recipe_sets_is_the_value_loaded(path):
         (["lora.use_rslora=maybe"], "lora.use_rslora", "true or false"),
         (["data.format=csv"], "data.format", "alpaca, prompt_completion"),
         (["hub.token=hf_abc"], "hub.token", "HF_TOKEN"),
-        (["model.api_key=xyz"], "model.api_key", "huggingface-cli login"),
+        (["model.api_key=xyz"], "model.api_key", "hf auth login"),
         (["model=3"], "model", "must be a mapping"),
         (["oops"], "oops", "key=value"),
     ],
