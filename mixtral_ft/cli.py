@@ -2,7 +2,7 @@
 
 Each command is one plain function in commands.py.
 
-    mixtral-ft train RECIPE [key=value ...]      fine-tune (SFT) as the recipe says
+    mixtral-ft train RECIPE [key=value ...]      fine-tune (SFT or DPO) as the recipe says
     mixtral-ft validate RECIPE [RECIPE ...]      check recipes without loading a model
     mixtral-ft audit MODEL_OR_RECIPE [--json]    show what is 4-bit, what trains, what it weighs
     mixtral-ft tiny DIR                          write the built-in tiny random Mixtral
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_flags(p, 256, 0.7, "sampling only: refused with --temperature 0, but not with --web")
     _add_attn_flag(p)
-    p.add_argument("--web", action="store_true", help="serve a browser chat UI (gradio; pip install 'mixtral-ft[web]')")
+    p.add_argument("--web", action="store_true", help="serve a browser chat UI (gradio: pip install -e '.[web]')")
     p.add_argument("--host", help="--web only: address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="--web only: port to listen on (default: 7860)")
     p.set_defaults(func=commands.cmd_chat)

@@ -78,7 +78,7 @@ def _read_source(path: str, split: str):
     else:
         where = f"hub dataset '{path}'"
         fix = (
-            "check the id and split, your network, and `huggingface-cli login` for gated datasets; "
+            "check the id and split, your network, and `hf auth login` for gated datasets; "
             "or pass a local .jsonl/.json/.parquet file"
         )
     try:

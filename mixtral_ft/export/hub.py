@@ -110,7 +110,7 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = True
 
     token = get_token()
     if not token:
-        raise UserError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` (then retry the push)")
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (then retry the push)")
     # The card goes up from memory: the folder's own README.md (training's card, the user's notes) stays as it is.
     operations = [CommitOperationAdd("README.md", card.encode("utf-8"))]
     operations += [CommitOperationAdd(f.as_posix(), str(folder / f)) for f in files]

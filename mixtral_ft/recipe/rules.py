@@ -87,17 +87,18 @@ def _check_lora(lo: LoraSection) -> None:
     _need(lo.alpha > 0, "lora.alpha", "must be > 0, e.g. 32 (twice r)")
     _need(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1), e.g. 0.05")
     _need(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one of q_proj, k_proj, v_proj, o_proj")
+    # lm_head first: allow_other_targets does not make it train, so the error must not point there.
+    _need(
+        "lm_head" not in lo.target_modules,
+        "lora.target_modules",
+        f"has lm_head: {LM_HEAD_BYPASSED}; drop lm_head from the list",
+    )
     others = [x for x in lo.target_modules if x not in ATTENTION_TARGETS]
     _need(
         not others or lo.allow_other_targets,
         "lora.target_modules",
         f"has {others}: only {list(ATTENTION_TARGETS)} are supported (router and experts stay frozen); "
         "set lora.allow_other_targets: true to override",
-    )
-    _need(
-        "lm_head" not in lo.target_modules,
-        "lora.target_modules",
-        f"has lm_head: {LM_HEAD_BYPASSED}; drop lm_head from the list",
     )
 
 

@@ -261,7 +261,7 @@ def token_kind(value: str, dotted: str = "") -> str | None:
 def _secret_error(dotted: str) -> None:
     raise UserError(
         f"'{dotted}' looks like a secret: recipes are saved with every run, so never put tokens in them; "
-        "set HF_TOKEN / WANDB_API_KEY in the environment or run `huggingface-cli login`"
+        "set HF_TOKEN / WANDB_API_KEY in the environment or run `hf auth login`"
     )
 
 

@@ -105,7 +105,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class HubSection:
-    push: bool = False  # push the adapter to the Hub when training ends (token: HF_TOKEN or `huggingface-cli login`)
+    push: bool = False  # push the adapter to the Hub when training ends (token: HF_TOKEN or `hf auth login`)
     repo_id: str | None = None  # ORG/NAME of the Hub repo; required when push is true
     private: bool = True  # create the repo private (applies only when the repo is created)
 

@@ -4,7 +4,7 @@ The page streams each reply as it is generated (transformers' TextIteratorStream
 thread), keeps the conversation's history (gradio sends it back with each message), and takes a system
 prompt and the generation settings. Prompts are built exactly as the terminal chat builds them
 (`chat.build_messages`, `fit_history`, `encode_prompt`). It binds to 127.0.0.1 unless `--host` says
-otherwise: there is no authentication. gradio is an optional extra: pip install 'mixtral-ft[web]'.
+otherwise: there is no authentication. gradio is an optional extra: pip install -e '.[web]' from the clone.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ def _import_gradio():
     try:
         import gradio
     except ImportError:
-        raise UserError("--web needs gradio: pip install 'mixtral-ft[web]' (or pip install gradio)") from None
+        # mixtral-ft is not on PyPI: the extra installs from the clone, pinned like the rest of the install.
+        raise UserError(
+            "--web needs gradio: pip install -e '.[web]' -c requirements/lock.txt in the clone (or pip install gradio)"
+        ) from None
     return gradio
 
 

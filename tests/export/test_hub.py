@@ -107,7 +107,7 @@ def test_bad_input_is_one_line_and_exit_2(case, adapter, tiny_dir, tmp_path, mon
         "no_namespace": (["push", str(adapter), "--repo-id", "just-a-name"], "bad repo id"),
         "not_a_folder_kind": (["push", str(junk), "--repo-id", "org/x"], "not an adapter or model folder"),
         "missing_dir": (["push", str(tmp_path / "nope"), "--repo-id", "org/x"], "does not exist"),
-        "no_token": (["push", str(adapter), "--repo-id", "org/x"], "huggingface-cli login"),
+        "no_token": (["push", str(adapter), "--repo-id", "org/x"], "hf auth login"),
         "merge_out_exists": (["merge", str(adapter), "--out", str(junk)], "already exists"),
         "merge_missing_adapter": (["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "not found"),
         "merge_model_not_adapter": (["merge", str(tiny_dir), "--out", str(tmp_path / "o")], "adapter_config.json"),
@@ -156,7 +156,17 @@ def test_a_checkpoint_folder_pushes_its_adapter_not_the_trainer_pickles(adapter,
 def test_dry_run_says_the_visibility_asked_for_and_help_says_an_existing_repo_keeps_its_own(adapter, capsys):
     assert main(["push", str(adapter), "--repo-id", "org/x", "--dry-run", "--no-private"]) == 0
     assert "to org/x (public); nothing uploaded" in capsys.readouterr().out
-    # As huggingface-cli upload's --private: the Hub API sets visibility when it creates the repo, not after.
+    # As hf upload's --private: the Hub API sets visibility when it creates the repo, not after.
     with pytest.raises(SystemExit):
         main(["push", "--help"])
     assert "an existing one keeps its own" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("words", [["auth", "login"], ["upload"]])
+def test_the_hub_commands_we_name_exist(words):
+    """Errors, README and notebooks say `hf auth login` (and compare with `hf upload --private`): huggingface_hub 1.x
+    dropped `huggingface-cli`, so the lock's huggingface_hub must still have these commands."""
+    cmd = [sys.executable, "-m", "huggingface_hub.cli.hf", *words, "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert words != ["upload"] or "--no-private" in proc.stdout

@@ -26,7 +26,7 @@ from mixtral_ft.recipe import ATTENTION_TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
 OASST = str(ROOT / "recipes" / "oasst.yaml")
-TOLERANCE = 0.10  # the bar; the model lands within 2% on every point below
+TOLERANCE = 0.10  # the bar; the model lands within 2.5% on every point below (bf16: +2.2%)
 
 
 class LiveBytes(TorchDispatchMode):

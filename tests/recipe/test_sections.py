@@ -160,7 +160,7 @@ def test_every_value_a_shipped_recipe_sets_is_the_value_loaded(path):
         (["lora.use_rslora=maybe"], "lora.use_rslora", "true or false"),
         (["data.format=csv"], "data.format", "alpaca, prompt_completion"),
         (["hub.token=hf_abc"], "hub.token", "HF_TOKEN"),
-        (["model.api_key=xyz"], "model.api_key", "huggingface-cli login"),
+        (["model.api_key=xyz"], "model.api_key", "hf auth login"),
         (["model=3"], "model", "must be a mapping"),
         (["oops"], "oops", "key=value"),
     ],
@@ -191,6 +191,13 @@ def test_lm_head_is_refused_even_with_allow_other_targets():
     """TRL's fused LM head bypasses it in training (tests/model/test_load.py shows it), yet chat would apply it."""
     with pytest.raises(UserError, match="lora.target_modules.*fused LM head.*drop lm_head"):
         load_recipe(TINY, ["lora.target_modules=[q_proj,lm_head]", "lora.allow_other_targets=true"])
+
+
+def test_lm_head_error_does_not_point_at_allow_other_targets():
+    """Without allow_other_targets the fix named is the one that works: drop lm_head, not opt in to other targets."""
+    with pytest.raises(UserError, match="fused LM head.*drop lm_head") as err:
+        load_recipe(TINY, ["lora.target_modules=[q_proj,lm_head]"])
+    assert "allow_other_targets" not in str(err.value)
 
 
 def test_missing_and_malformed_files(tmp_path):
