@@ -3,7 +3,7 @@
 `UserError` is a problem in the recipe, data, paths or flags: the CLI prints it and exits 2. A full disk, a
 read-only or vanished mount, no permission or a file-size limit is not bad input: `io_failure` recognises it in
 the shapes the libraries report it (an OSError, often wrapped; torch.save's "file write failed" RuntimeError;
-safetensors' "Os { code: 28 }"), and the CLI exits `EXIT_IO` (74, sysexits' EX_IOERR).
+safetensors' "(os error 28)"), and the CLI exits `EXIT_IO` (74, sysexits' EX_IOERR).
 """
 
 import argparse
@@ -13,7 +13,8 @@ import re
 
 EXIT_IO = 74
 ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}
-_OS_CODE = re.compile(r"Os \{ code: (\d+)")  # safetensors (Rust) errors
+# Rust's io::Error in safetensors' messages: "Os { code: 28, ... }" (older) or "... (os error 28)" (0.8).
+_OS_CODE = re.compile(r"Os \{ code: (\d+)|\(os error (\d+)\)")
 
 
 class UserError(Exception):
@@ -37,8 +38,8 @@ def io_failure(exc: BaseException) -> tuple[str, str | None] | None:
             return os.strerror(exc.errno), str(path) if path else None
         text = str(exc)
         code = _OS_CODE.search(text)
-        if code and int(code[1]) in ERRNOS:
-            return os.strerror(int(code[1])), None
+        if code and int(code[1] or code[2]) in ERRNOS:
+            return os.strerror(int(code[1] or code[2])), None
         if "PytorchStreamWriter failed" in text or "file write failed" in text:
             return "a write failed (full disk or file-size limit)", None
         exc = exc.__cause__ or exc.__context__

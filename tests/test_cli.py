@@ -5,6 +5,7 @@ in it; afterwards every file under the scratch folder must be byte-for-byte what
 have their own unit tests (tests/recipe/, tests/data/); this table checks what a user sees.
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -228,3 +229,29 @@ def test_validate_set_overrides_every_recipe(tmp_path, capsys):
     assert main(["validate", TINY, dpo, "--set", "lora.r=8", "--set", "train.max_steps=0"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("'train.max_steps'" in line for line in err)  # the last --set, on both recipes
+
+
+@pytest.mark.slow
+def test_a_full_disk_outside_train_is_one_line_exit_74_and_leaves_no_half_folder(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    def small_files():  # in the child: no file may grow past 100 kB, as on a full disk (EFBIG, not SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "tiny"
+    env = {**os.environ, "MIXTRAL_FT_CACHE": str(tmp_path / "cache")}  # a cache to build, so it must write
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixtral_ft.cli", "tiny", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        preexec_fn=small_files,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 74, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: storage failure") and "File too large" in lines[0], lines
+    assert "run the same command again" in lines[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []

@@ -56,3 +56,47 @@ def test_a_broken_config_json_is_one_line_and_exit_2(command, config, message, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and message in err[-1] and "Traceback" not in "\n".join(err), err
     assert not (tmp_path / "out").exists()
+
+
+def hub_answer(error, status: int, **extra):
+    """The exception huggingface_hub raises for a Hub answer of `status` (a real httpx response, no server)."""
+    import httpx2
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/m"))
+    return error("the Hub's message", response=response, **extra)
+
+
+def test_each_hub_answer_gets_its_own_fix(monkeypatch):
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from mixtral_ft.model.source import fetch_problem
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    gated = fetch_problem(hub_answer(GatedRepoError, 403), "org/m", None)
+    assert "is gated" in gated and "https://huggingface.co/org/m" in gated and "hf auth login" in gated
+    assert "no revision 'v9'; fix model.revision" in fetch_problem(hub_answer(RevisionNotFoundError, 404), "o/m", "v9")
+    missing = fetch_problem(hub_answer(RepositoryNotFoundError, 404), "org/m", None)
+    assert "no such repo, or a private one" in missing and "model.name" in missing
+    unreachable = fetch_problem(LocalEntryNotFoundError("cannot reach"), "org/m", None)
+    assert "the Hub did not answer and it is not in the local cache" in unreachable
+    assert "(ValueError)" in fetch_problem(ValueError("odd"), "org/m", None)  # anything else: named, generic fix
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE is set" in fetch_problem(LocalEntryNotFoundError("offline"), "org/m", None)
+
+
+def test_an_uncached_hub_model_offline_is_one_line_naming_hf_hub_offline(tmp_path, capsys):
+    # conftest sets HF_HUB_OFFLINE; the id is not in the (private) cache, so snapshot_download itself refuses.
+    out = tmp_path / "run"
+    recipe = str(ROOT / "recipes/tiny.yaml")
+    assert main(["train", recipe, "model.name=someorg/not-cached", f"train.output_dir={out}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [
+        "error: could not fetch model 'someorg/not-cached' from the Hub: HF_HUB_OFFLINE is set and it is not in "
+        "the local cache; unset it to download the model"
+    ]
+    assert not out.exists()
