@@ -175,7 +175,10 @@ def evaluate(
     say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''}")
     model, tokenizer = load_for_inference(loaded_target, attn_implementation=attn_implementation)
     prompts = sample_prompts(rows, tokenizer, samples)
-    scores, tokens = score_variants(model, tokenizer, rows, prompts, settings, with_adapter=bool(loaded_target.adapter))
+    plain = "merged" if (Path(loaded_target.base) / "merge.json").is_file() else "base"  # a merged folder: itself
+    scores, tokens = score_variants(
+        model, tokenizer, rows, prompts, settings, with_adapter=bool(loaded_target.adapter), plain=plain
+    )
     report = {
         "model": loaded_target.base,
         "adapter_dir": str(loaded_target.adapter) if loaded_target.adapter else None,
@@ -198,10 +201,13 @@ def _check_counts(samples: int, max_rows: int | None) -> None:
         raise UserError("--max-rows must be >= 1")
 
 
-def score_variants(model, tokenizer, rows, prompts: list[dict], settings, *, with_adapter: bool) -> tuple[dict, int]:
-    """Loss and perplexity of the base (adapter switched off), then the adapter; each fills in its sample answers."""
+def score_variants(
+    model, tokenizer, rows, prompts: list[dict], settings, *, with_adapter: bool, plain: str = "base"
+) -> tuple[dict, int]:
+    """Loss and perplexity of the model (`plain`: adapter switched off), then with the adapter; each fills in its
+    sample answers."""
     device = next(p for p in model.parameters() if p.device.type != "meta").device
-    variants = {"base": model.disable_adapter if with_adapter else nullcontext}
+    variants = {plain: model.disable_adapter if with_adapter else nullcontext}
     if with_adapter:
         variants["adapter"] = nullcontext
     scores = {}
@@ -239,7 +245,7 @@ def render(report: dict) -> str:
     ]
     lines += [f"{n:8} {scores[n]['loss']:>10.4f} {scores[n]['perplexity']:>14,.2f}" for n in names]
     if len(names) == 2:
-        lines.append(f"{'change':8} {scores['adapter']['loss'] - scores['base']['loss']:>+10.4f}")
+        lines.append(f"{'change':8} {scores['adapter']['loss'] - scores[names[0]]['loss']:>+10.4f}")
     for i, sample in enumerate(report["samples"], 1):
         lines.append(f"\n[{i}] prompt:    {_short(sample['prompt'])}")
         lines.append(f"    reference: {_short(sample['reference'])}")

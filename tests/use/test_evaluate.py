@@ -152,7 +152,7 @@ def test_a_merged_folder_is_scored_itself_not_its_runs_base(adapter_run, tmp_pat
     assert main(["merge", str(adapter_run), "--out", str(merged)]) == 0
     assert main(["eval", str(merged), "--samples", "0", "--max-rows", "1"]) == 0
     report = json.loads((merged / "eval.json").read_text())
-    assert report["model"] == str(merged) and list(report["scores"]) == ["base"]
+    assert report["model"] == str(merged) and list(report["scores"]) == ["merged"]  # not its run's base
 
 
 def test_a_merged_folder_with_its_own_adapter_again_is_refused(adapter_run, tmp_path, capsys):
