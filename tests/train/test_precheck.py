@@ -23,3 +23,21 @@ def test_compile_on_a_torch_without_grouped_mm_is_refused_up_front(monkeypatch):
         precheck(load_recipe(TINY_RECIPE, ["train.compile=true"]))
     with pytest.raises(UserError, match=r"^--compile needs torch >= 2.10 .*: upgrade torch, or drop --compile$"):
         bench_args.parse_args(["--tiny", "--device", "cpu", "--compile"])
+
+
+def test_hub_push_without_a_token_stops_before_training(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from mixtral_ft.cli import main
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    out = tmp_path / "run"
+    push = ["hub.push=true", "hub.repo_id=org/tiny"]
+    assert main(["train", TINY_RECIPE, f"train.output_dir={out}", *push]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hub.push is true but there is no Hugging Face token" in err[0], err
+    assert f"mixtral-ft push {out} --repo-id" in err[0] and not out.exists()
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
+    precheck(load_recipe(TINY_RECIPE, [f"train.output_dir={out}", *push]))  # a token: no error
