@@ -7,6 +7,7 @@ call peft's `prepare_model_for_kbit_training`, which would upcast every non-4-bi
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, *, is_trainable: bool = 
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+        return lora_only_saves(PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable))
     except RuntimeError as exc:
         if "size mismatch" not in str(exc):
             raise
@@ -179,6 +180,15 @@ def load_adapter(model: nn.Module, adapter: str | Path, *, is_trainable: bool = 
             f"adapter '{adapter}' does not fit this base model (its LoRA shapes differ): "
             "pass the base model it was trained on"
         ) from None
+
+
+def lora_only_saves(peft_model):
+    """Every save of `peft_model` writes LoRA tensors only: peft's "auto" adds the base embedding to an embed_tokens
+    LoRA's saves (262 MB each on Mixtral) and asks the Hub for a Hub base's config.json at other adapters' saves,
+    both for a resized vocabulary, which Mixtral's never is. The Trainer (FSDP and DeepSpeed too) calls this
+    object's save_pretrained without `save_embedding_layers`, so its default is set on the instance."""
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model
 
 
 def check_experts_request(manifest: dict | None, quantize_experts: bool, name: str) -> None:
@@ -208,7 +218,7 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
     )
     others = [t for t in lora.target_modules if t not in ATTENTION_TARGETS]
     try:
-        return get_peft_model(model, config)
+        return lora_only_saves(get_peft_model(model, config))
     except (ValueError, TypeError) as exc:  # allow_other_targets let through a module peft cannot adapt
         if not others:
             raise
