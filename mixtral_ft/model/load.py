@@ -18,8 +18,8 @@ from mixtral_ft.common import local_rank
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
 from mixtral_ft.model.quant import DTYPES
-from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source, read_adapter_config
-from mixtral_ft.recipe import ATTENTION_TARGETS, LM_HEAD_BYPASSED
+from mixtral_ft.model.source import ModelSource, check_adapter_folder, model_source, read_adapter_config
+from mixtral_ft.recipe import ATTENTION_TARGETS, LM_HEAD_BYPASSED, is_repo_id
 
 
 def default_device() -> torch.device:
@@ -159,7 +159,7 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
 
 def set_adapter_base(adapter: str | Path, base: str) -> None:
     """Record a hub base id in adapter_config.json (peft writes the local folder it loaded)."""
-    if not HUB_ID.match(base) or Path(base).expanduser().exists():
+    if not is_repo_id(base) or Path(base).expanduser().exists():
         return  # a local folder or `tiny`: peft's path is the best name there is
     config_file = Path(adapter) / "adapter_config.json"
     config = json.loads(config_file.read_text())
