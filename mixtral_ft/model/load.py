@@ -7,6 +7,7 @@ call peft's `prepare_model_for_kbit_training`, which would upcast every non-4-bi
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from mixtral_ft.common import local_rank, why_no_cuda
 from mixtral_ft.errors import UserError
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
 from mixtral_ft.model.quant import DTYPES
-from mixtral_ft.model.source import HUB_ID, ModelSource, check_adapter_folder, model_source, read_adapter_config
-from mixtral_ft.recipe import ATTENTION_TARGETS, LM_HEAD_BYPASSED
+from mixtral_ft.model.source import ModelSource, check_adapter_folder, model_source, read_adapter_config
+from mixtral_ft.recipe import ATTENTION_TARGETS, LM_HEAD_BYPASSED, is_repo_id
 
 
 def default_device() -> torch.device:
@@ -159,7 +160,7 @@ def adapter_base(adapter: Path) -> tuple[str | None, dict]:
 
 def set_adapter_base(adapter: str | Path, base: str) -> None:
     """Record a hub base id in adapter_config.json (peft writes the local folder it loaded)."""
-    if not HUB_ID.match(base) or Path(base).expanduser().exists():
+    if not is_repo_id(base) or Path(base).expanduser().exists():
         return  # a local folder or `tiny`: peft's path is the best name there is
     config_file = Path(adapter) / "adapter_config.json"
     config = json.loads(config_file.read_text())
@@ -172,7 +173,7 @@ def load_adapter(model: nn.Module, adapter: str | Path, *, is_trainable: bool = 
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+        return lora_only_saves(PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable))
     except RuntimeError as exc:
         if "size mismatch" not in str(exc):
             raise
@@ -180,6 +181,15 @@ def load_adapter(model: nn.Module, adapter: str | Path, *, is_trainable: bool = 
             f"adapter '{adapter}' does not fit this base model (its LoRA shapes differ): "
             "pass the base model it was trained on"
         ) from None
+
+
+def lora_only_saves(peft_model):
+    """Every save of `peft_model` writes LoRA tensors only: peft's "auto" adds the base embedding to an embed_tokens
+    LoRA's saves (262 MB each on Mixtral) and asks the Hub for a Hub base's config.json at other adapters' saves,
+    both for a resized vocabulary, which Mixtral's never is. The Trainer (FSDP and DeepSpeed too) calls this
+    object's save_pretrained without `save_embedding_layers`, so its default is set on the instance."""
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model
 
 
 def check_experts_request(manifest: dict | None, quantize_experts: bool, name: str) -> None:
@@ -209,7 +219,7 @@ def apply_lora(model: nn.Module, lora, *, adapter: str | None = None):
     )
     others = [t for t in lora.target_modules if t not in ATTENTION_TARGETS]
     try:
-        return get_peft_model(model, config)
+        return lora_only_saves(get_peft_model(model, config))
     except (ValueError, TypeError) as exc:  # allow_other_targets let through a module peft cannot adapt
         if not others:
             raise

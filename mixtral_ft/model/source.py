@@ -8,7 +8,6 @@ weights load; `local_path()` downloads (safetensors and tokenizer files only) wh
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +17,6 @@ from mixtral_ft.model.shapes import tiny_config
 from mixtral_ft.model.tiny import TINY_NAME, tiny_model_dir
 from mixtral_ft.recipe import is_repo_id
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
 
 

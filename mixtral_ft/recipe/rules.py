@@ -183,11 +183,14 @@ def _check_hub(h: HubSection) -> None:
 
 
 def is_repo_id(repo_id: str | None) -> bool:
-    """ORG/NAME, and huggingface_hub's own rule ('..', '--', a '.git' ending): checked at validation and at push,
-    so a push never refuses after training what the recipe accepted."""
+    """ORG/NAME, and huggingface_hub's own rule (ASCII, at most 96 characters, no '..', '--' or '.git' ending).
+
+    The one test of a Hub id: hub.repo_id at validation and at push (a push never refuses after training what the
+    recipe accepted), model.name (a Hub id, or a missing folder), the base an adapter records, the card's metadata.
+    """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not (repo_id and HUB_REPO_ID.match(repo_id)):
+    if not (isinstance(repo_id, str) and HUB_REPO_ID.match(repo_id)):
         return False
     try:
         validate_repo_id(repo_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from mixtral_ft.model.source import HUB_ID
+from mixtral_ft.recipe import is_repo_id
 from mixtral_ft.recipe.schema import env_secrets
 
 BUILTIN_DATASETS = {"builtin:oasst_top1": "OpenAssistant/oasst_top1_2023-08-25"}  # what the sample is from
@@ -79,9 +79,9 @@ def _front_matter(recipe: dict, run: dict | None, kind: str, base: str | None) -
     dataset = BUILTIN_DATASETS.get(data_path, data_path)
     meta = {}
     # Hub metadata must name hub repos; local folders and the built-in tiny model are left out.
-    if base and HUB_ID.match(base) and not Path(base).exists():
+    if is_repo_id(base) and not Path(base).exists():
         meta["base_model"] = base
-    if dataset and HUB_ID.match(dataset) and not Path(dataset).exists():
+    if is_repo_id(dataset) and not Path(dataset).exists():
         meta["datasets"] = [dataset]
     meta["library_name"] = "peft" if kind == "adapter" else "transformers"
     meta["license"] = "apache-2.0"  # Mixtral-8x7B's license; mixtral-ft fine-tunes nothing else

@@ -24,6 +24,11 @@ from mixtral_ft.use.chat import (
     load_announced,
 )
 
+# The page's Top-p slider: 0.01..1 by 0.01. Its steps count from the minimum, so a lower one (for a smaller --top-p)
+# would put them off 1.0 (top-p off); --web refuses a --top-p below it instead (check_page_settings).
+TOP_P_MIN = TOP_P_STEP = 0.01
+MAX_NEW_TOKENS_SLIDER, TEMPERATURE_SLIDER = 2048, 2.0  # the sliders' usual maxima; a larger flag value extends them
+
 
 def _import_gradio():
     try:
@@ -93,10 +98,26 @@ def stream_reply(model, tokenizer, history: list, message: str, system: str | No
         yield "…"  # a random model can say nothing at all; show that it answered
 
 
+def check_page_settings(settings: GenerationSettings | None) -> GenerationSettings:
+    """`settings` (checked) if the page's sliders can hold them: gradio refuses every message whose slider value is
+    out of the slider's range ('Value ... is less than minimum value')."""
+    settings = (settings or GenerationSettings()).check()
+    if settings.top_p < TOP_P_MIN:
+        raise UserError(
+            f"--top-p {settings.top_p:g} is below the web page's Top-p range ({TOP_P_MIN}..1): "
+            f"give --top-p {TOP_P_MIN} or more with --web (the terminal chat takes any value in (0, 1])"
+        )
+    return settings
+
+
 def build_app(model, tokenizer, *, title: str, system: str | None = None, settings: GenerationSettings | None = None):
     """The gradio Blocks app: chat box, system prompt and generation settings."""
     gr = _import_gradio()
-    settings = (settings or GenerationSettings()).check()
+    settings = check_page_settings(settings)
+    max_tokens, max_temperature = (
+        max(MAX_NEW_TOKENS_SLIDER, settings.max_new_tokens),
+        max(TEMPERATURE_SLIDER, settings.temperature),
+    )
 
     def respond(message, history, system_prompt, max_new_tokens, temperature, top_p):
         if not (message or "").strip():
@@ -109,9 +130,9 @@ def build_app(model, tokenizer, *, title: str, system: str | None = None, settin
 
     inputs = [
         gr.Textbox(value=system or "", label="System prompt", lines=2, elem_id="system-prompt"),
-        gr.Slider(1, 2048, value=settings.max_new_tokens, step=1, label="Max new tokens"),
-        gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature (0 is greedy)"),
-        gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
+        gr.Slider(1, max_tokens, value=settings.max_new_tokens, step=1, label="Max new tokens"),
+        gr.Slider(0.0, max_temperature, value=settings.temperature, step=0.05, label="Temperature (0 is greedy)"),
+        gr.Slider(TOP_P_MIN, 1.0, value=settings.top_p, step=TOP_P_STEP, label="Top-p"),
     ]
     return gr.ChatInterface(
         respond,
@@ -166,7 +187,7 @@ def serve_web(
     port: int = 7860,
 ) -> None:
     """Load MODEL (+ adapter) as `mixtral-ft chat` does, then serve the chat page until Ctrl-C."""
-    settings = (settings or GenerationSettings()).check()
+    settings = check_page_settings(settings)
     if not 0 < port < 65536:
         raise UserError("--port must be in 1..65535")
     _import_gradio()  # before the (long) model load

@@ -189,3 +189,43 @@ def test_a_checkpoint_of_a_hub_run_with_a_revision_serves_from_its_local_base(
     (checkpoint / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny_dir)}))
     assert main(["chat", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0"]) == 0
     assert main(["merge", str(checkpoint), "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+
+
+def test_adapter_saves_hold_lora_tensors_only_and_ask_the_hub_nothing(tiny_dir, tmp_path, monkeypatch):
+    """peft's save_embedding_layers="auto" saved the whole base embedding with an embed_tokens LoRA (Mixtral: 262 MB
+    a save) and, for any other adapter on a Hub base, asked the Hub for its config.json at every save. We never
+    resize the vocabulary, so neither is needed: saved the way Trainer._save saves, on the real PeftModel."""
+    import peft.utils.save_and_load
+    from safetensors.torch import load_file
+
+    from mixtral_ft.model.load import apply_lora, load_adapter, load_model
+    from mixtral_ft.recipe import load_recipe
+
+    hub_asks = []
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", lambda *a, **k: hub_asks.append(a))
+    overrides = ["lora.allow_other_targets=true", "lora.target_modules=[q_proj, embed_tokens]"]
+    lora = load_recipe(ROOT / "recipes" / "tiny.yaml", overrides).lora
+    base = load_model(tiny_dir, device="cpu", compute_dtype="float32")
+    embedding_bytes = base.model.embed_tokens.weight.nbytes
+    model = apply_lora(base, lora)
+    model.peft_config["default"].base_model_name_or_path = "mistralai/Mixtral-8x7B-v0.1"  # as a Hub run records it
+    model.save_pretrained(str(tmp_path / "fresh"), state_dict=None, is_main_process=True)
+    saved = load_file(str(tmp_path / "fresh" / "adapter_model.safetensors"))
+    assert saved and all(".lora_" in key for key in saved), sorted(saved)
+    assert any("embed_tokens.lora_embedding_A" in key for key in saved), sorted(saved)
+    assert (tmp_path / "fresh" / "adapter_model.safetensors").stat().st_size < embedding_bytes / 2
+    # Continued from that adapter (model.adapter), the same; and it loads back with its LoRA weights.
+    fresh_base = load_model(tiny_dir, device="cpu", compute_dtype="float32")
+    continued = apply_lora(fresh_base, lora, adapter=str(tmp_path / "fresh"))
+    continued.save_pretrained(str(tmp_path / "continued"), is_main_process=True)
+    assert load_file(str(tmp_path / "continued" / "adapter_model.safetensors")).keys() == saved.keys()
+    reloaded = load_adapter(load_model(tiny_dir, device="cpu", compute_dtype="float32"), tmp_path / "continued")
+    state = {k: v for k, v in reloaded.state_dict().items() if ".lora_" in k}
+    assert state and all(torch.equal(v, saved[k.replace(".default", "")]) for k, v in state.items())
+    # An attention-only adapter on a Hub base: "auto" asked the Hub whether the base's config.json exists.
+    lora = load_recipe(ROOT / "recipes" / "tiny.yaml", ["lora.target_modules=[q_proj]"]).lora
+    attention = apply_lora(load_model(tiny_dir, device="cpu", compute_dtype="float32"), lora)
+    attention.peft_config["default"].base_model_name_or_path = "mistralai/Mixtral-8x7B-v0.1"
+    attention.save_pretrained(str(tmp_path / "attention"), is_main_process=True)
+    assert all(".lora_" in key for key in load_file(str(tmp_path / "attention" / "adapter_model.safetensors")))
+    assert hub_asks == []

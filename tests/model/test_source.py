@@ -11,6 +11,7 @@ from tests.conftest import ROOT
     [
         ("./no_such_folder", "neither a local folder nor a hub id"),
         ("../no/such_folder", "neither a local folder nor a hub id"),
+        ("org/modèle", "neither a local folder nor a hub id"),  # the Hub's names are ASCII: no download tried
         ("{adapter}", "is a LoRA adapter folder, not a model"),
     ],
 )

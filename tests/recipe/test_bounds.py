@@ -122,3 +122,28 @@ def test_push_scans_every_file_it_would_upload(tmp_path, monkeypatch, name):
         UserError, match="contains the value of HF_TOKEN"
     ):  # an hf_ token that is not ours is refused too
         push_folder(folder, "my-org/run", dry_run=True)
+
+
+# The Hub's rule for ORG/NAME (huggingface_hub.utils.validate_repo_id, and ASCII): one definition, recipe.is_repo_id,
+# used by hub.repo_id, push, model.name (Hub id or missing folder), the adapter's recorded base and the card's metadata.
+REPO_IDS_TAKEN = ["mistralai/Mixtral-8x7B-v0.1", "my-org/mixtral.sft_2", "a/b", "A1/b-c.d_e", "org/" + "n" * 96]
+REPO_IDS_REFUSED = [
+    *(None, "", "mixtral", "a/b/c", "/b", "a/", "org/x y", "org\\x"),
+    *("-org/x", ".org/x", "_org/x", "org/-x", "org/.x", "org/x-", "org/x.", "org-/x"),
+    *("org/x--y", "org/x..y", "org/x.git", "org/" + "n" * 97, "orgé/x", "org/modèle", "org/xｘ"),
+    *("./x", "../x/y", "~/x", 3),
+]
+
+
+@pytest.mark.parametrize("repo_id", REPO_IDS_TAKEN)
+def test_repo_ids_the_hub_takes_are_taken(repo_id):
+    from mixtral_ft.recipe import is_repo_id
+
+    assert is_repo_id(repo_id)
+
+
+@pytest.mark.parametrize("repo_id", REPO_IDS_REFUSED)
+def test_repo_ids_the_hub_refuses_are_refused(repo_id):
+    from mixtral_ft.recipe import is_repo_id
+
+    assert not is_repo_id(repo_id)

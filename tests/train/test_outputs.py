@@ -87,6 +87,15 @@ def test_card_names_the_base_model_hub_id(tmp_path):
     assert "base_model: mistralai/Mixtral-8x7B-v0.1" in render_card(tmp_path, "adapter")
 
 
+@pytest.mark.parametrize("base, dataset", [("org/x--y", "data/x..y"), ("org/modèle", "orgé/données")])
+def test_card_metadata_names_only_ids_the_hub_takes(tmp_path, base, dataset):
+    """base_model and datasets must be Hub ids (the Hub refuses a card naming others): recipe.is_repo_id decides,
+    as it does for model.name and hub.repo_id."""
+    (tmp_path / "recipe.yaml").write_text(f"model:\n  name: {base}\ndata:\n  path: {dataset}\n", encoding="utf-8")
+    front_matter = render_card(tmp_path, "adapter").split("---")[1]
+    assert "base_model" not in front_matter and "datasets" not in front_matter, front_matter
+
+
 def test_eval_loss_is_in_run_json_and_on_the_plot(run, tmp_path):
     out, _ = run
     evals = json.loads((out / "run.json").read_text())["eval_losses"]

@@ -103,6 +103,33 @@ def test_web_flags_default_to_localhost_and_the_page_takes_the_generation_flags(
     }
 
 
+@pytest.mark.parametrize(
+    "argv", [[], ["--top-p", "0.01"], ["--top-p", "0.123"], ["--max-new-tokens", "4096"], ["--temperature", "3"]]
+)
+def test_the_page_takes_the_flag_values_it_opens_with(served, argv):
+    """Each slider opens at its flag's value and accepts it: a --top-p under the slider's old 0.05 minimum (or a
+    --max-new-tokens, --temperature over its maximum) failed every message with gradio's 'Value ... is less than
+    minimum value'. Top-p's slider spans 0.01..1 by 0.01, so dragging reaches every step and 1 (off)."""
+    assert main(["chat", "tiny", "--web", *argv]) == 0
+    sliders = served["app"].additional_inputs[1:]
+    given = dict(zip(argv[::2], map(float, argv[1::2]), strict=True))
+    for flag, slider in zip(["--max-new-tokens", "--temperature", "--top-p"], sliders, strict=True):
+        if flag in given:
+            assert slider.value == given[flag], (flag, slider.value)
+        assert slider.preprocess(slider.value) == slider.value  # raises when out of the slider's range
+    top_p = sliders[2]
+    assert (top_p.minimum, top_p.maximum, top_p.step) == (0.01, 1.0, 0.01)
+
+
+def test_a_top_p_below_the_pages_range_is_one_line_before_the_load(served, capsys):
+    """The terminal chat takes any --top-p in (0, 1]; the page's slider starts at 0.01 (a lower minimum would
+    shift its 0.01 steps off 1.0), so --web refuses less, naming the way out, instead of failing each message."""
+    assert main(["chat", "tiny", "--web", "--top-p", "0.001"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--top-p 0.001" in err[0] and "0.01" in err[0], err
+    assert "app" not in served  # refused before the load, not served
+
+
 @pytest.mark.parametrize("argv", [["--port", "9000"], ["--host", "0.0.0.0"]])
 def test_host_and_port_without_web_are_refused(argv, capsys):
     assert main(["chat", "tiny", "--prompt", "hi", *argv]) == 2
