@@ -141,7 +141,7 @@ def prepare_for_distributed(model: nn.Module) -> nn.Module:
     """Make the PEFT-wrapped NF4 model safe to wrap in DDP or FSDP; harmless in a single process.
 
     DDP broadcasts every parameter and buffer from rank 0 when it wraps the model. For our frozen base
-    that is ~24 GiB of traffic that changes nothing (every rank loaded the same checkpoint the same
+    that is ~23 GiB of traffic that changes nothing (every rank loaded the same checkpoint the same
     way), and for a 4-bit weight it would be wrong if ranks ever differed: only the packed bytes travel,
     not the `quant_state` statistics that give them meaning. So DDP is told to ignore every frozen
     parameter; the trainable LoRA weights are still broadcast and all-reduced.
