@@ -41,6 +41,17 @@ def gpu() -> dict:
             "capability": f"{props.major}.{props.minor}",
             "multiprocessors": props.multi_processor_count,
         }
+    else:  # what train's one-line error would say here
+        try:
+            from mixtral_ft.common import why_no_cuda
+
+            found["why_no_cuda"] = why_no_cuda()
+        except Exception as exc:  # this stage reports; it must not fail
+            found["why_no_cuda"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+    try:  # the file why_no_cuda reads the driver version from, to check its format on a real machine
+        found["driver_file"] = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except (OSError, IndexError) as exc:
+        found["driver_file"] = f"unavailable: {type(exc).__name__}"
     try:
         query = "--query-gpu=name,memory.total,driver_version,clocks.max.sm"
         found["nvidia_smi"] = subprocess.run(
