@@ -3,7 +3,7 @@
     python benchmarks/gpu_collect.py /work/.device/<files_at>    # the folder the device tool copied $OUT into
 
 Every file is renamed `<date>-<gpu>-<name>` (bench's result files already are), so results of several sessions
-sit side by side and tests/plan/test_preflight.py checks `plan` against each bench run at default levers. Then it
+sit side by side and tests/plan/test_preflight.py checks `plan` against each bench run whose levers plan models. Then it
 prints the figures benchmarks/NOTES.md needs: each bench run's tok/s and peak beside plan's prediction (where
 plan models its levers), our speed-up over each peer, and whether the checks and the training stage passed. A bench
 file that is not `complete` (a stage stopped at the budget, an OOM, Ctrl-C) is flagged PARTIAL, with why and the

@@ -36,7 +36,7 @@ def _add_attn_flag(p) -> None:
 
 
 def _add_generation_flags(p, max_new_tokens: int, temperature: float, sampling_note: str) -> None:
-    # Defaults are None so that commands.generation_settings can tell a flag given from one left out.
+    # Defaults are None so that commands._generation can tell a flag given from one left out.
     p.add_argument("--max-new-tokens", type=int, help=f"tokens per reply (default: {max_new_tokens})")
     p.add_argument("--temperature", type=float, help=f"sampling temperature; 0 is greedy (default: {temperature:g})")
     p.add_argument("--top-p", type=float, help=f"nucleus sampling threshold (default: 0.95); {sampling_note}")

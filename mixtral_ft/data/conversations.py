@@ -120,7 +120,7 @@ def _finetuning_tokenizer(tokenizer):
 
     mistral = tokenizer if isinstance(tokenizer, MistralTokenizer) else getattr(tokenizer, "tokenizer", None)
     if not isinstance(mistral, MistralTokenizer):
-        raise TypeError("encode_conversation needs transformers' MistralCommonBackend (see mixtral_ft.tokenizer)")
+        raise TypeError("encode_conversation needs transformers' MistralCommonBackend (see mixtral_ft.data.tokenizer)")
     # TypeError, not ValueError: a wrong tokenizer is a bug, and must not be counted as a bad row.
     if mistral.mode != ValidationMode.finetuning:
         raise TypeError("load the tokenizer with mode='finetuning' to encode training conversations")

@@ -4,7 +4,7 @@ A merged folder already holds safetensors shards, config.json and Mistral's `tok
 tokenizer_config.json naming MistralCommonBackend (what `AutoTokenizer` in this stack reads, and what vLLM's
 `--tokenizer-mode mistral` uses). TGI's router needs a Hugging Face `tokenizer.json` and a chat template,
 so `write_hf_tokenizer` adds both, built from the same sentencepiece file, with a Jinja template that gives
-the same ids as mistral-common's v1 encoder (tests/test_serving.py checks that). An adapter is served on its
+the same ids as mistral-common's v1 encoder (tests/export/test_serving.py checks that). An adapter is served on its
 base model (vLLM `--enable-lora`, TGI `--lora-adapters`): it needs adapter_model.safetensors and an
 adapter_config.json whose `base_model_name_or_path` names the base as users know it (the hub id).
 

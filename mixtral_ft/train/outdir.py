@@ -1,6 +1,6 @@
 """A run's output folder: one run at a time, a replaced run kept until the new one can start, no empty leftovers.
 
-- `claimed(recipe)`: creates `train.output_dir`, takes an exclusive OS lock on `.lock` inside it (fcntl.flock: it
+- `claimed(output_dir)`: creates `train.output_dir`, takes an exclusive OS lock on `.lock` inside it (fcntl.flock: it
   dies with the process, so a killed run never leaves a stale lock) and holds it for the whole run. A second run
   into the same folder is a UserError naming the holder's PID. Multi-process runs take it on rank 0. When the run
   fails, a folder it created and left empty is removed again.

@@ -5,7 +5,7 @@ its base comes from the run's recipe.yaml and the folder is the adapter). By def
 through `load_model`, the NF4 path training used, so an adapter sees the weights it was trained
 against and Mixtral fits one GPU; `--no-quantize` loads a plain transformers model instead (a merged
 folder at full precision). Prompts use Mixtral's Instruct format through MistralCommonBackend; a
-system prompt is folded into the first user turn, as training data is (see `data.normalize_messages`).
+system prompt is folded into the first user turn, as training data is (see `data.conversations.normalize_messages`).
 """
 
 from __future__ import annotations
