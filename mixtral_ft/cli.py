@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="legacy",
         help="legacy: the Hub's per-expert tensors; fused: transformers 5 3-D experts",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.set_defaults(func=commands.cmd_tiny)
 
     p = sub.add_parser("quantize", help="write a pre-quantized NF4 copy (~24 GB for Mixtral instead of 93)")
@@ -151,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
     p.add_argument("target", metavar="OUTPUT_DIR_OR_RECIPE", help="training output_dir or a recipe")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the output_dir's own)")
-    p.add_argument("--data", default=None, help="evaluate on this file instead of the recipe's held-out split")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="evaluate on all of these conversations (a file, a dataset folder or hub id: its train split, or "
+        "builtin:oasst_top1) instead of the recipe's held-out split",
+    )
     p.add_argument(
         "--samples", type=int, default=3, help="sample generations to write to eval.json (0: none, no generation flags)"
     )
@@ -168,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", default=[], help="dotted.key=value overrides, e.g. train.per_device_train_batch_size=8"
     )
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="memory of one GPU (default: 80)")
-    p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs the run is spread over (DDP)")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs the run is spread over (DDP; default: 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=commands.cmd_plan)
     p = sub.add_parser("bench", help="throughput and memory of full-width Mixtral in NF4 (see --help)", add_help=False)

@@ -27,6 +27,35 @@ def test_version(capsys):
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"mixtral-ft {__version__}"
 
 
+def _options(parser) -> list:
+    import argparse
+
+    return [a for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+
+
+def test_every_flag_and_argument_says_what_it_does():
+    """`mixtral-ft COMMAND --help` (bench's too) has a line for every flag, and a plain default it shows is the
+    one the flag really has."""
+    import argparse
+    import re
+
+    from mixtral_ft.bench.args import build_parser as bench_parser
+    from mixtral_ft.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    parsers = {**commands, "bench (its own parser)": bench_parser()}
+    for name, parser in parsers.items():
+        for action in _options(parser):
+            if isinstance(action, argparse._VersionAction):
+                continue
+            label = f"mixtral-ft {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{label} has no help"
+            said = re.search(r"\(default: ([\w.]+)\)", action.help)  # a plain value, not "cuda if available"
+            if said and action.default is not None and not isinstance(action.default, bool):
+                default = action.default[0] if isinstance(action.default, list) else action.default
+                assert said.group(1) in (str(default), f"{default:g}" if isinstance(default, float) else ""), label
+
+
 def test_mistyped_command_suggests_the_right_one(capsys):
     assert main(["trian", "recipes/tiny.yaml"]) == 2
     err = capsys.readouterr().err.strip()

@@ -40,11 +40,17 @@ def build_parser(prog: str = "mixtral-ft bench", description: str | None = None)
     parser = _Parser(prog=prog, description=description or DESCRIPTION)
     # None: the model's default (FULL or TINY below), filled in by check_args once --tiny is known
     parser.add_argument("--layers", type=int, help="decoder layers (default: 32, with --tiny 2)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[2])
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[2], help="micro-batch sizes, one measurement each (default: 2)"
+    )
     parser.add_argument("--seq", type=int, help="tokens per sequence (default: 2048, with --tiny 256)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported (default: 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda if available, else cpu)",
+    )
     parser.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU smoke mode)")
     parser.add_argument(
         "--out-dir",
@@ -56,7 +62,7 @@ def build_parser(prog: str = "mixtral-ft bench", description: str | None = None)
     parser.add_argument("--tag", help="suffix of the result file's name, e.g. the lever measured")
     parser.add_argument("--profile", action="store_true", help="also write each batch's torch.profiler op table")
     lever = parser.add_argument_group("speed levers (benchmarks/NOTES.md)")
-    lever.add_argument("--no-checkpointing", action="store_true")
+    lever.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations (no recompute)")
     lever.add_argument(
         "--skip-checkpoint-layers",
         type=int,
@@ -68,14 +74,15 @@ def build_parser(prog: str = "mixtral-ft bench", description: str | None = None)
         "--experts",
         choices=["grouped", "loop"],
         default="grouped",
-        help="grouped GEMM (one call per layer) or one matmul per expert",
+        help="grouped: one F.grouped_mm per projection over all experts (default; the loop where a startup check "
+        "finds torch's wrong here); loop: one matmul per expert",
     )
     lever.add_argument(
         "--reuse-dequantized",
         action="store_true",
         help="backward reuses the recompute's dequantized experts (2 dequantizations a step, not 3)",
     )
-    lever.add_argument("--lora-dropout", type=float, default=0.0)
+    lever.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0)")
     lever.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm, RoPE and fused linear cross-entropy")
     lever.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     return parser

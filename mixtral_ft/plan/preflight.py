@@ -248,8 +248,9 @@ def run_plan(recipe_path: str, overrides=(), *, gpu_mem: float = 80.0, num_gpus:
 
 
 def compare_bench(run: dict) -> dict:
-    """Plan's prediction for one run of a GPU `mixtral-ft bench` result file (its plain loop; checkpointing, skipped layers and reuse
-    are the levers plan models, bench.throughput.plan_covers).
+    """Plan's prediction for one run of a GPU `mixtral-ft bench` result file (its plain loop).
+
+    Of the levers, plan models checkpointing, skipped layers and reuse (bench.throughput.plan_covers).
 
     Bench resets the peak after building, so the peak is the training step's (issue 3 bounds the build apart).
     """
