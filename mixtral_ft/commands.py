@@ -233,7 +233,8 @@ def cmd_eval(args) -> int:
     keys = ("adapter", "data", "samples", "out", "max_rows", "attn_implementation")
     given = [f"--{k.replace('_', '-')}" for k in _given_generation_flags(args)]
     if args.samples == 0:
-        _flags_refused(given, "they shape the sample generations, and --samples 0 makes none", "pass --samples N")
+        why = "generation flags shape the sample generations, and --samples 0 makes none"
+        _flags_refused(given, why, "pass --samples N")
     evaluate(args.target, settings=_generation(args), **_pick(args, *keys))
     return 0
 
