@@ -1,6 +1,6 @@
 """Dataset formats: detect which public layout a source uses, and turn its rows into what our encoders take.
 
-SFT rows become a list of {role, content} turns (data.encode_conversation) plus how many of its leading
+SFT rows become a list of {role, content} turns (conversations.encode_conversation) plus how many of its leading
 assistant turns are context, not targets (prompt-completion trains on the completion only, as TRL's
 `completion_only_loss`). Preference rows become {prompt, chosen, rejected} (prefs.split_pair).
 
