@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from mixtral_ft.data.files import check_file_source, locate
 from mixtral_ft.errors import UserError
-from mixtral_ft.model.source import check_adapter_folder
-from mixtral_ft.recipe import Recipe
+from mixtral_ft.model.source import check_adapter_folder, read_adapter_config
+from mixtral_ft.recipe import LoraSection, Recipe
 
 FIRST_PASS_BYTES = 64 * 2**20
+# lora.* keys that shape an adapter, and their adapter_config.json names (allow_other_targets only permits).
+ADAPTER_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
+ADAPTER_KEYS["use_rslora"] = "use_rslora"
 
 
 def precheck(recipe: Recipe) -> None:
@@ -24,6 +27,7 @@ def precheck(recipe: Recipe) -> None:
         _check_source(path, split)
     if recipe.model.adapter:
         check_adapter_folder(recipe.model.adapter)
+        _check_lora_unused(recipe)
     if recipe.hub.push:
         _check_token(recipe.train.output_dir)
     if recipe.train.compile:
@@ -31,6 +35,31 @@ def precheck(recipe: Recipe) -> None:
 
         if problem := compile_problem("train.compile", "set train.compile=false"):
             raise UserError(problem)
+
+
+def _check_lora_unused(recipe: Recipe) -> None:
+    """model.adapter trains with the adapter's own LoRA settings: a lora.* value set to another would be ignored.
+
+    Values equal to the defaults pass (a resolved recipe.yaml lists them all), as do values equal to the adapter's.
+    """
+    adapter, defaults = recipe.model.adapter, LoraSection()
+    config = read_adapter_config(adapter)
+    for key, field in ADAPTER_KEYS.items():
+        if key == "dropout" and recipe.train.method == "dpo":
+            continue  # TRL's DPO runs without dropout whatever either says: tiny_dpo.yaml's 0.0 serves both cases
+        given, default, theirs = (
+            _same_order(v) for v in (getattr(recipe.lora, key), getattr(defaults, key), config.get(field))
+        )
+        if given != default and given != theirs:
+            raise UserError(
+                f"lora.{key} ({given}) is not used with model.adapter: training continues '{adapter}' with its own "
+                f"LoRA settings ({field}: {theirs}); remove lora.{key}, or drop model.adapter to train a new adapter"
+            )
+
+
+def _same_order(value):
+    """Target lists compare as sets (peft stores them in its own order)."""
+    return sorted(value) if isinstance(value, list | tuple) else value
 
 
 def _check_token(output_dir: str) -> None:

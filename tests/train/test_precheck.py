@@ -41,3 +41,24 @@ def test_hub_push_without_a_token_stops_before_training(tmp_path, monkeypatch, c
     assert f"mixtral-ft push {out} --repo-id" in err[0] and not out.exists()
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
     precheck(load_recipe(TINY_RECIPE, [f"train.output_dir={out}", *push]))  # a token: no error
+
+
+def test_lora_settings_an_adapter_would_ignore_are_refused(tmp_path_factory, capsys):
+    from mixtral_ft.cli import main
+    from tests.conftest import trained_adapter
+
+    adapter = trained_adapter(tmp_path_factory)  # r 16, alpha 32, q/k/v/o: the defaults
+    capsys.readouterr()  # its training's output, when this test trained it
+    out = tmp_path_factory.mktemp("continued") / "run"
+    given = [f"model.adapter={adapter}", f"train.output_dir={out}"]
+    for override, message in [
+        ("lora.r=8", "lora.r (8) is not used with model.adapter"),
+        ("lora.target_modules=[q_proj]", "lora.target_modules (['q_proj']) is not used"),
+        ("lora.use_rslora=true", "lora.use_rslora (True) is not used"),
+    ]:
+        assert main(["train", TINY_RECIPE, *given, override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and "drop model.adapter to train a new adapter" in err[0], err
+        assert not out.exists()
+    # The adapter's own values (here also the defaults, as a resolved recipe.yaml lists them) pass, in any order.
+    precheck(load_recipe(TINY_RECIPE, [*given, "lora.target_modules=[v_proj,q_proj,o_proj,k_proj]", "lora.r=16"]))
