@@ -46,6 +46,7 @@ def recipe_keys() -> set[str]:
             if dataclasses.is_dataclass(hint):
                 yield from walk(hint, key + ".")
             for item in inner:
+                yield key + "[]"
                 yield from walk(item, key + "[].")
 
     return set(walk(Recipe, ""))
@@ -90,10 +91,11 @@ def known_package(name: str) -> bool:
 def bad_keys(text: str) -> list[str]:
     bad = []
     for key in KEY.findall(text):
-        if HOLE in key or key.rsplit(".", 1)[-1] in FILE_SUFFIXES:  # a partial name, or a file (model.safetensors)
+        general = re.sub(r"\[[^\]]*\]", "[]", key)  # data.mixture[{i}].weight: data.mixture[].weight
+        if HOLE in general or key.rsplit(".", 1)[-1] in FILE_SUFFIXES:  # a partial name, or a file (model.safetensors)
             continue
-        if re.sub(r"\[[^\]]*\]", "[]", key) not in recipe_keys():
-            bad.append(key)
+        if general not in recipe_keys():
+            bad.append(key.replace(HOLE, "{...}"))
     return bad
 
 
