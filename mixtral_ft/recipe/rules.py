@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     from mixtral_ft.recipe.sections import HubSection, LoggingSection, LoraSection, ModelSection, Recipe, TrainSection
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The modules of a Mixtral in transformers 5 (tests/model/test_load.py checks them): peft matches target names by
+# suffix and skips, without a word, a name that matches nothing as long as another one matches.
+MIXTRAL_MODULES = (
+    *ATTENTION_TARGETS,
+    *("model", "embed_tokens", "layers", "self_attn", "rotary_emb", "input_layernorm", "post_attention_layernorm"),
+    *("mlp", "gate", "experts", "act_fn", "norm", "lm_head"),
+)
+# The Hub's per-expert names: peft puts them on the fused 3-D experts (w1 + w3 = gate_up_proj), in bf16 only.
+EXPERT_WEIGHTS = ("w1", "w2", "w3")
 # TRL's SFT and DPO trainers score through a fused LM head that multiplies by lm_head.weight itself (trl
 # add_fused_lm_head, 1.x), so a LoRA on lm_head gets no gradient in training yet changes chat and eval.
 LM_HEAD_BYPASSED = "TRL's fused LM head projects with the base lm_head weight, so LoRA there would never train"
@@ -49,7 +58,7 @@ def check_recipe(recipe: Recipe) -> None:
     """Every value in range and the keys consistent with each other; the first problem is a UserError."""
     _check_model(recipe.model)
     _check_data(recipe)
-    _check_lora(recipe.lora)
+    _check_lora(recipe.lora, recipe.model.quantize_experts)
     _check_train(recipe.train)
     if recipe.train.method == "dpo":
         _check_dpo(recipe)
@@ -81,7 +90,7 @@ def _check_data(recipe: Recipe) -> None:
     _need(d.max_rows is None or d.max_rows > 0, "data.max_rows", "must be > 0 or null")
 
 
-def _check_lora(lo: LoraSection) -> None:
+def _check_lora(lo: LoraSection, nf4_experts: bool) -> None:
     # A rank past Mixtral's hidden size (4096) adds nothing, and allocates far past memory on the way there.
     _need(0 < lo.r <= 4096, "lora.r", "must be > 0 and at most 4096 (Mixtral's hidden size), e.g. 16")
     _need(lo.alpha > 0, "lora.alpha", "must be > 0, e.g. 32 (twice r)")
@@ -92,6 +101,26 @@ def _check_lora(lo: LoraSection) -> None:
         "lm_head" not in lo.target_modules,
         "lora.target_modules",
         f"has lm_head: {LM_HEAD_BYPASSED}; drop lm_head from the list",
+    )
+    # Before allow_other_targets: a name that matches nothing, or NF4 experts, would not take LoRA with it either.
+    unknown = [x for x in lo.target_modules if x.rsplit(".", 1)[-1] not in MIXTRAL_MODULES + EXPERT_WEIGHTS]
+    _need(
+        not unknown,
+        "lora.target_modules",
+        f"has {unknown}: no Mixtral module has that name (peft would train without it); use q_proj, k_proj, "
+        "v_proj, o_proj (with lora.allow_other_targets: true also embed_tokens, gate)",
+    )
+    experts = [x for x in lo.target_modules if x in EXPERT_WEIGHTS]
+    _need(
+        not (experts and nf4_experts),
+        "lora.target_modules",
+        f"has {experts}: peft cannot put LoRA on NF4 experts; drop them, or set model.quantize_experts: false "
+        "(bf16 experts, ~90 GB) and lora.allow_other_targets: true",
+    )
+    _need(
+        ("w1" in experts) == ("w3" in experts),
+        "lora.target_modules",
+        "has one of w1, w3: peft fuses them into the experts' gate_up_proj, so name both or neither",
     )
     others = [x for x in lo.target_modules if x not in ATTENTION_TARGETS]
     _need(

@@ -103,6 +103,16 @@ def test_a_target_peft_cannot_adapt_is_one_line_and_exit_2(target, reason, fix, 
         assert main(["audit", str(ROOT / "recipes" / "tiny.yaml"), *overrides, "lora.dropout=0"]) == 0
 
 
+def test_recipe_knows_every_module_name_of_mixtral(tiny_dir):
+    """recipe/rules.py refuses a LoRA target no module has (peft would skip it silently): its list is the model's."""
+    from mixtral_ft.model.load import load_model
+    from mixtral_ft.recipe.rules import MIXTRAL_MODULES
+
+    model = load_model(tiny_dir, device="cpu")
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    assert {n for n in names if not n.isdigit()} == set(MIXTRAL_MODULES)
+
+
 def test_trl_fused_head_gives_lm_head_lora_no_gradient(tiny_dir):
     """Why lora.target_modules refuses lm_head: TRL's fused LM head multiplies by the base weight. If TRL ever
     routes it through the LoRA, this fails and the refusal (recipe/rules.py, load.py) can go."""

@@ -143,7 +143,7 @@ def test_every_value_a_shipped_recipe_sets_is_the_value_loaded(path):
         (["train.learning_rate=0"], "train.learning_rate", "must be > 0"),
         (["train.learning_rate=fast"], "train.learning_rate", "must be a number"),
         (["lora.dropout=1.5"], "lora.dropout", "[0, 1)"),
-        (["lora.target_modules=[q_proj,w1]"], "lora.target_modules", "allow_other_targets"),
+        (["lora.target_modules=[q_proj,embed_tokens]"], "lora.target_modules", "allow_other_targets"),
         (["lora.target_modules=[]"], "lora.target_modules", "at least one"),
         (["train.output_dir=null"], "train.output_dir", "missing required key"),
         (["model.name=null"], "model.name", "missing required key"),
@@ -191,6 +191,31 @@ def test_lm_head_is_refused_even_with_allow_other_targets():
     """TRL's fused LM head bypasses it in training (tests/model/test_load.py shows it), yet chat would apply it."""
     with pytest.raises(UserError, match="lora.target_modules.*fused LM head.*drop lm_head"):
         load_recipe(TINY, ["lora.target_modules=[q_proj,lm_head]", "lora.allow_other_targets=true"])
+
+
+@pytest.mark.parametrize(
+    "targets, fix",
+    [
+        # peft skips a name that matches no module while another one matches: a typo trained without a word.
+        ("q_proj,q_prj", "no Mixtral module has that name"),
+        ("q_proj,gate_up_proj", "no Mixtral module has that name"),  # a parameter of the experts, not a module
+        # On NF4 experts peft failed with a traceback (w1+w3) or an unrelated fix (w1 alone).
+        ("q_proj,w1,w3", "drop them, or set model.quantize_experts: false"),
+    ],
+)
+def test_targets_allow_other_targets_would_not_make_work_are_refused_first(targets, fix):
+    """Each was told `set lora.allow_other_targets: true`, after which LoRA still did not go there."""
+    for allow in ("false", "true"):
+        with pytest.raises(UserError, match=fix) as err:
+            load_recipe(TINY, [f"lora.target_modules=[{targets}]", f"lora.allow_other_targets={allow}"])
+        assert "set lora.allow_other_targets: true to override" not in str(err.value)
+
+
+def test_expert_targets_on_bf16_experts_come_as_a_pair():
+    bf16 = ["model.quantize_experts=false", "lora.allow_other_targets=true"]
+    with pytest.raises(UserError, match="w1, w3: peft fuses them"):
+        load_recipe(TINY, [*bf16, "lora.target_modules=[q_proj,w1]"])
+    assert load_recipe(TINY, [*bf16, "lora.target_modules=[q_proj,w1,w3]"]).lora.target_modules[1:] == ("w1", "w3")
 
 
 def test_lm_head_error_does_not_point_at_allow_other_targets():
