@@ -18,9 +18,10 @@ def _pick(args, *names: str) -> dict:
 
 
 def cmd_train(args) -> int:
+    from mixtral_ft.errors import EXIT_IO
     from mixtral_ft.plan.fit_check import check_can_train
     from mixtral_ft.recipe import load_recipe
-    from mixtral_ft.train.fsio import EXIT_IO, io_message
+    from mixtral_ft.train.fsio import io_message
     from mixtral_ft.train.outdir import claimed
     from mixtral_ft.train.precheck import precheck
 

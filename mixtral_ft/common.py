@@ -108,7 +108,7 @@ def why_no_cuda(driver_file: Path = NVIDIA_DRIVER_FILE, devices: Path = Path("/d
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build: install a CUDA build (pytorch.org/get-started/locally)"
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if hidden is not None and not any(c.isdigit() or c.isalpha() for c in hidden.replace("-1", "")):
+    if hidden is not None and hidden.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES='{hidden}' hides every GPU"
     if not any(devices.glob("nvidia[0-9]*")):
         return f"no GPU device is visible ({devices}/nvidia*): in a container, start it with GPUs (docker --gpus all)"

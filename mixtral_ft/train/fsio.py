@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtral_ft.errors import EXIT_IO, io_failure
-
-__all__ = ["EXIT_IO", "io_failure", "io_message"]
+from mixtral_ft.errors import io_failure
 
 
 def io_message(exc: BaseException, output_dir: str | Path | None) -> str | None:

@@ -16,8 +16,13 @@ from mixtral_ft.recipe import LoraSection, Recipe
 
 FIRST_PASS_BYTES = 64 * 2**20
 # lora.* keys that shape an adapter, and their adapter_config.json names (allow_other_targets only permits).
-ADAPTER_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
-ADAPTER_KEYS["use_rslora"] = "use_rslora"
+ADAPTER_KEYS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "target_modules": "target_modules",
+    "use_rslora": "use_rslora",
+}
 
 
 def precheck(recipe: Recipe) -> None:
