@@ -26,6 +26,14 @@ from mixtral_ft.errors import EXIT_IO, OneLineParser, UserError, io_failure
 from mixtral_ft.quiet import quiet_third_party
 
 
+def _add_force_flag(p, command: str) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"{command} even if the model looks too big for this machine (no CUDA GPU, or too little GPU memory)",
+    )
+
+
 def _add_attn_flag(p) -> None:
     p.add_argument(
         "--attn-implementation",
@@ -146,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web", action="store_true", help="serve a browser chat UI (gradio: pip install -e '.[web]')")
     p.add_argument("--host", help="--web only: address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, help="--web only: port to listen on (default: 7860)")
+    _add_force_flag(p, "chat")
     p.set_defaults(func=commands.cmd_chat)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
@@ -164,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report path (default: OUTPUT_DIR/eval.json)")
     _add_generation_flags(p, 128, 0.0, "sampling only: needs --temperature > 0")
     _add_attn_flag(p)
+    _add_force_flag(p, "eval")
     p.set_defaults(func=commands.cmd_eval)
     p = sub.add_parser(
         "plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if it does not fit"

@@ -196,9 +196,18 @@ def _generation(args, *, greedy_stays: bool = True):
     return settings
 
 
-def cmd_chat(args) -> int:
-    from mixtral_ft.use.chat import chat
+def _check_can_serve(args, target, quantize: bool = True) -> None:
+    """Before chat/eval download or load anything: will the model fit here at all (plan/fit_check.py)?"""
+    from mixtral_ft.plan.fit_check import check_can_serve
 
+    how = {"quantize": quantize, "quantize_experts": target.quantize_experts}
+    check_can_serve(target.base, target.revision, command=args.command, force=args.force, **how)
+
+
+def cmd_chat(args) -> int:
+    from mixtral_ft.use.chat import chat, resolve_target
+
+    _check_can_serve(args, resolve_target(args.model, args.adapter), quantize=not args.no_quantize)
     if args.web:
         from mixtral_ft.use.webchat import serve_web
 
@@ -229,13 +238,14 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mixtral_ft.use.evaluate import evaluate
+    from mixtral_ft.use.evaluate import evaluate, resolve_eval_target
 
     keys = ("adapter", "data", "samples", "out", "max_rows", "attn_implementation")
     given = [f"--{k.replace('_', '-')}" for k in _given_generation_flags(args)]
     if args.samples == 0:
         why = "generation flags shape the sample generations, and --samples 0 makes none"
         _flags_refused(given, why, "pass --samples N")
+    _check_can_serve(args, resolve_eval_target(args.target, args.adapter)[1])
     evaluate(args.target, settings=_generation(args), **_pick(args, *keys))
     return 0
 

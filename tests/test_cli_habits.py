@@ -121,6 +121,59 @@ def test_small_models_pass_on_cpu(tiny_dir):
     check_can_train(load_recipe(TINY), TINY)  # no error
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "mistralai/Mixtral-8x7B-Instruct-v0.1", "--prompt", "hi"],
+        ["chat", "mistralai/Mixtral-8x7B-Instruct-v0.1", "--no-quantize", "--prompt", "hi"],
+        ["eval", OASST],
+    ],
+)
+def test_chat_and_eval_of_full_mixtral_without_gpu_stop_before_any_download(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "torch sees no CUDA GPU" in err[0] and "stopped before any download" in err[0]
+    assert f"--force to {argv[0]} anyway" in err[0]
+    assert ("87.0 GiB (bf16)" if "--no-quantize" in argv else "22.8 GiB (NF4)") in err[0]
+    # Past the check, the offline download is what fails (HF_HUB_OFFLINE, conftest): proof --force skips it.
+    assert main([*argv, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA GPU" not in err and "could not fetch" in err
+
+
+def test_serve_verdicts(tiny_dir):
+    from mixtral_ft.plan.fit_check import serve_verdict
+
+    full = "mistralai/Mixtral-8x7B-v0.1"
+    assert "more than this 16 GiB GPU holds" in serve_verdict(full, None, 16.0, command="chat", quantize=True)
+    assert serve_verdict(full, None, 24.0, command="eval", quantize=True) is None  # 22.8 GiB in NF4
+    assert serve_verdict(full, None, 16.0, command="chat", quantize=False) is None  # device_map spills to CPU
+    assert "87.0 GiB (bf16)" in serve_verdict(full, None, None, command="chat", quantize=False)
+    bf16_experts = serve_verdict(full, None, None, command="chat", quantize=True, quantize_experts=False)
+    assert "GiB (NF4, experts bf16)" in bf16_experts
+    for small in ("tiny", str(tiny_dir)):
+        assert serve_verdict(small, None, None, command="chat", quantize=False) is None
+
+
+def test_inference_weights_count_every_parameter(tiny_dir):
+    """--no-quantize's size is the bf16 model's: every parameter a transformers Mixtral has, two bytes each."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mixtral_ft.model.shapes import mixtral_config
+    from mixtral_ft.plan.fit_check import inference_weights_gib
+    from mixtral_ft.plan.inputs import Dims
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert inference_weights_gib(Dims.of(config), quantize=False) * 2**30 == 2 * params
+    mixtral = Dims.of(mixtral_config(32))
+    nf4, bf16 = (inference_weights_gib(mixtral, quantize=q) for q in (True, False))
+    assert 0.25 < nf4 / bf16 < 0.27  # ~half a byte a weight, the embeddings and the head in bf16
+
+
 def test_launched_workers_skip_the_check(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_can_train(load_recipe(OASST), OASST)

@@ -1,4 +1,4 @@
-"""Before `train` downloads or loads anything: can this machine train the recipe's model at all?
+"""Before `train` (or `chat`, `eval`) downloads or loads anything: can this machine run the model at all?
 
 A full Mixtral needs a CUDA GPU with room for plan's estimate; without that the run would spend minutes (or a
 93 GB download) before failing. One line says why and what to run instead. `--force` or
@@ -57,5 +57,66 @@ def check_can_train(recipe, recipe_path: str, *, force: bool = False) -> None:
     if force or not recipe.train.check_fit or world_size() > 1:
         return  # launched workers: the per-process share (DDP, FSDP) is plan's business with --num-gpus
     why = verdict(recipe, recipe_path, gpu_memory_gib())
+    if why:
+        raise UserError(why)
+
+
+# --- chat and eval: the weights alone must fit, and a CPU only serves small models --------------------------
+
+
+def inference_weights_gib(dims, *, quantize: bool, quantize_experts: bool = True) -> float:
+    """The loaded weights of a model for chat/eval: mixtral_ft's NF4 load, or (--no-quantize) all of it in bf16."""
+    from mixtral_ft.plan.inputs import Run
+    from mixtral_ft.plan.peak import estimate
+
+    if quantize:
+        return estimate(dims, Run(batch=1, seq=1, quantize_experts=quantize_experts)).weights / 2**30
+    d = dims
+    attention = 2 * d.hidden * (d.heads + d.kv_heads) * d.head_dim
+    layer = attention + d.experts * (3 * d.inter + 1) * d.hidden + 2 * d.hidden  # experts, router, norms
+    params = d.layers * layer + d.vocab * d.hidden * (1 if d.tied else 2) + d.hidden
+    return 2 * params / 2**30
+
+
+def serve_verdict(name: str, revision: str | None, gpu_mem: float | None, *, command: str, **how) -> str | None:
+    """Why `command` (chat, eval) cannot hold model `name` here (one line), or None if it can or we cannot tell.
+
+    `how`: inference_weights_gib's quantize and quantize_experts. Without --no-quantize the whole model goes
+    on the GPU; with it, transformers' device_map="auto" spills what does not fit to the CPU, so only the
+    no-GPU case is refused.
+    """
+    from mixtral_ft.model.tiny import TINY_NAME
+    from mixtral_ft.plan.preflight import load_dims
+
+    if name == TINY_NAME:
+        return None
+    try:
+        dims, prequantized_experts, _ = load_dims(name, revision)
+    except UserError:  # no config to size it by: loading the model says what is wrong
+        return None
+    if prequantized_experts is not None:
+        how["quantize_experts"] = prequantized_experts
+    need = inference_weights_gib(dims, **how)
+    form = "bf16" if not how["quantize"] else "NF4" if how.get("quantize_experts", True) else "NF4, experts bf16"
+    weights = f"{name}'s weights take {need:.1f} GiB ({form})"
+    force = f"--force to {command} anyway"
+    here = "`mixtral-ft chat tiny` runs here; " if command == "chat" else ""
+    if gpu_mem is None:
+        if need <= CPU_LIMIT_GIB:
+            return None
+        return (
+            f"{weights} and torch sees no CUDA GPU: {why_no_cuda()}; a CPU would be far too slow, so "
+            f"{command} stopped before any download. {here}{force}"
+        )
+    if not how["quantize"] or need <= gpu_mem - 1.0:  # the CUDA context and the KV cache need some room
+        return None
+    return f"{weights}, more than this {gpu_mem:.0f} GiB GPU holds: {command} stopped before any download; {force}"
+
+
+def check_can_serve(name: str, revision: str | None, *, command: str, force: bool = False, **how) -> None:
+    """UserError (exit 2) when chat/eval cannot hold the model here; nothing is downloaded first."""
+    if force:
+        return
+    why = serve_verdict(name, revision, gpu_memory_gib(), command=command, **how)
     if why:
         raise UserError(why)
