@@ -19,7 +19,15 @@ LOGGERS = ("bitsandbytes", "trl", "torch", "accelerate", "peft", "datasets", "tr
 # Libraries that configure their own root logger on import read these instead (a user's setting wins). torch sets
 # its logger back to WARNING on import unless TORCH_LOGS says otherwise ("-all": ERROR; TORCH_LOGS=recompiles etc.
 # still work when set).
-VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error", "TORCH_LOGS": "-all"}
+# torch 2.6 (our floor) with triton also starts inductor's compile workers when something imports its async_compile:
+# processes nobody asked for, whose own shutdown warnings reached the user's stderr. TORCH_WARM_POOL=0 leaves the
+# pool to start when a compile first needs it (train.compile).
+VERBOSITY_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "TORCH_LOGS": "-all",
+    "TORCH_WARM_POOL": "0",
+}
 WARNING_MODULES = r"(bitsandbytes|transformers|trl|datasets|torch|accelerate|peft)(\.|$)"
 WARNING_CATEGORIES = (UserWarning, RuntimeWarning)  # Future/DeprecationWarning: ignored everywhere, below
 
