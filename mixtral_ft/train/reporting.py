@@ -82,8 +82,8 @@ def wandb_resume_env(recipe, out: Path, resume_from: Path | None) -> dict[str, s
     run_id = newest_wandb_id(out)
     if run_id is None:  # the interrupted part did not report to wandb
         return {}
-    # allow: resume the run if the server has it, else create it with this id (offline, wandb ignores resume and
-    # writes a new offline-run folder with the same id; `wandb sync` uploads such folders in order, as one run).
+    # allow: resume the run if the server has it, else create it with this id. Offline, each part writes its own
+    # offline-run folder with this id, and `wandb sync` uploads such folders in order of start time, as one run.
     return {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow"}
 
 
@@ -94,7 +94,8 @@ def wandb_session(recipe, out: Path, resume_from: Path | None) -> Iterator[None]
 
     A WANDB_RESUME the user set is kept. The variables go again afterwards, so that a later run in this process,
     or a process it starts, gets its own. Steps stay right: transformers logs `train/global_step` with every point
-    and makes it the x axis of every chart, and the resumed Trainer restores global_step from the checkpoint.
+    and makes it the x axis of every chart, and the resumed Trainer restores global_step from the checkpoint
+    (wandb's own `_step` counts from 0 again in an offline part).
     """
     if "wandb" not in recipe.logging.report_to:
         yield

@@ -107,7 +107,7 @@ def test_an_interrupted_and_resumed_run_is_one_wandb_run(tmp_path, no_user_id):
     assert code == 0, err[-2000:]
     assert "WANDB_RUN_ID" not in os.environ  # the next run in this process picks its own
 
-    first, resumed = sorted((out / "wandb").glob("offline-run-*"), key=lambda p: p.name.split("-")[2])
+    first, resumed = sorted((out / "wandb").glob("offline-run-*"))  # by start time: the same id follows it
     (first_log,), (resumed_log,) = first.glob("run-*.wandb"), resumed.glob("run-*.wandb")
     run_id = first_log.name.removeprefix("run-").removesuffix(".wandb")
     assert resumed_log.name == first_log.name and first.name.endswith(run_id) and resumed.name.endswith(run_id)
