@@ -115,7 +115,7 @@ def train(recipe: Recipe) -> dict:
     from mixtral_ft.train.guards import run_trainer
     from mixtral_ft.train.memory import PhaseMemory
     from mixtral_ft.train.outdir import replace_deferred
-    from mixtral_ft.train.reporting import configure_reporting
+    from mixtral_ft.train.reporting import configure_reporting, wandb_session
     from mixtral_ft.train.resume import find_resume_checkpoint
     from mixtral_ft.train.telemetry import attach
     from mixtral_ft.train.trainers import METHODS, build_trainer
@@ -154,7 +154,8 @@ def train(recipe: Recipe) -> dict:
         return summary
 
     # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
-    summary, late_signal = run_trainer(trainer, resume_from, finish)
+    with wandb_session(recipe, out, resume_from):  # a resumed run logs on to its wandb run
+        summary, late_signal = run_trainer(trainer, resume_from, finish)
     if late_signal:  # the run is complete; only the push (minutes, maybe) is skipped
         raise finished_but_signalled(recipe, out, late_signal)
     return summary
