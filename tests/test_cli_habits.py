@@ -115,6 +115,15 @@ def test_plan_verdicts_for_a_gpu():
     assert "needs a CUDA GPU" in verdict(recipe, "recipes/oasst.yaml", None)
 
 
+def test_the_tiny_recipe_hint_works_from_any_folder(tmp_path, monkeypatch):
+    from mixtral_ft.plan.fit_check import tiny_recipe
+
+    monkeypatch.chdir(ROOT)
+    assert tiny_recipe() == "recipes/tiny.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert Path(tiny_recipe()).is_file() and Path(tiny_recipe()).is_absolute()
+
+
 def test_small_models_pass_on_cpu(tiny_dir):
     assert verdict(load_recipe(TINY), "recipes/tiny.yaml", None) is None
     assert verdict(load_recipe(TINY, [f"model.name={tiny_dir}"]), "r.yaml", None) is None

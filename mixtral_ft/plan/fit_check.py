@@ -13,6 +13,19 @@ from mixtral_ft.errors import UserError
 CPU_LIMIT_GIB = 8.0  # above this predicted peak, a CPU run is hopeless (the tiny model needs ~0.01 GiB)
 
 
+def tiny_recipe() -> str:
+    """recipes/tiny.yaml as a path that works from here: relative inside the clone, else absolute."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+    if not path.is_file():  # installed without the repository's recipes
+        return "recipes/tiny.yaml (from the mixtral_ft repository)"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def gpu_memory_gib() -> float | None:
     """Memory of CUDA device 0 in GiB, or None without a CUDA GPU."""
     import torch
@@ -40,7 +53,7 @@ def verdict(recipe, recipe_path: str, gpu_mem: float | None) -> str | None:
             return None
         return (
             f"{recipe.model.name} needs a CUDA GPU (plan: {need:.1f} GiB at peak) and torch sees none: "
-            f"{why_no_cuda()}; stopped before any download. On CPU try `mixtral-ft train recipes/tiny.yaml`; "
+            f"{why_no_cuda()}; stopped before any download. On CPU try `mixtral-ft train {tiny_recipe()}`; "
             f"size a GPU with `mixtral-ft plan {recipe_path}`; {override}"
         )
     if report["fits"]:

@@ -126,8 +126,8 @@ def _check_lora(lo: LoraSection, nf4_experts: bool) -> None:
     _need(
         not others or lo.allow_other_targets,
         "lora.target_modules",
-        f"has {others}: only {list(ATTENTION_TARGETS)} are supported (router and experts stay frozen); "
-        "set lora.allow_other_targets: true to override",
+        f"has {others}: by default LoRA goes on {list(ATTENTION_TARGETS)} only, leaving the router and experts "
+        "as they are; set lora.allow_other_targets: true to adapt more",
     )
 
 

@@ -64,7 +64,7 @@ class LoraSection:
     alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.05  # dropout on the LoRA input; 0 is faster. SFT only: TRL's DPO turns dropout off
     target_modules: tuple[str, ...] = ATTENTION_TARGETS  # attention projections to adapt
-    allow_other_targets: bool = False  # allow targets outside q/k/v/o_proj (router and experts stay frozen)
+    allow_other_targets: bool = False  # allow targets outside q/k/v/o_proj (e.g. embed_tokens; README: which)
     use_rslora: bool = False  # rank-stabilized LoRA (peft): scale = alpha / sqrt(r) instead of alpha / r
 
 
