@@ -26,12 +26,9 @@ from mixtral_ft.errors import EXIT_IO, OneLineParser, UserError, io_failure
 from mixtral_ft.quiet import quiet_third_party
 
 
-def _add_force_flag(p, command: str) -> None:
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help=f"{command} even if the model looks too big for this machine (no CUDA GPU, or too little GPU memory)",
-    )
+def _add_force_flag(p, command: str, too_big: str = "no CUDA GPU, or too little GPU memory") -> None:
+    help_ = f"{command} even if the model looks too big for this machine ({too_big})"
+    p.add_argument("--force", action="store_true", help=help_)
 
 
 def _add_attn_flag(p) -> None:
@@ -52,13 +49,7 @@ def _add_generation_flags(p, max_new_tokens: int, temperature: float, sampling_n
     p.set_defaults(generation_defaults={"max_new_tokens": max_new_tokens, "temperature": temperature})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mixtral_ft import __version__
-
-    parser = OneLineParser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
-    parser.add_argument("--version", action="version", version=f"mixtral-ft {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune as a recipe says")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny.yaml")
     p.add_argument(
@@ -66,13 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-processes", type=int, metavar="N", help="processes (GPUs) via accelerate (default: 1)")
     p.add_argument("--accelerate-config", metavar="PATH", help="e.g. accelerate_configs/fsdp_qlora.yaml")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="train even if the model looks too big for this machine (no CUDA GPU, or plan: no fit)",
-    )
+    _add_force_flag(p, "train", "no CUDA GPU, or plan: no fit")
     p.set_defaults(func=commands.cmd_train)
 
+
+def _validate_parser(sub) -> None:
     p = sub.add_parser("validate", help="check recipes without loading a model")
     p.add_argument("recipes", nargs="+", help="YAML recipes")
     p.add_argument(
@@ -85,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.cmd_validate)
 
+
+def _audit_parser(sub) -> None:
     p = sub.add_parser("audit", help="show what is 4-bit, what trains, what it weighs; exit 1 on failure")
     p.add_argument("model_or_recipe", help="model (tiny, folder, hub id) or a recipe (with its LoRA)")
     p.add_argument("overrides", nargs="*", default=[], help="recipe overrides, key=value")
@@ -92,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16-experts", action="store_true", help="load experts in bf16 (quantize_experts: false)")
     p.set_defaults(func=commands.cmd_audit)
 
+
+def _tiny_parser(sub) -> None:
     p = sub.add_parser("tiny", help="write the built-in tiny random Mixtral and tokenizer")
     p.add_argument("dir", help="output folder (new or empty)")
     p.add_argument(
@@ -103,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.set_defaults(func=commands.cmd_tiny)
 
+
+def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="write a pre-quantized NF4 copy (~24 GB for Mixtral instead of 93)")
     p.add_argument("model", help="model to quantize: tiny, a folder, or a hub id")
     p.add_argument("out", help="output folder (new or empty)")
@@ -110,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16-experts", action="store_true", help="keep experts in bf16")
     p.set_defaults(func=commands.cmd_quantize)
 
+
+def _merge_parser(sub) -> None:
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights (streamed, shard by shard)")
     p.add_argument("adapter", help="adapter folder (a training output_dir)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
@@ -131,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="--verify only: its device (default: cuda if available, else cpu)")
     p.set_defaults(func=commands.cmd_merge)
 
+
+def _push_parser(sub) -> None:
     p = sub.add_parser("push", help="upload an adapter or merged model folder to the Hub, with a model card")
     p.add_argument("dir", help="adapter folder or merged model folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
@@ -139,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no token")
     p.set_defaults(func=commands.cmd_push)
 
+
+def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model, an adapter on its NF4 base, or a merged model")
     p.add_argument("model", help="tiny, a model folder, a hub id, or a training output_dir (adapter + its base)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder to put on MODEL")
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force_flag(p, "chat")
     p.set_defaults(func=commands.cmd_chat)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
     p.add_argument("target", metavar="OUTPUT_DIR_OR_RECIPE", help="training output_dir or a recipe")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the output_dir's own)")
@@ -175,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attn_flag(p)
     _add_force_flag(p, "eval")
     p.set_defaults(func=commands.cmd_eval)
+
+
+def _plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan", help="predict peak GPU memory for a recipe without loading the model; exit 1 if it does not fit"
     )
@@ -186,9 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPUs the run is spread over (DDP; default: 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=commands.cmd_plan)
+
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput and memory of full-width Mixtral in NF4 (see --help)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of mixtral_ft.bench")
     p.set_defaults(func=commands.cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mixtral_ft import __version__
+
+    parser = OneLineParser(prog="mixtral-ft", description="QLoRA fine-tuning of Mixtral-8x7B.")
+    parser.add_argument("--version", action="version", version=f"mixtral-ft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _train_parser,
+        _validate_parser,
+        _audit_parser,
+        _tiny_parser,
+        _quantize_parser,
+        _merge_parser,
+        _push_parser,
+        _chat_parser,
+        _eval_parser,
+        _plan_parser,
+        _bench_parser,
+    ):
+        add(sub)
     parser.set_defaults(command_names=tuple(sub.choices))  # public read-back for the did-you-mean below
     return parser
 
