@@ -142,7 +142,8 @@ def test_continuing_an_adapter_with_lm_head_lora_is_one_line_and_exit_2(tiny_dir
 
     adapter = tmp_path / "foreign_adapter"
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
-    get_peft_model(load_model(tiny_dir, device="cpu"), config).save_pretrained(adapter)
+    # A foreign adapter, saved as peft saves one with lm_head in its targets (the whole head too, peft warns).
+    get_peft_model(load_model(tiny_dir, device="cpu"), config).save_pretrained(adapter, save_embedding_layers=True)
     out = tmp_path / "run"
     assert (
         main(["train", str(ROOT / "recipes" / "tiny.yaml"), f"model.adapter={adapter}", f"train.output_dir={out}"]) == 2
