@@ -19,15 +19,7 @@ LOGGERS = ("bitsandbytes", "trl", "torch", "accelerate", "peft", "datasets", "tr
 # Libraries that configure their own root logger on import read these instead (a user's setting wins). torch sets
 # its logger back to WARNING on import unless TORCH_LOGS says otherwise ("-all": ERROR; TORCH_LOGS=recompiles etc.
 # still work when set).
-# torch 2.6 (our floor) with triton also starts inductor's compile workers when something imports its async_compile:
-# processes nobody asked for, whose own shutdown warnings reached the user's stderr. TORCH_WARM_POOL=0 leaves the
-# pool to start when a compile first needs it (train.compile).
-VERBOSITY_ENV = {
-    "TRANSFORMERS_VERBOSITY": "error",
-    "DATASETS_VERBOSITY": "error",
-    "TORCH_LOGS": "-all",
-    "TORCH_WARM_POOL": "0",
-}
+VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error", "TORCH_LOGS": "-all"}
 WARNING_MODULES = r"(bitsandbytes|transformers|trl|datasets|torch|accelerate|peft)(\.|$)"
 WARNING_CATEGORIES = (UserWarning, RuntimeWarning)  # Future/DeprecationWarning: ignored everywhere, below
 
@@ -38,6 +30,11 @@ def quiet_third_party() -> None:
         return
     for name, value in VERBOSITY_ENV.items():
         os.environ.setdefault(name, value)
+    if torch_older_than(2, 7):
+        # torch 2.6 (our floor) with triton starts inductor's compile workers as soon as anything imports its
+        # async_compile: processes nobody asked for, whose shutdown warnings reached the user's stderr. Left off,
+        # the pool starts when a compile first needs it. Newer torch warms it at the first compile: kept.
+        os.environ.setdefault("TORCH_WARM_POOL", "0")
     for name in LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in WARNING_CATEGORIES:
@@ -49,3 +46,14 @@ def quiet_third_party() -> None:
     # Python hides these unless PYTHONWARNINGS asks; then torch 2.6's module-level TemporaryDirectory
     # (torch.distributed.nn.jit.instantiator) turned a one-line error into seven at exit.
     warnings.filterwarnings("ignore", category=ResourceWarning)
+
+
+def torch_older_than(major: int, minor: int) -> bool:
+    """The installed torch is older than major.minor (read from its metadata: torch is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = tuple(int(part) for part in version("torch").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return found < (major, minor)

@@ -60,3 +60,18 @@ def test_torch_keeps_its_logger_at_error_after_its_import():
     env = {k: v for k, v in os.environ.items() if k not in ("MIXTRAL_FT_VERBOSE", "TORCH_LOGS")}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert run.stdout.strip() == str(logging.ERROR), run.stderr
+
+
+def test_the_compile_pool_is_left_cold_only_on_torch_older_than_2_7(monkeypatch):
+    """torch 2.6 starts inductor's compile workers at import (their exit warnings reached stderr); newer torch
+    warms them at the first compile, which train.compile wants: TORCH_WARM_POOL stays unset there."""
+    import importlib.metadata
+
+    from mixtral_ft import quiet
+
+    for installed, cold in (("2.6.0+cu124", True), ("2.13.0+cpu", False), ("2.15.0", False)):
+        monkeypatch.delenv("TORCH_WARM_POOL", raising=False)
+        monkeypatch.delenv("MIXTRAL_FT_VERBOSE", raising=False)
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=installed: v)
+        quiet.quiet_third_party()
+        assert (os.environ.get("TORCH_WARM_POOL") == "0") is cold, installed
