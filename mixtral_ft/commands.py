@@ -238,6 +238,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from mixtral_ft.use.chat import is_merged_folder
     from mixtral_ft.use.evaluate import evaluate, resolve_eval_target
 
     keys = ("adapter", "data", "samples", "out", "max_rows", "attn_implementation")
@@ -245,7 +246,8 @@ def cmd_eval(args) -> int:
     if args.samples == 0:
         why = "generation flags shape the sample generations, and --samples 0 makes none"
         _flags_refused(given, why, "pass --samples N")
-    _check_can_serve(args, resolve_eval_target(args.target, args.adapter)[1])
+    target = resolve_eval_target(args.target, args.adapter)[1]
+    _check_can_serve(args, target, quantize=not is_merged_folder(target.base))  # a merged folder: as written
     evaluate(args.target, settings=_generation(args), **_pick(args, *keys))
     return 0
 

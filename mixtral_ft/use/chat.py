@@ -73,6 +73,11 @@ class Target:
         return model_source(self.base, self.revision)
 
 
+def is_merged_folder(base: str) -> bool:
+    """`base` is a folder `mixtral-ft merge` wrote (its merge.json says so)."""
+    return (Path(base) / "merge.json").is_file()
+
+
 def resolve_target(model: str, adapter: str | None = None) -> Target:
     """MODEL (+ --adapter) -> Target; a training output folder brings its own base and settings."""
     path = Path(model).expanduser()
@@ -264,6 +269,9 @@ def load_announced(model: str, adapter: str | None, *, quantize: bool, attn_impl
     what = f"{target.base} + adapter {target.adapter}" if target.adapter else target.base
     # Status goes to stderr, so stdout holds only the conversation (one-shot output can be piped).
     print(f"loading {what} ({'NF4' if quantize else 'unquantized'})...", file=sys.stderr, flush=True)
+    if quantize and is_merged_folder(target.base):
+        requantized = "NF4 quantizes the merged weights again, which rounds away part of what the adapter added"
+        print(f"note: {requantized}; --no-quantize loads them as merged (as eval scores them)", file=sys.stderr)
     loaded, tokenizer = load_for_inference(target, quantize=quantize, attn_implementation=attn_implementation)
     return loaded, tokenizer, what
 

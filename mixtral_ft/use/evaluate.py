@@ -26,7 +26,7 @@ from mixtral_ft.export.merge import refuse_merged_twice
 from mixtral_ft.export.staging import refuse_unwritable
 from mixtral_ft.model.scoring import assistant_nll
 from mixtral_ft.model.source import check_adapter_folder
-from mixtral_ft.use.chat import GenerationSettings, Target, generate, load_for_inference
+from mixtral_ft.use.chat import GenerationSettings, Target, generate, is_merged_folder, load_for_inference
 
 
 def resolve_eval_target(target: str, adapter: str | None):
@@ -68,7 +68,7 @@ def _target_recipe(path: Path, target: str):
 def _scored_weights(path: Path, recipe, target: str, adapter: str | None) -> tuple[str, bool, str | None]:
     """(base, quantize_experts, revision) to load: a merged folder's own weights, else the run's base."""
     m = recipe.model
-    if not (path.is_dir() and (path / "merge.json").is_file()):
+    if not (path.is_dir() and is_merged_folder(str(path))):
         return m.name, m.quantize_experts, m.revision
     if adapter is not None:
         refuse_merged_twice(path, Path(adapter), target, adapter)
@@ -172,15 +172,20 @@ def evaluate(
     check_report_path(out_path)  # before the load and the scoring, not after them
     rows, what = held_out_rows(recipe, loaded_target, data, max_rows)
     say("eval", f"{len(rows)} held-out rows from {what}")
-    say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''}")
-    model, tokenizer = load_for_inference(loaded_target, attn_implementation=attn_implementation)
+    merged = is_merged_folder(loaded_target.base)
+    how = "as merged, unquantized" if merged else "NF4"
+    say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''} ({how})")
+    # A merged folder is scored as it was written: loading it in NF4 would quantize the merged weights again and
+    # round away much of what the adapter added (tiny run: two thirds of its loss change), under the name `merged`.
+    model, tokenizer = load_for_inference(loaded_target, quantize=not merged, attn_implementation=attn_implementation)
     prompts = sample_prompts(rows, tokenizer, samples)
-    plain = "merged" if (Path(loaded_target.base) / "merge.json").is_file() else "base"  # a merged folder: itself
+    plain = "merged" if merged else "base"  # a merged folder: itself
     scores, tokens = score_variants(
         model, tokenizer, rows, prompts, settings, with_adapter=bool(loaded_target.adapter), plain=plain
     )
     report = {
         "model": loaded_target.base,
+        "weights": "unquantized" if merged else "nf4",
         "adapter_dir": str(loaded_target.adapter) if loaded_target.adapter else None,
         "data": what,
         "rows": len(rows),

@@ -147,12 +147,19 @@ def test_out_that_is_a_folder_or_another_file_is_refused_before_scoring(adapter_
     assert (adapter_run / "recipe.yaml").read_bytes() == recipe  # the run's recipe is not replaced by a report
 
 
-def test_a_merged_folder_is_scored_itself_not_its_runs_base(adapter_run, tmp_path):
-    merged = tmp_path / "merged"
-    assert main(["merge", str(adapter_run), "--out", str(merged)]) == 0
-    assert main(["eval", str(merged), "--samples", "0", "--max-rows", "1"]) == 0
+def test_a_merged_folder_is_scored_as_merged_not_requantized(adapter_run, tmp_path):
+    """Its own weights, not its run's base; and as written: NF4 would quantize them again and score (as `merged`)
+    a model that lost much of what the adapter changed (tiny run: two thirds)."""
+    merged, rows = tmp_path / "merged", ["--samples", "0", "--max-rows", "3"]
+    assert main(["merge", str(adapter_run), "--out", str(merged), "--dtype", "float32"]) == 0
+    assert main(["eval", str(adapter_run), *rows, "--out", str(tmp_path / "run.json")]) == 0
+    assert main(["eval", str(merged), *rows]) == 0
     report = json.loads((merged / "eval.json").read_text())
     assert report["model"] == str(merged) and list(report["scores"]) == ["merged"]  # not its run's base
+    assert report["weights"] == "unquantized"
+    run = json.loads((tmp_path / "run.json").read_text())["scores"]
+    change = run["adapter"]["loss"] - run["base"]["loss"]
+    assert abs(report["scores"]["merged"]["loss"] - run["adapter"]["loss"]) < 0.01 * abs(change), (run, report)
 
 
 def test_a_merged_folder_with_its_own_adapter_again_is_refused(adapter_run, tmp_path, capsys):
