@@ -127,13 +127,17 @@ def _finetuning_tokenizer(tokenizer):
     return mistral
 
 
-def load_sft_data(cfg: DataSection, tokenizer, *, max_length: int, seed: int) -> SFTData:
-    """Tokenized, masked train (and eval) datasets for the recipe's data section, with one report per split."""
+def load_sft_data(cfg: DataSection, tokenizer, *, max_length: int, seed: int, assistant_only: bool = True) -> SFTData:
+    """Tokenized, masked train (and eval) datasets for the recipe's data section, with one report per split.
+
+    `assistant_only` (train.assistant_only_loss) only decides what the reports count as supervised tokens."""
     _finetuning_tokenizer(tokenizer)
-    return load_sources(cfg, lambda one, split: _load_split(one, split, tokenizer, max_length), seed=seed)
+    return load_sources(
+        cfg, lambda one, split: _load_split(one, split, tokenizer, max_length, assistant_only), seed=seed
+    )
 
 
-def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
+def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, assistant_only: bool):
     from datasets import Dataset
 
     dataset, label = read_rows(cfg, split)
@@ -157,7 +161,8 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int):
         rows["input_ids"].append(encoded["input_ids"][:max_length])
         rows["assistant_masks"].append(mask)
         report.trailing_user_dropped += formats.ends_on_user(messages)
-        report.supervised_tokens += sum(mask)
+        # Without the mask the loss is on every token but the first (<s>, which nothing predicts).
+        report.supervised_tokens += sum(mask) if assistant_only else len(rows["input_ids"][-1]) - 1
     report.kept = len(rows["input_ids"])
     settle(
         report,

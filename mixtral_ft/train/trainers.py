@@ -92,7 +92,9 @@ def sft_rows(recipe: Recipe, tokenizer):
     from mixtral_ft.data.conversations import load_sft_data
 
     t = recipe.train
-    data = load_sft_data(recipe.data, tokenizer, max_length=t.max_length, seed=t.seed)
+    data = load_sft_data(
+        recipe.data, tokenizer, max_length=t.max_length, seed=t.seed, assistant_only=t.assistant_only_loss
+    )
     if not t.assistant_only_loss:  # TRL builds the labels from an `assistant_masks` column whenever present
         data.train = data.train.remove_columns("assistant_masks")
         data.eval = data.eval.remove_columns("assistant_masks") if data.eval is not None else None

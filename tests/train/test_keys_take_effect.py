@@ -167,6 +167,19 @@ def test_assistant_only_loss_decides_which_labels_are_ignored_and_seed_the_adapt
     assert not torch.equal(lora_a[True], lora_a[False])  # train.seed seeds LoRA's init
 
 
+def test_assistant_only_loss_sets_what_the_data_report_counts_as_supervised():
+    """The data line's supervised tokens are those the loss is on: with the mask off, every token after <s>."""
+    from mixtral_ft.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None, mode="finetuning")
+    for on in (True, False):
+        data = METHODS["sft"].rows(load_recipe(TINY, [*BASE, f"train.assistant_only_loss={on}"]), tokenizer)
+        # TRL's labels are input_ids where assistant_masks is 1, all of them without the column (test above);
+        # the shifted loss never reaches the first label.
+        masks = data.train["assistant_masks"] if on else [[1] * len(ids) for ids in data.train["input_ids"]]
+        assert data.reports[0].supervised_tokens == sum(sum(mask[1:]) for mask in masks), on
+
+
 @pytest.mark.slow
 def test_lora_dropout_makes_training_forwards_differ_in_sft(tmp_path):
     trainer = built(tmp_path, "lora.dropout=0.5")
