@@ -29,11 +29,14 @@ class SourceReport:
     format: str | None = None  # e.g. "alpaca (auto-detected)"
     supervised_tokens: int | None = None  # SFT: tokens the loss is on (after truncation)
     trailing_user_dropped: int = 0  # kept conversations whose unanswered last user turn was cut
+    held_out: int = 0  # kept rows held out for eval by data.test_size: never trained on
 
     def line(self) -> str:
         total = sum(self.dropped.values())
         text = f"data: {self.source}: " + (f"format {self.format}, " if self.format else "")
-        text += f"read {self.read}, kept {self.kept}, dropped {total}"
+        text += f"read {self.read}, kept {self.kept}"
+        text += f" ({self.held_out} held out for eval)" if self.held_out else ""
+        text += f", dropped {total}"
         if total:
             text += " (" + ", ".join(f"{r}: {n}" for r, n in _by_count(self.dropped)) + ")"
         if self.trailing_user_dropped:
@@ -92,6 +95,7 @@ def _train_and_eval(cfg: DataSection, load_split, seed: int):
                 f"{cfg.path} ({exc}); use more data or set data.test_size: 0"
             ) from None
         train, eval_set = parts["train"], parts["test"]
+        report.held_out = len(eval_set)
     return train, eval_set, reports
 
 

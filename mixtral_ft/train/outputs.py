@@ -51,6 +51,7 @@ def write_run_files(out: Path, audit, reports) -> None:
             "format": r.format,
             "read": r.read,
             "kept": r.kept,
+            "held_out": r.held_out,
             "dropped": r.dropped,
             "supervised_tokens": r.supervised_tokens,
             "trailing_user_dropped": r.trailing_user_dropped,

@@ -228,6 +228,8 @@ def test_test_size_split(tokenizer):
     data = load_sft_data(cfg, tokenizer, max_length=2048, seed=3)
     kept = data.reports[0].kept
     assert len(data.eval) == -(-kept // 10) and len(data.train) + len(data.eval) == kept
+    # the data line says that not every kept row is trained on
+    assert f"kept {kept} ({len(data.eval)} held out for eval), dropped 0" in data.reports[0].line()
     again = load_sft_data(cfg, tokenizer, max_length=2048, seed=3)
     assert again.eval["input_ids"] == data.eval["input_ids"]
 

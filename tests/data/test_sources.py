@@ -118,9 +118,13 @@ def test_eval_rows_per_source_and_one_report_line_each(tokenizer, sources, tmp_p
         f"{bad} [train]",
     ]
     assert lines[0].endswith(
-        "read 30, kept 30, dropped 0; 90 supervised tokens; mixture: weight 0.50, 25 of 51 rows (1.04x)"
+        "read 30, kept 30 (6 held out for eval), dropped 0; 90 supervised tokens; mixture: weight 0.50, 25 of 51 rows "
+        "(1.04x)"
     )
-    assert "read 20, kept 19, dropped 1 (empty conversation: 1); " in lines[3] and "; mixture: weight 0.25" in lines[3]
+    assert (
+        "read 20, kept 19 (4 held out for eval), dropped 1 (empty conversation: 1); " in lines[3]
+        and "; mixture: weight 0.25" in lines[3]
+    )
     assert "mixture" not in lines[2]  # eval rows are not resampled
 
 
