@@ -166,6 +166,7 @@ def build_messages(history: list[dict], system: str | None) -> list[dict]:
     """History plus the system prompt folded into the first user turn (Mixtral has no system role)."""
     from mixtral_ft.data.conversations import fold_system
 
+    system = (system or "").strip()  # as training strips every turn (conversations._turn), else other token ids
     if not system or not history:
         return list(history)
     return fold_system([{"role": "system", "content": system}, *history])  # as training folds it

@@ -181,6 +181,21 @@ def test_system_prompt_is_folded_into_the_first_user_turn():
     assert build_messages(history, None) == history
 
 
+def test_a_system_prompt_is_encoded_as_training_encodes_it():
+    """Training strips each turn, the system prompt too: chat's prompt is the training row up to the answer."""
+    from mixtral_ft.data.conversations import encode_conversation
+    from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.use.chat import build_messages, encode_prompt
+
+    system, user = "  Be brief.\n", {"role": "user", "content": "Hi"}
+    row = encode_conversation(
+        [{"role": "system", "content": system}, user, {"role": "assistant", "content": "Yo"}],
+        load_tokenizer(mode="finetuning"),
+    )
+    prompt = row["input_ids"][: row["assistant_masks"].index(1)]
+    assert encode_prompt(load_tokenizer(mode="test"), build_messages([user], system)) == prompt
+
+
 def test_fit_history_drops_the_oldest_exchanges():
     from mixtral_ft.data.tokenizer import load_tokenizer
     from mixtral_ft.use.chat import encode_prompt, fit_history
