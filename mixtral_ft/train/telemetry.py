@@ -216,14 +216,20 @@ class Throughput(TrainerCallback):
 
     log_first = True
     progress: ProgressCallback | None = None  # set by attach(); its bar shows steps and ETA
+    trainer = None  # set by attach(): TRL's token count, which a resume restores (carry.py)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last = (None, perf_counter())
+        self.last = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.last is None:  # this process's first step: a resumed run's earlier tokens took no time here
+            count = getattr(self.trainer, "_total_train_tokens", None)
+            self.last = (state.num_input_tokens_seen if count is None else count, perf_counter())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen"))  # TRL's count, or the Trainer's
         now = perf_counter()
-        if isinstance(tokens, (int, float)) and "loss" in logs:
+        if isinstance(tokens, (int, float)) and "loss" in logs and self.last is not None:
             seen, then = self.last
             add_to_log(state, logs, {"tokens_per_s": round((tokens - (seen or 0)) / max(now - then, 1e-9), 1)})
             self.last = (tokens, now)
@@ -286,12 +292,9 @@ def attach(trainer) -> None:
     progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None)
     for cb in first:
         if isinstance(cb, Throughput):
-            cb.progress = progress
+            cb.progress, cb.trainer = progress, trainer
 
 
 def telemetry_callbacks(recipe, output_dir: str | Path) -> list[TrainerCallback]:
     every = recipe.logging.router_stats_steps
     return [*([RouterTelemetry(output_dir, every)] if every > 0 else []), Throughput(), RunPlots(output_dir)]
-
-
-# --- reporting set-up ----------------------------------------------------------------------------

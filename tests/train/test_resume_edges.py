@@ -143,3 +143,23 @@ def test_rewinding_with_overwrite_replaces_the_abandoned_steps(reference5, tmp_p
     assert not (out / "checkpoint-4" / "abandoned.txt").exists()  # step 4 saved anew, not into the old folder
     assert checkpoint_problem(out / "checkpoint-4") is None
     assert adapter_bytes(out) == adapter_bytes(reference5)  # the rewound run is exact
+
+
+@pytest.mark.slow
+def test_tokens_per_s_after_a_resume_counts_only_this_processes_tokens(tmp_path, monkeypatch):
+    # A clock that ticks one second per reading: each logged tokens_per_s is then its window's token count. The first
+    # window after the resume holds steps 3-4; it once counted the tokens of steps 1-3 too (trained before the kill).
+    import itertools
+
+    import mixtral_ft.train.telemetry
+
+    monkeypatch.setattr(mixtral_ft.train.telemetry, "perf_counter", itertools.count().__next__)
+    out = tmp_path / "resumed"
+    with signal_at(3, signal.SIGINT):
+        assert train(out)[0] == 130
+    assert train(out)[0] == 0
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    tokens = {h["step"]: h["num_tokens"] for h in history if "loss" in h}
+    rates = {h["step"]: h["tokens_per_s"] for h in history if "loss" in h}
+    assert rates[4] == tokens[4] - tokens[3]
+    assert rates[1] == tokens[1] and rates[5] == tokens[5] - tokens[4]
