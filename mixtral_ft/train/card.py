@@ -165,6 +165,7 @@ def _verify_section(verify: dict | None) -> list[str]:
 RUN_METRICS = (
     "method",
     "steps",
+    "resumed_at_step",
     "world_size",
     "device",
     "compute_dtype",

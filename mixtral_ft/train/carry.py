@@ -49,10 +49,12 @@ class CarryState(TrainerCallback):
     def __init__(self, trainer, resume_from: Path | None):
         self.trainer, self.resume_from = trainer, resume_from
         self.previous_runtime = 0.0  # seconds of training before this process resumed
+        self.resumed_at: int | None = None  # the step this process resumed at (None: a fresh run)
         self.started = time.time()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
+        self.resumed_at = state.global_step if self.resume_from else None
         saved = read_state(self.resume_from)
         if saved and saved.get("global_step") == state.global_step:
             self.resume(saved)
@@ -105,10 +107,20 @@ def attach(trainer, resume_from: Path | None) -> CarryState:
     return carry
 
 
+def _carry(trainer) -> CarryState | None:
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CarryState)), None)
+
+
 def carried_runtime(trainer) -> float:
     """Training seconds spent before this process resumed (0 for a fresh run)."""
-    carry = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CarryState)), None)
+    carry = _carry(trainer)
     return carry.previous_runtime if carry else 0.0
+
+
+def resumed_at_step(trainer) -> int | None:
+    """The checkpoint step this process resumed at, or None: run.json's wall_s and memory cover only what followed."""
+    carry = _carry(trainer)
+    return carry.resumed_at if carry else None
 
 
 def is_done(folder: Path | None) -> bool:
@@ -133,6 +145,7 @@ def train_or_finish(trainer, resume_from: Path | None):
     trainer._load_from_checkpoint(str(resume_from))
     trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
     trainer._tr_loss = torch.tensor(0.0, device=trainer.args.device)
+    carry.resumed_at = trainer.state.global_step
     saved = read_state(resume_from) or {}
     if saved:
         carry.resume(saved)

@@ -246,7 +246,7 @@ def save_outputs(recipe: Recipe, trainer, tokenizer, summary: dict, *, audit, re
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype, memory) -> dict:
     from mixtral_ft.model.load import compile_report
-    from mixtral_ft.train.carry import carried_runtime
+    from mixtral_ft.train.carry import carried_runtime, resumed_at_step
 
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
@@ -259,6 +259,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "model": recipe.model.name,
         "seed": recipe.train.seed,
         "steps": trainer.state.global_step,
+        "resumed_at_step": resumed_at_step(trainer),  # then wall_s and memory are this last part's only
         "world_size": trainer.args.world_size,
         "device": str(device),
         "compute_dtype": str(dtype).removeprefix("torch."),
