@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from mixtral_ft.recipe import Recipe
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step too: the Trainer logs every logging_steps only, so run.json's final_loss (and DPO's reward
+    figures, and the loss curve) would otherwise end at the last multiple of logging_steps, not at the last step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 def make_callbacks(recipe: Recipe, output_dir: Path) -> list:
@@ -16,7 +27,7 @@ def make_callbacks(recipe: Recipe, output_dir: Path) -> list:
     from mixtral_ft.train.levers import lever_callbacks
     from mixtral_ft.train.telemetry import telemetry_callbacks
 
-    callbacks: list = []
+    callbacks: list = [LogLastStep()]
     if recipe.train.method == "dpo":  # first: later on_save callbacks see the checkpoint as it will stay
         from mixtral_ft.train.dpo import DropReferenceCopy
 

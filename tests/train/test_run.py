@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from mixtral_ft.cli import main
 from mixtral_ft.recipe import load_recipe
-from tests.conftest import requires_compile
+from tests.conftest import requires_compile, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
@@ -165,3 +165,13 @@ def test_compiled_layers_train_like_eager(tmp_path):
     assert compiled_losses[1]["loss"] == pytest.approx(eager_losses[1]["loss"], rel=2e-3)
     fractions = [[f for layer in run[0]["expert_fraction"] for f in layer] for run in (compiled_router, eager_router)]
     assert fractions[0] == pytest.approx(fractions[1], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_the_last_step_is_logged_when_logging_steps_do_not_reach_it(tmp_path):
+    # 7 steps logged every 5, router telemetry (which logs its own last step) off: final_loss was step 5's loss.
+    out = tmp_path / "run"
+    assert train(out, "train.max_steps=7", "train.logging_steps=5", "logging.router_stats_steps=0")[0] == 0
+    run = json.loads((out / "run.json").read_text())
+    assert [x["step"] for x in run["losses"]] == [5, 7]
+    assert run["final_loss"] == run["losses"][-1]["loss"]
