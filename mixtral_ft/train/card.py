@@ -75,14 +75,16 @@ def render_card(folder: Path, kind: str, title: str | None = None, ref: str | No
 
 
 def _front_matter(recipe: dict, run: dict | None, kind: str, base: str | None) -> list[str]:
-    data_path = (recipe.get("data") or {}).get("path")
-    dataset = BUILTIN_DATASETS.get(data_path, data_path)
+    data = recipe.get("data") or {}
+    paths = [data.get("path")] + [m.get("path") for m in data.get("mixture") or [] if isinstance(m, dict)]
     meta = {}
     # Hub metadata must name hub repos; local folders and the built-in tiny model are left out.
     if is_repo_id(base) and not Path(base).exists():
         meta["base_model"] = base
-    if is_repo_id(dataset) and not Path(dataset).exists():
-        meta["datasets"] = [dataset]
+    datasets = [BUILTIN_DATASETS.get(p, p) for p in paths if p]  # data.path, or every data.mixture source
+    datasets = [d for d in dict.fromkeys(datasets) if is_repo_id(d) and not Path(d).exists()]
+    if datasets:
+        meta["datasets"] = datasets
     meta["library_name"] = "peft" if kind == "adapter" else "transformers"
     meta["license"] = "apache-2.0"  # Mixtral-8x7B's license; mixtral-ft fine-tunes nothing else
     meta["pipeline_tag"] = "text-generation"

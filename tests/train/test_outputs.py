@@ -87,6 +87,13 @@ def test_card_names_the_base_model_hub_id(tmp_path):
     assert "base_model: mistralai/Mixtral-8x7B-v0.1" in render_card(tmp_path, "adapter")
 
 
+def test_card_names_every_hub_dataset_of_a_mixture(tmp_path):
+    mixture = "[{path: builtin:oasst_top1, weight: 3}, {path: org/chats, weight: 1}, {path: local.jsonl, weight: 1}]"
+    (tmp_path / "recipe.yaml").write_text(f"model:\n  name: tiny\ndata:\n  path: null\n  mixture: {mixture}\n")
+    front_matter = render_card(tmp_path, "adapter").split("---")[1]
+    assert "datasets:\n- OpenAssistant/oasst_top1_2023-08-25\n- org/chats\n" in front_matter, front_matter
+
+
 @pytest.mark.parametrize("base, dataset", [("org/x--y", "data/x..y"), ("org/modèle", "orgé/données")])
 def test_card_metadata_names_only_ids_the_hub_takes(tmp_path, base, dataset):
     """base_model and datasets must be Hub ids (the Hub refuses a card naming others): recipe.is_repo_id decides,
