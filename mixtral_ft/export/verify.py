@@ -20,6 +20,8 @@ import torch
 from mixtral_ft.errors import UserError
 
 REL_TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}  # of mean |logit|, on mean |Δlogit|
+# Per element of an adapted weight, of |expected|: twice the dtype's unit roundoff (bf16 2^-8, fp16 2^-11).
+WEIGHT_REL_TOL = {"float32": 1e-6, "float16": 2**-10, "bfloat16": 2**-7}
 BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has no recipe to take data from
     ("What is the capital of France?", "The capital of France is Paris."),
     (
@@ -52,7 +54,7 @@ def verify_merge(
     device = check_device(device)
     dtype = torch.float32  # both sides, on any device: an accuracy check, where bf16 noise would hide errors
     rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
-    reference = _adapter_on_base_logits(base, adapter, rows, quantize_experts, device, dtype)
+    reference, weights = _adapter_on_base(base, adapter, merged, rows, quantize_experts, device, dtype)
     got = _merged_logits(merged, rows, device, dtype)
     report = {
         "samples": len(rows),
@@ -61,20 +63,58 @@ def verify_merge(
         "device": str(device),
         "compute_dtype": str(dtype).removeprefix("torch."),
         **_compare(reference, got, rows),
+        **weights,
     }
     report.update(_verdict(report, weights_dtype))
     _print_report(report, weights_dtype)
     return report
 
 
-def _adapter_on_base_logits(
-    base: Path, adapter: Path, rows: list, quantize_experts: bool, device: torch.device, dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """The reference: the model as training ran it, `load_model` (NF4) with the adapter on top."""
+def _adapter_on_base(
+    base: Path, adapter: Path, merged: Path, rows: list, quantize_experts: bool, device: torch.device, dtype
+) -> tuple[list[torch.Tensor], dict]:
+    """The reference, the model as training ran it (`load_model` (NF4) with the adapter on top): its logits, and
+    the merged folder's adapted weights checked against its own."""
     from mixtral_ft.model.load import load_adapter, load_model
 
     base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
-    return _logits(load_adapter(base_model, adapter), rows, device)
+    peft_model = load_adapter(base_model, adapter)
+    return _logits(peft_model, rows, device), _check_adapted_weights(peft_model, merged)
+
+
+@torch.no_grad()
+def _check_adapted_weights(peft_model, merged: Path) -> dict:
+    """Each adapted weight as written vs peft's dequant(NF4(W)) + scale·B·A, one tensor at a time."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+    from safetensors import safe_open
+
+    from mixtral_ft.model.loader import LEGACY_ROUTER, checkpoint_shards
+
+    expected = {
+        name.removeprefix("base_model.model.") + ".weight": module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    checked, off, worst = 0, [], 0.0
+    for shard in checkpoint_shards(merged):
+        with safe_open(str(shard), framework="pt", device="cpu") as reader:
+            for key in reader.keys():
+                module = expected.pop(LEGACY_ROUTER.sub(r"\1.mlp.gate.weight", key), None)
+                if module is None:
+                    continue
+                got = reader.get_tensor(key)
+                want = dequantize_module_weight(module.get_base_layer()).float() + module.get_delta_weight("default")
+                want = want.float().cpu()
+                bound = WEIGHT_REL_TOL[str(got.dtype).removeprefix("torch.")] * want.abs() + 1e-6 * want.abs().max()
+                ratio = ((got.float() - want).abs() / bound).max().item()
+                checked, worst = checked + 1, max(worst, ratio)
+                off += [key] if not ratio <= 1 else []  # NaN: off
+    return {
+        "adapted_weights": checked + len(expected),
+        "adapted_weights_off": off + sorted(expected),  # beyond the bound, or absent from the folder
+        "adapted_weight_error_ratio": worst,
+    }
 
 
 def _merged_logits(merged: Path, rows: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -114,19 +154,27 @@ def _print_report(report: dict, weights_dtype: str) -> None:
         f"verify: perplexity (assistant tokens): adapter-on-base {report['perplexity_adapter_on_base']:.4f}, "
         f"merged {report['perplexity_merged']:.4f}"
     )
+    off, total = report["adapted_weights_off"], report["adapted_weights"]
+    print(
+        f"verify: adapted weights vs peft's dequant(NF4 W) + scale·B·A: {total - len(off)} of {total} within "
+        f"their dtype's rounding (worst {report['adapted_weight_error_ratio']:.3g}x the bound)"
+        + (f"; off: {', '.join(off[:3])}{' ...' if len(off) > 3 else ''}" if off else "")
+    )
     print(
         f"verify: {report['verdict']}: mean |Δlogit| {report['mean_abs_logit_diff']:.3g} "
-        f"{'<=' if report['verdict'] == 'ok' else '>'} tolerance {report['tolerance']:.3g} "
+        f"{'<=' if report['mean_abs_logit_diff'] <= report['tolerance'] else '>'} tolerance {report['tolerance']:.3g} "
         f"({report['relative_tolerance']:g} x mean |logit|, for {weights_dtype} weights)"
+        + (f", {len(off)} adapted weights off" if off else "")
     )
 
 
 def _verdict(report: dict, weights_dtype: str) -> dict:
-    """`ok` when the mean logit difference is within what the written dtype's rounding explains."""
+    """`ok` when the mean logit difference is within what the written dtype's rounding explains, and so is every
+    element of every adapted weight."""
     rel = REL_TOL.get(weights_dtype, REL_TOL["bfloat16"])
     tolerance = rel * report["mean_abs_logit"]
     diff = report["mean_abs_logit_diff"]
-    ok = diff <= tolerance  # NaN compares False: fails
+    ok = diff <= tolerance and not report["adapted_weights_off"]  # NaN compares False: fails
     return {
         "weights_dtype": weights_dtype,
         "relative_tolerance": rel,

@@ -139,6 +139,8 @@ VERIFY_METRICS = (
     "tolerance",
     "perplexity_adapter_on_base",
     "perplexity_merged",
+    "adapted_weights",
+    "adapted_weight_error_ratio",
 )
 
 
@@ -159,7 +161,7 @@ def _verify_section(verify: dict | None) -> list[str]:
         lines += [
             "",
             f"Verdict: **{verify['verdict']}** (mean |Δlogit| against the tolerance for "
-            f"{verify.get('weights_dtype')} weights).",
+            f"{verify.get('weights_dtype')} weights, and each adapted weight against its dtype's rounding).",
         ]
     return lines + [""]
 

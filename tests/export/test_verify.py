@@ -31,6 +31,7 @@ def test_fp32_merge_verifies_ok_and_states_its_tolerance(adapter_run, tmp_path, 
     assert report["weights_dtype"] == "float32" and report["relative_tolerance"] == 1e-5
     assert report["mean_abs_logit_diff"] < 1e-4 and report["mean_abs_logit_diff"] <= report["tolerance"]
     assert report["tolerance"] == pytest.approx(1e-5 * report["mean_abs_logit"])
+    assert report["adapted_weights"] == 8 and report["adapted_weights_off"] == []  # q/k/v/o in 2 layers
     assert "verify: ok: mean |Δlogit|" in printed and "tolerance" in printed and "float32 weights" in printed
     assert "Verdict: **ok**" in (out / "README.md").read_text()
 
@@ -64,6 +65,26 @@ def test_merge_with_the_lora_scale_doubled_fails_verify_and_exits_1(adapter_run,
         line for line in err.splitlines() if line.strip() and "%|" not in line and not line.startswith("merge: [")
     ]
     assert errors == [f"merge --verify FAILED: see {out}/verify.json"]
+
+
+def test_bf16_merge_missing_one_layers_lora_fails_verify(adapter_run, tmp_path, capsys, monkeypatch):
+    """bf16 rounding hides a LoRA dropped from layer 1 in the logits; the adapted weights, checked element by
+    element against peft's dequant(NF4 W) + scale·B·A, show it."""
+    read_lora = export._read_lora
+
+    def without_layer_1(adapter):
+        return {key: lora for key, lora in read_lora(adapter).items() if ".layers.1." not in key}
+
+    monkeypatch.setattr(export, "_read_lora", without_layer_1)
+    out = tmp_path / "half"
+    code, printed, _ = merge([str(adapter_run), "--out", str(out), "--dtype", "bfloat16", "--verify"], capsys)
+    assert code == 1
+    report = json.loads((out / "verify.json").read_text())
+    assert report["verdict"] == "FAILED"
+    assert report["mean_abs_logit_diff"] <= report["tolerance"]  # the logit check alone passes it
+    assert report["adapted_weights"] == 8 and report["adapted_weight_error_ratio"] > 10
+    assert sorted(report["adapted_weights_off"]) == [f"model.layers.1.self_attn.{p}_proj.weight" for p in "koqv"]
+    assert "4 of 8 within their dtype's rounding" in printed and "4 adapted weights off" in printed
 
 
 @requires_cuda
