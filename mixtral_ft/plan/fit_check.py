@@ -112,7 +112,7 @@ def serve_verdict(name: str, revision: str | None, gpu_mem: float | None, *, com
     need = inference_weights_gib(dims, **how)
     form = "bf16" if not how["quantize"] else "NF4" if how.get("quantize_experts", True) else "NF4, experts bf16"
     weights = f"{name}'s weights take {need:.1f} GiB ({form})"
-    force = f"--force to {command} anyway"
+    force = f"pass --force to {command} anyway"
     here = "`mixtral-ft chat tiny` runs here; " if command == "chat" else ""
     if gpu_mem is None:
         if need <= CPU_LIMIT_GIB:
