@@ -175,6 +175,8 @@ RUN_METRICS = (
     "compute_dtype",
     "train_loss",
     "final_loss",
+    "reward_accuracy",  # DPO only: the last logged reward accuracy and margin (dpo.py)
+    "reward_margin",
     "tokens",
     "tokens_per_s",
     "train_runtime_s",

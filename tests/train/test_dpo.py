@@ -91,6 +91,11 @@ def test_chosen_rewards_end_above_rejected(repeated_run):
     assert last["chosen"] > last["rejected"] and last["margin"] > 0.5 and last["accuracy"] == 1.0
     assert run["reward_margin"] == last["margin"] and run["reward_accuracy"] == 1.0
     assert run["method"] == "dpo" and run["steps"] == 5
+    card = (repeated_run / "README.md").read_text()  # the model card says how DPO ended, not only the loss
+    assert (
+        f"| reward_accuracy | {run['reward_accuracy']} |" in card
+        and f"| reward_margin | {run['reward_margin']} |" in card
+    )
 
 
 @pytest.mark.slow
