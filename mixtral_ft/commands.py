@@ -243,8 +243,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mixtral_ft.use.chat import is_merged_folder
-    from mixtral_ft.use.evaluate import evaluate, resolve_eval_target
+    from mixtral_ft.use.evaluate import eval_quantizes, evaluate, resolve_eval_target
 
     keys = ("adapter", "data", "samples", "out", "max_rows", "attn_implementation")
     given = [f"--{k.replace('_', '-')}" for k in _given_generation_flags(args)]
@@ -252,7 +251,7 @@ def cmd_eval(args) -> int:
         why = "generation flags shape the sample generations, and --samples 0 makes none"
         _flags_refused(given, why, "pass --samples N")
     target = resolve_eval_target(args.target, args.adapter)[1]
-    _check_can_serve(args, target, quantize=not is_merged_folder(target.base))  # a merged folder: as written
+    _check_can_serve(args, target, quantize=eval_quantizes(target))
     evaluate(args.target, settings=_generation(args), **_pick(args, *keys))
     return 0
 

@@ -172,11 +172,9 @@ def evaluate(
     check_report_path(out_path)  # before the load and the scoring, not after them
     rows, what = held_out_rows(recipe, loaded_target, data, max_rows)
     say("eval", f"{len(rows)} held-out rows from {what}")
-    merged = is_merged_folder(loaded_target.base)
+    merged = not eval_quantizes(loaded_target)
     how = "as merged, unquantized" if merged else "NF4"
     say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''} ({how})")
-    # A merged folder is scored as it was written: loading it in NF4 would quantize the merged weights again and
-    # round away much of what the adapter added (tiny run: two thirds of its loss change), under the name `merged`.
     model, tokenizer = load_for_inference(loaded_target, quantize=not merged, attn_implementation=attn_implementation)
     prompts = sample_prompts(rows, tokenizer, samples)
     plain = "merged" if merged else "base"  # a merged folder: itself
@@ -196,6 +194,13 @@ def evaluate(
     }
     _write_report(report, out_path)
     return report
+
+
+def eval_quantizes(target: Target) -> bool:
+    """Whether eval loads `target` in NF4. Not a merged folder: it is scored as it was written, since NF4 would
+    quantize its merged weights again and round away much of what the adapter added (tiny run: two thirds of its
+    loss change), under the name `merged`."""
+    return not is_merged_folder(target.base)
 
 
 def _check_counts(samples: int, max_rows: int | None) -> None:
