@@ -33,7 +33,7 @@ PACKED_MAX_BYTES = 4 << 20
 DRY_SIZE = ["--device", "cpu", "--tiny", "--seq", "64", "--steps", "1", "--warmup", "0"]
 # Files that hold GPU-marked tests, imported on the GPU image (no gradio, playwright or notebooks there).
 GPU_TESTS = ["tests/model/test_quant.py", "tests/model/test_grouped_gemm.py", "tests/bench/test_throughput.py"]
-GPU_TESTS += ["tests/train/test_memory.py", "tests/test_distributed.py"]
+GPU_TESTS += ["tests/train/test_memory.py", "tests/test_distributed.py", "tests/export/test_verify.py"]
 
 
 @dataclass
@@ -89,7 +89,7 @@ def stages(args) -> list[Stage]:
         Stage("env", 20, [script("gpu_env.py", "--out", f"{work}/env.json")]),
         Stage(
             "checks",
-            60,
+            90,
             [
                 script("cuda_checks.py", *small, "--out", f"{work}/checks.json"),
                 gpu_tests(args, "not full_depth and not each_lever", "gpu-tests.xml"),

@@ -123,7 +123,9 @@ def _merge_parser(sub) -> None:
         "--dtype", choices=dtypes, default="auto", help="dtype of the written weights (auto: the checkpoint's)"
     )
     p.add_argument(
-        "--verify", action="store_true", help="compare with adapter-on-NF4-base on held-out rows; writes verify.json"
+        "--verify",
+        action="store_true",
+        help="compare with the adapter on the base it was merged into, on held-out rows; writes verify.json",
     )
     p.add_argument("--device", default=None, help="--verify only: its device (default: cuda if available, else cpu)")
     p.set_defaults(func=commands.cmd_merge)

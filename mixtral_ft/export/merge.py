@@ -23,6 +23,7 @@ import torch
 
 from mixtral_ft.common import say
 from mixtral_ft.errors import UserError
+from mixtral_ft.export.lora_weights import read_lora
 from mixtral_ft.export.roundtrip import LegacyExperts, nf4_roundtrip
 from mixtral_ft.model.load import DTYPES
 from mixtral_ft.train.checksums import file_digest
@@ -30,16 +31,6 @@ from mixtral_ft.train.checksums import file_digest
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
 BASE_WEIGHTS = ("dequantized", "original")
-UNSUPPORTED_LORA = (  # adapter_config.json settings whose weights are not plain scale·B·A
-    "use_dora",
-    "lora_bias",
-    "rank_pattern",
-    "alpha_pattern",
-    "modules_to_save",
-    "trainable_token_indices",
-    "target_parameters",
-    "fan_in_fan_out",
-)
 
 
 def merge_adapter(
@@ -60,7 +51,7 @@ def merge_adapter(
     _check_request(adapter, out, base_weights, verify, device)
     base_name, source, model_cfg = _resolve_base(adapter, base)
     quantize_experts = bool(model_cfg.get("quantize_experts", True))
-    lora = _read_lora(adapter)
+    lora = read_lora(adapter)
 
     with staged_folder(out, "--out") as staging:  # an interrupted merge leaves no half-written model
         say("merge", f"{len(lora)} LoRA weights from {adapter} into {base_name} ({base_weights} base weights)")
@@ -73,7 +64,7 @@ def merge_adapter(
         info = _merge_record(adapter, shown, source, base_weights, quantize_experts, written["dtype"], len(lora))
         write_scrubbed(staging / "merge.json", json.dumps(info, indent=2) + "\n")
         if verify:
-            info["verify"] = _verify(staging, adapter, source, quantize_experts, device, written["dtype"])
+            info["verify"] = _verify(staging, adapter, source, info, device)
         write_card(staging, "model", title=out.name, ref=str(out))
     return info
 
@@ -132,42 +123,6 @@ def _resolve_base(adapter: Path, base: str | None) -> tuple[str, Path, dict]:
             "pass it with --base (e.g. --base mistralai/Mixtral-8x7B-v0.1)"
         )
     return base_name, source, model_cfg
-
-
-def _read_lora(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{checkpoint weight name: (A, B, scale)} for a plain LoRA adapter; anything fancier is refused."""
-    from safetensors.torch import load_file
-
-    from mixtral_ft.model.source import read_adapter_config
-
-    cfg = read_adapter_config(adapter, "adapter")
-    unsupported = [k for k in UNSUPPORTED_LORA if cfg.get(k)]
-    if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise UserError(
-            f"adapter '{adapter}' uses {unsupported or cfg.get('peft_type')}: merge folds plain LoRA on linear "
-            "layers and embed_tokens only; use the adapter unmerged (chat or eval --adapter, push)"
-        )
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"adapter folder '{adapter}' has no adapter_model.safetensors")
-    state = load_file(str(weights))
-    lora = {}
-    for key, a in state.items():
-        if ".lora_A." in key:
-            module, b = key.split(".lora_A.")[0], state[key.replace(".lora_A.", ".lora_B.")]
-        elif key.endswith(".lora_embedding_A"):  # embed_tokens: A is [r, vocab], B [hidden, r], the delta (B·A)ᵀ
-            module, b = key.removesuffix(".lora_embedding_A"), state[key.removesuffix("A") + "B"]
-            a, b = b.T, a.T  # Bᵀ is [r, hidden] and Aᵀ [vocab, r]: B·A below is then the [vocab, hidden] delta
-        else:
-            continue
-        module = module.removeprefix("base_model.model.")
-        r = a.shape[0]
-        # peft's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA.
-        scale = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
-        lora[module + ".weight"] = (a.float(), b.float(), scale)
-    if not lora:
-        raise UserError(f"adapter '{adapter}' holds no LoRA weights")
-    return lora
 
 
 def _merge_shards(
@@ -288,13 +243,19 @@ def _merge_record(
     }
 
 
-def _verify(staging: Path, adapter: Path, source: Path, quantize_experts: bool, device: str | None, dtype: str) -> dict:
-    """`verify_merge` on the staged folder, its report kept beside the model as verify.json."""
+def _verify(staging: Path, adapter: Path, source: Path, record: dict, device: str | None) -> dict:
+    """`verify_merge` on the staged folder (as merge.json `record` describes it), its report kept as verify.json."""
     from mixtral_ft.export.verify import verify_merge
     from mixtral_ft.train.card import write_scrubbed
 
     report = verify_merge(
-        staging, adapter, source, quantize_experts=quantize_experts, device=device, weights_dtype=dtype
+        staging,
+        adapter,
+        source,
+        quantize_experts=record["quantize_experts"],
+        device=device,
+        weights_dtype=record["dtype"],
+        base_weights=record["base_weights"],
     )
     write_scrubbed(staging / "verify.json", json.dumps(report, indent=2) + "\n")
     return report

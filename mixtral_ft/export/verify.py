@@ -1,14 +1,15 @@
-"""`mixtral-ft merge --verify`: does the merged folder compute what adapter-on-NF4-base computed?
+"""`mixtral-ft merge --verify`: does the merged folder compute what the adapter on its base computed?
 
-The merged model is loaded the way users will load it (plain transformers), the reference the way training
-ran it (`load_model` + peft), and both score the same held-out rows: logit differences and the perplexity
-of the assistant tokens go to verify.json and the model card, with a verdict.
+The merged model is loaded the way users will load it (plain transformers), the reference with peft's adapter
+on the base the merge folded it into: for the default merge, the NF4 base training ran (`load_model`); for
+`--base-weights original`, the checkpoint's own weights (plain transformers). Both score the same held-out rows:
+logit differences and the perplexity of the assistant tokens go to verify.json and the model card, with a verdict.
 
 Both sides compute in fp32 whatever dtype the merge wrote, so the check measures the merge, not the compute
-dtype: the merged weights are dequant(NF4(W)) + scale·B·A, so with fp32 weights only summation order
-differs (mean |Δlogit| ~2e-6 of mean |logit|), and with bf16/fp16 weights their rounding (bf16 moves each
-weight by up to 2^-9: ~1-2% of mean |logit| on the tiny model; merging into the original weights instead of
-the NF4 ones: ~60%). The verdict is `ok` when mean |Δlogit| <= REL_TOL[dtype] x mean |logit|.
+dtype: the merged weights are base + scale·B·A, so with fp32 weights only summation order differs (mean
+|Δlogit| ~2e-6 of mean |logit|), and with bf16/fp16 weights their rounding (bf16 moves each weight by up to
+2^-9: ~1-2% of mean |logit| on the tiny model; an original-weights merge held to the NF4 reference would be
+~60% off, hence its own reference). The verdict is `ok` when mean |Δlogit| <= REL_TOL[dtype] x mean |logit|.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ BUILTIN_CONVERSATIONS = [  # (user, assistant): used when the adapter folder has
     ("Explain recursion in one sentence.", "A function solves a problem by calling itself on smaller parts of it."),
     ("How many legs does a spider have?", "A spider has eight legs."),
 ]
+REFERENCES = {  # per merge mode (`--base-weights`): what the merged folder is held to
+    "dequantized": "adapter on the NF4 base, as trained",
+    "original": "adapter on the checkpoint's original weights",
+}
 
 
 def verify_merge(
@@ -43,10 +48,12 @@ def verify_merge(
     samples: int = 8,
     max_length: int = 256,
     weights_dtype: str = "bfloat16",
+    base_weights: str = "dequantized",
 ) -> dict:
-    """Merged model (plain transformers) vs adapter-on-NF4-base (`load_model` + peft) on held-out rows.
+    """Merged model (plain transformers) vs the adapter (peft) on the base it was merged into, on held-out rows.
 
-    `weights_dtype` is what the merge wrote (its rounding sets the tolerance; "mixed": bf16's).
+    `weights_dtype` is what the merge wrote (its rounding sets the tolerance; "mixed": bf16's); `base_weights`
+    the merge's mode: "dequantized" (reference: NF4 base, as trained) or "original" (the checkpoint's weights).
     """
     from mixtral_ft.data.tokenizer import load_tokenizer
     from mixtral_ft.model.load import check_device
@@ -54,9 +61,16 @@ def verify_merge(
     device = check_device(device)
     dtype = torch.float32  # both sides, on any device: an accuracy check, where bf16 noise would hide errors
     rows, source = _held_out(adapter, load_tokenizer(adapter, mode="finetuning"), samples, max_length)
-    reference, weights = _adapter_on_base(base, adapter, merged, rows, quantize_experts, device, dtype)
-    got = _merged_logits(merged, rows, device, dtype)
+    reference_model = (
+        _plain_model(base, device, dtype)
+        if base_weights == "original"
+        else _nf4_model(base, quantize_experts, device, dtype)
+    )
+    reference, weights = _adapter_on(reference_model, adapter, merged, rows, device)
+    del reference_model  # before the merged model loads: full Mixtral in fp32 is ~190 GB
+    got = _logits(_plain_model(merged, device, dtype), rows, device)
     report = {
+        "reference": REFERENCES[base_weights],
         "samples": len(rows),
         "source": source,
         "tokens": sum(len(ids) for ids, _ in rows),
@@ -70,21 +84,35 @@ def verify_merge(
     return report
 
 
-def _adapter_on_base(
-    base: Path, adapter: Path, merged: Path, rows: list, quantize_experts: bool, device: torch.device, dtype
-) -> tuple[list[torch.Tensor], dict]:
-    """The reference, the model as training ran it (`load_model` (NF4) with the adapter on top): its logits, and
-    the merged folder's adapted weights checked against its own."""
-    from mixtral_ft.model.load import load_adapter, load_model
+def _nf4_model(base: Path, quantize_experts: bool, device: torch.device, dtype: torch.dtype):
+    """The base as training ran it: `load_model` (NF4)."""
+    from mixtral_ft.model.load import load_model
 
-    base_model = load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
+    return load_model(str(base), quantize_experts=quantize_experts, device=device, compute_dtype=dtype)
+
+
+def _plain_model(folder: Path, device: torch.device, dtype: torch.dtype):
+    """A checkpoint loaded the way users will load it: plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    # fp32 Mixtral (~190 GB) exceeds one GPU: device_map="auto" offloads what does not fit to host memory.
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, device_map="auto" if device.type == "cuda" else None
+    )
+
+
+def _adapter_on(base_model, adapter: Path, merged: Path, rows: list, device: torch.device) -> tuple[list, dict]:
+    """The reference, the adapter (peft) on `base_model`: its logits, and the merged folder's adapted weights
+    checked against its own."""
+    from mixtral_ft.model.load import load_adapter
+
     peft_model = load_adapter(base_model, adapter)
     return _logits(peft_model, rows, device), _check_adapted_weights(peft_model, merged)
 
 
 @torch.no_grad()
 def _check_adapted_weights(peft_model, merged: Path) -> dict:
-    """Each adapted weight as written vs peft's dequant(NF4(W)) + scale·B·A, one tensor at a time."""
+    """Each adapted weight as written vs peft's base weight (dequantized, when NF4) + scale·B·A, one at a time."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.integrations import dequantize_module_weight
     from safetensors import safe_open
@@ -117,17 +145,6 @@ def _check_adapted_weights(peft_model, merged: Path) -> dict:
     }
 
 
-def _merged_logits(merged: Path, rows: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The merged folder loaded the way users will load it: plain transformers."""
-    from transformers import AutoModelForCausalLM
-
-    # fp32 Mixtral (~190 GB) exceeds one GPU: device_map="auto" offloads what does not fit to host memory.
-    merged_model = AutoModelForCausalLM.from_pretrained(
-        str(merged), dtype=dtype, device_map="auto" if device.type == "cuda" else None
-    )
-    return _logits(merged_model, rows, device)
-
-
 def _compare(reference: list[torch.Tensor], got: list[torch.Tensor], rows: list) -> dict:
     """Logit differences (merged vs reference) and both perplexities."""
     diffs = [(a - b).abs() for a, b in zip(reference, got)]
@@ -144,7 +161,7 @@ def _print_report(report: dict, weights_dtype: str) -> None:
     """Four `verify:` lines: what was scored, the logit gap, the perplexities, the verdict."""
     print(
         f"verify: {report['samples']} samples ({report['source']}), {report['tokens']} tokens, "
-        f"{report['compute_dtype']}"
+        f"{report['compute_dtype']}; reference: {report['reference']}"
     )
     print(
         f"verify: logits |merged - adapter-on-base|: max {report['max_abs_logit_diff']:.3g}, "
@@ -156,7 +173,7 @@ def _print_report(report: dict, weights_dtype: str) -> None:
     )
     off, total = report["adapted_weights_off"], report["adapted_weights"]
     print(
-        f"verify: adapted weights vs peft's dequant(NF4 W) + scale·B·A: {total - len(off)} of {total} within "
+        f"verify: adapted weights vs the reference's W + scale·B·A: {total - len(off)} of {total} within "
         f"their dtype's rounding (worst {report['adapted_weight_error_ratio']:.3g}x the bound)"
         + (f"; off: {', '.join(off[:3])}{' ...' if len(off) > 3 else ''}" if off else "")
     )

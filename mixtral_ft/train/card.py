@@ -150,6 +150,7 @@ def _verify_section(verify: dict | None) -> list[str]:
     lines = [
         "## Verification",
         "",
+        f"Merged model against the {verify.get('reference', 'adapter on its base')}: "
         f"{verify.get('samples')} samples ({verify.get('source')}), "
         f"{verify.get('tokens')} tokens, {verify.get('compute_dtype')}:",
         "",

@@ -178,13 +178,3 @@ def test_out_inside_the_adapter_folder_is_refused(adapter, capsys):
     assert main(["merge", str(adapter), "--out", str(adapter / "merged")]) == 2
     assert "is inside the adapter folder" in capsys.readouterr().err
     assert not (adapter / "merged").exists()
-
-
-def test_verify_of_an_original_weights_merge_is_refused_before_any_work(adapter, tmp_path, capsys):
-    """It compares with adapter-on-NF4-base, which an original-weights merge departs from by design: it would
-    merge the whole model and then say FAILED every time."""
-    out = tmp_path / "merged"
-    assert main(["merge", str(adapter), "--out", str(out), "--base-weights", "original", "--verify"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--base-weights original departs from it by design" in err[0]
-    assert not out.exists()

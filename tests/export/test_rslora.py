@@ -30,7 +30,7 @@ def merge_verified(adapter, out, capsys) -> tuple[int, dict]:
 def test_rslora_adapter_merges_to_adapter_on_base(rslora_adapter, tmp_path, capsys):
     config = json.loads((rslora_adapter / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and (config["r"], config["lora_alpha"]) == (16, 32)
-    scales = {scale for _, _, scale in export._read_lora(rslora_adapter).values()}
+    scales = {scale for _, _, scale in export.read_lora(rslora_adapter).values()}
     assert scales == {32 / math.sqrt(16)}  # 8, where plain LoRA's alpha/r is 2
     code, report = merge_verified(rslora_adapter, tmp_path / "merged", capsys)
     assert code == 0 and report["verdict"] == "ok"
@@ -39,11 +39,11 @@ def test_rslora_adapter_merges_to_adapter_on_base(rslora_adapter, tmp_path, caps
 
 def test_a_merge_that_ignores_rslora_fails_verify(rslora_adapter, tmp_path, capsys, monkeypatch):
     """The check has teeth on this adapter: alpha/r (peft's plain scale) is not what training computed."""
-    read_lora = export._read_lora
+    read_lora = export.read_lora
 
     def plain_scale(adapter):
         return {key: (a, b, 32 / a.shape[0]) for key, (a, b, _) in read_lora(adapter).items()}
 
-    monkeypatch.setattr(export, "_read_lora", plain_scale)
+    monkeypatch.setattr(export, "read_lora", plain_scale)
     code, report = merge_verified(rslora_adapter, tmp_path / "wrong", capsys)
     assert code == 1 and report["verdict"] == "FAILED"
