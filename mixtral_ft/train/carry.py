@@ -3,7 +3,8 @@
 The Trainer restores the weights, optimizer, scheduler, RNG and step, but starts its loss bookkeeping afresh: the
 loss summed since the last log (the logging window that spans the resume point), the run's loss total (hence
 `train_loss`), TRL's token count and its per-window metrics. `CarryState.on_save` writes them, exactly, into each
-checkpoint (`mixtral_ft_state.json`), then seals the folder with its checksum manifest (checksums.py), last.
+checkpoint (`mixtral_ft_state.json`) with the run's peak memory so far (each process measures only its own part),
+then seals the folder with its checksum manifest (checksums.py), last.
 `on_train_begin` puts them back when a run resumes from such a checkpoint.
 
 A checkpoint at the run's last step means training is done: `train_or_finish` then loads its weights and log
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,9 +48,11 @@ def read_state(folder: Path | None) -> dict | None:
 class CarryState(TrainerCallback):
     """Saves and restores the run-level bookkeeping; append it last, so its manifest is the last file written."""
 
-    def __init__(self, trainer, resume_from: Path | None):
+    def __init__(self, trainer, resume_from: Path | None, peak: Callable[[], float] | None = None):
         self.trainer, self.resume_from = trainer, resume_from
+        self.peak = peak or (lambda: 0.0)  # this process's peak memory in GiB so far
         self.previous_runtime = 0.0  # seconds of training before this process resumed
+        self.previous_peak = 0.0  # GiB: the highest peak of the parts before this process
         self.resumed_at: int | None = None  # the step this process resumed at (None: a fresh run)
         self.started = time.time()
 
@@ -63,6 +67,7 @@ class CarryState(TrainerCallback):
         """The saved bookkeeping back into the trainer, and the training time before this process."""
         restore(self.trainer, saved)
         self.previous_runtime = float(saved.get("runtime_s", 0.0))
+        self.previous_peak = float(saved.get("peak_memory_gib") or 0.0)
 
     def on_save(self, args, state, control, **kwargs):
         t = self.trainer
@@ -81,6 +86,7 @@ class CarryState(TrainerCallback):
             "tokens": getattr(t, "_total_train_tokens", None),
             "metrics": {k: list(v) for k, v in metrics.items()},
             "runtime_s": self.previous_runtime + time.time() - self.started,
+            "peak_memory_gib": max(self.previous_peak, self.peak()),
         }
         (folder / STATE).write_text(json.dumps(saved) + "\n")
         write_manifest(folder)
@@ -101,8 +107,8 @@ def restore(trainer, saved: dict) -> None:
         trainer._metrics["train"].update({k: list(v) for k, v in saved.get("metrics", {}).items()})
 
 
-def attach(trainer, resume_from: Path | None) -> CarryState:
-    carry = CarryState(trainer, resume_from)
+def attach(trainer, resume_from: Path | None, peak: Callable[[], float] | None = None) -> CarryState:
+    carry = CarryState(trainer, resume_from, peak)
     trainer.add_callback(carry)  # appended: after guards.CheckpointRecipe writes recipe.yaml into the folder
     return carry
 
@@ -115,6 +121,12 @@ def carried_runtime(trainer) -> float:
     """Training seconds spent before this process resumed (0 for a fresh run)."""
     carry = _carry(trainer)
     return carry.previous_runtime if carry else 0.0
+
+
+def run_peak_gib(trainer, this_part: float) -> float:
+    """The whole run's peak memory: `this_part`'s or a part's before the resume, whichever was higher."""
+    carry = _carry(trainer)
+    return max(this_part, carry.previous_peak) if carry else this_part
 
 
 def resumed_at_step(trainer) -> int | None:
@@ -134,9 +146,12 @@ def is_done(folder: Path | None) -> bool:
         return False
 
 
-def train_or_finish(trainer, resume_from: Path | None):
-    """trainer.train(), or, from the last step's checkpoint, the TrainOutput that train() would have ended with."""
-    carry = attach(trainer, resume_from)
+def train_or_finish(trainer, resume_from: Path | None, peak: Callable[[], float] | None = None):
+    """trainer.train(), or, from the last step's checkpoint, the TrainOutput that train() would have ended with.
+
+    `peak` gives this process's peak memory (GiB), which each checkpoint records for the parts after a resume.
+    """
+    carry = attach(trainer, resume_from, peak)
     if not is_done(resume_from):
         return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     from transformers.trainer_callback import TrainerState

@@ -145,18 +145,19 @@ def guard_callbacks(recipe: Recipe) -> list:
     return [PreemptionGuard(), NanGuard(), CheckpointRecipe(recipe)]
 
 
-def run_trainer(trainer, resume_from: Path | None, finish) -> tuple:
+def run_trainer(trainer, resume_from: Path | None, finish, peak=None) -> tuple:
     """trainer.train(), then `finish(result)` (the final save), with the signal handlers installed throughout.
 
     Raises `Preempted` once a mid-run signal's checkpoint is saved. A signal after the last step does not cut
-    the final save short: it completes, and `(finish's value, signum)` tells the caller (0: no signal).
+    the final save short: it completes, and `(finish's value, signum)` tells the caller (0: no signal). `peak`
+    gives this process's peak memory, which checkpoints carry (carry.py).
     """
     from mixtral_ft.train.carry import train_or_finish
 
     guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionGuard))
     try:
         with guard.installed():
-            result = train_or_finish(trainer, resume_from)  # from the last step's checkpoint: no extra step
+            result = train_or_finish(trainer, resume_from, peak)  # from the last step's checkpoint: no extra step
             if not guard.stopped:
                 value = finish(result)
                 # ranks may see a late signal or not: agree, so that all exit alike

@@ -155,7 +155,7 @@ def train(recipe: Recipe) -> dict:
 
     # Raises Preempted after a mid-run SIGTERM/SIGINT checkpoint; a signal during the final save waits for it.
     with wandb_session(recipe, out, resume_from):  # a resumed run logs on to its wandb run
-        summary, late_signal = run_trainer(trainer, resume_from, finish)
+        summary, late_signal = run_trainer(trainer, resume_from, finish, peak=memory.overall_peak_gib)
     if late_signal:  # the run is complete; only the push (minutes, maybe) is skipped
         raise finished_but_signalled(recipe, out, late_signal)
     return summary
@@ -246,7 +246,7 @@ def save_outputs(recipe: Recipe, trainer, tokenizer, summary: dict, *, audit, re
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype, memory) -> dict:
     from mixtral_ft.model.load import compile_report
-    from mixtral_ft.train.carry import carried_runtime, resumed_at_step
+    from mixtral_ft.train.carry import carried_runtime, resumed_at_step, run_peak_gib
 
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
@@ -271,7 +271,8 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
         "train_runtime_s": round(runtime, 2),
         "wall_s": round(time.time() - started, 2),
-        "peak_memory_gib": round(memory.overall_peak_gib(), 3),  # load or training, whichever was higher
+        # load or training, whichever was higher, in any part of a resumed run
+        "peak_memory_gib": round(run_peak_gib(trainer, memory.overall_peak_gib()), 3),
         "memory": memory.summary(),  # by phase, this rank's (run.json is rank 0's): see train/memory.py
         **({"compile": compile_report()} if recipe.train.compile else {}),
         "versions": library_versions(),

@@ -63,6 +63,29 @@ def test_run_json_after_a_resume_equals_the_uninterrupted_one(reference5, tmp_pa
     assert (resumed["resumed_at_step"], whole["resumed_at_step"]) == (3, None)
 
 
+@pytest.mark.slow
+def test_peak_memory_of_a_resumed_run_is_the_highest_of_its_parts(tmp_path):
+    # Each process measures only its own part: the peak before the resume comes from the checkpoint.
+    from mixtral_ft.train.carry import STATE
+    from mixtral_ft.train.checksums import write_manifest
+
+    out = tmp_path / "resumed"
+    with signal_at(3, signal.SIGINT):
+        assert train(out)[0] == 130
+    state_file = out / "checkpoint-3" / STATE
+    state = json.loads(state_file.read_text())
+    assert state["peak_memory_gib"] > 0  # the first part's peak, recorded
+    state["peak_memory_gib"] = 999.0  # a first part far higher than anything the tiny run reaches
+    state_file.write_text(json.dumps(state))
+    write_manifest(state_file.parent)
+    assert train(out)[0] == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumed_at_step"] == 3
+    assert run["peak_memory_gib"] == 999.0
+    assert run["memory"]["train_peak_gib"] < 999.0  # `memory` stays the last part's own
+    assert json.loads((out / "checkpoint-6" / STATE).read_text())["peak_memory_gib"] == 999.0
+
+
 def fill_disk_at(step: int, limit: int):
     """From the end of `step` on, no file may grow past `limit` bytes: what a full disk does to the next save."""
 
