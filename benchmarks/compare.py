@@ -104,7 +104,7 @@ def summary(ours: dict, found: dict) -> str:
 
 
 def compare(argv: list[str] | None) -> int:
-    from mixtral_ft.model.load import resolve_compute_dtype
+    from mixtral_ft.model.device import resolve_compute_dtype
 
     args = parse_args(argv)
     device = torch.device(args.device)

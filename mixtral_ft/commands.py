@@ -124,7 +124,8 @@ def cmd_quantize(args) -> int:
     from mixtral_ft.common import say
     from mixtral_ft.data.tokenizer import load_tokenizer, save_tokenizer
     from mixtral_ft.export.staging import refuse_nonempty, staged_folder
-    from mixtral_ft.model.load import check_device, load_model
+    from mixtral_ft.model.device import check_device
+    from mixtral_ft.model.load import load_model
     from mixtral_ft.model.loader import save_prequantized
     from mixtral_ft.model.source import model_source
 

@@ -15,8 +15,8 @@ import torch
 
 from mixtral_ft.common import why_no_cuda
 from mixtral_ft.errors import OneLineParser, UserError
+from mixtral_ft.model.device import check_device
 from mixtral_ft.model.grouped_gemm import compile_problem
-from mixtral_ft.model.load import check_device
 
 if TYPE_CHECKING:
     from transformers import MixtralConfig

@@ -23,9 +23,9 @@ import torch
 from mixtral_ft.bench import steps
 from mixtral_ft.bench.args import model_config, parse_args
 from mixtral_ft.bench.results import new_report, open_result, record, recording, write_report
-from mixtral_ft.model.load import compile_layers, compile_report
 from mixtral_ft.model.loader import build_skeleton, finish_model
 from mixtral_ft.model.quant import NF4Experts, configure_experts, quantize_nf4
+from mixtral_ft.model.torch_compile import compile_layers, compile_report
 
 DEFAULT_LEVERS = {
     "checkpointing": True,
@@ -110,7 +110,7 @@ def run_benchmark(
     levers: dict | None = None,
     profile_to: Path | None = None,
 ) -> dict:
-    from mixtral_ft.model.load import resolve_compute_dtype
+    from mixtral_ft.model.device import resolve_compute_dtype
 
     levers = DEFAULT_LEVERS | (levers or {})
     dtype = resolve_compute_dtype("auto", device)

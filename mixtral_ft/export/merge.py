@@ -25,7 +25,7 @@ from mixtral_ft.common import say
 from mixtral_ft.errors import UserError
 from mixtral_ft.export.lora_weights import read_lora
 from mixtral_ft.export.roundtrip import LegacyExperts, nf4_roundtrip
-from mixtral_ft.model.load import DTYPES
+from mixtral_ft.model.quant import DTYPES
 from mixtral_ft.train.checksums import file_digest
 
 ATTENTION_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight$")
@@ -89,7 +89,7 @@ def refuse_merged_twice(model: Path, adapter: Path, model_name: str, adapter_nam
 def _check_request(adapter: Path, out: Path, base_weights: str, verify: bool, device: str | None) -> None:
     """The flags and folders that can be refused before anything is read."""
     from mixtral_ft.export.staging import refuse_nonempty
-    from mixtral_ft.model.load import check_device
+    from mixtral_ft.model.device import check_device
 
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(

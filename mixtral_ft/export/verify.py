@@ -56,7 +56,7 @@ def verify_merge(
     the merge's mode: "dequantized" (reference: NF4 base, as trained) or "original" (the checkpoint's weights).
     """
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import check_device
+    from mixtral_ft.model.device import check_device
 
     device = check_device(device)
     dtype = torch.float32  # both sides, on any device: an accuracy check, where bf16 noise would hide errors

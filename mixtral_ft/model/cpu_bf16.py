@@ -1,7 +1,7 @@
 """Results that do not depend on whether the CPU has bf16 instructions (avx512_bf16 / AMX).
 
 Two things used to follow the CPU: `model.compute_dtype: auto` (now fp32 on every CPU, see
-`model.load.resolve_compute_dtype`), and bitsandbytes' `Linear4bit.forward`, which on a CPU that reports
+`model.device.resolve_compute_dtype`), and bitsandbytes' `Linear4bit.forward`, which on a CPU that reports
 avx512_bf16, in eval mode with an input that needs no grad, repacks the layer's weight *in place* into a
 CPU layout with bf16 absmax and sets `quant_state.dtype = bfloat16` (bitsandbytes 0.50,
 `_convert_weight_packed_for_cpu`). From then on that layer computes in bf16 whatever the recipe says, in

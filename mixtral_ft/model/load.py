@@ -14,71 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixtral_ft.common import local_rank, why_no_cuda
 from mixtral_ft.errors import UserError
+from mixtral_ft.model.device import check_attn_implementation, check_device, resolve_compute_dtype
 from mixtral_ft.model.loader import build_skeleton, finish_model, read_manifest, stream_checkpoint
-from mixtral_ft.model.quant import DTYPES
 from mixtral_ft.model.source import ModelSource, check_adapter_folder, model_source, read_adapter_config
 from mixtral_ft.recipe import ATTENTION_TARGETS, LM_HEAD_BYPASSED, is_repo_id
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
-    return torch.device("cpu")
-
-
-def check_device(device: str | torch.device | None) -> torch.device:
-    """`device` (None: `default_device()`) if it exists here; a UserError naming --device otherwise."""
-    if device is None:
-        return default_device()
-    try:
-        checked = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device '{device}' is not a device: use cpu or cuda (cuda:N)") from None
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if checked.type == "cuda" and (checked.index or 0) >= gpus:
-        found = f"torch sees {gpus} CUDA GPU(s)" if gpus else f"torch sees no CUDA GPU: {why_no_cuda()}"
-        raise UserError(f"--device '{device}': {found}; use cpu, or leave --device out")
-    return checked
-
-
-def resolve_compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 (fp16 where bf16 is missing) on a CUDA GPU, fp32 on every CPU.
-
-    Not bf16 on a CPU even where it has avx512_bf16/AMX: it trains the tiny recipe no faster there, and the
-    results would depend on the CPU (see cpu_bf16.py). A recipe that says `bfloat16` gets it anywhere.
-    """
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return DTYPES[name]
-
-
-def check_attn_implementation(name: str | None, device: str | torch.device | None = None) -> str:
-    """`name` (None: sdpa) if it can run here; UserError naming the fix otherwise."""
-    import importlib.util
-
-    from mixtral_ft.recipe import ATTN_IMPLEMENTATIONS
-
-    name = name or "sdpa"
-    if name not in ATTN_IMPLEMENTATIONS:
-        raise UserError(f"attn_implementation '{name}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    if name == "flash_attention_2":
-        device = torch.device(device) if device is not None else default_device()
-        if device.type != "cuda":
-            raise UserError(
-                f"attn_implementation flash_attention_2 needs a CUDA GPU: use sdpa (or eager) on {device.type}"
-            )
-        if importlib.util.find_spec("flash_attn") is None:
-            raise UserError(
-                "attn_implementation flash_attention_2 needs the flash-attn package "
-                "(pip install flash-attn --no-build-isolation): install it or use sdpa"
-            )
-    return name
 
 
 def load_model(
@@ -251,50 +191,3 @@ def _refuse_lm_head_lora(model, where: str):
 
 def _lm_head_refusal(where: str) -> str:
     return f"{where} puts LoRA on lm_head: {LM_HEAD_BYPASSED}; continue from an adapter without it"
-
-
-# One code object, the decoder layer's forward, serves every layer, and each mode needs its own graph: training,
-# evaluation and DPO's no-grad reference pass, each at its first length and then for any length, and their
-# grad-mode and requires-grad combinations. A tiny DPO run with evaluation used all of torch's default 8
-# (torch 2.13, 2026-11); past the limit new variants run eager without a word.
-RECOMPILE_LIMIT = 32
-
-
-def compile_layers(model) -> None:
-    """torch.compile each decoder layer (LoRA and checkpointing inside): one graph, reused by every layer.
-
-    It fuses the memory-bound work between the matmuls (norms, RoPE, routing, SwiGLU, residuals). In bf16
-    a layer compiles whole; in fp32 on CPU the per-expert loop's host sync splits it. The grouped GEMM probe
-    cannot run inside a trace, so it runs here first and the compiled layers use its decision.
-    """
-    import torch._dynamo
-    import torch._inductor.config
-    from torch._dynamo.utils import counters
-
-    from mixtral_ft.model.audit import expert_compute
-
-    expert_compute(model)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    # LoRA dropout through inductor's own random kernels broke torch 2.11's partitioner once a length turned
-    # dynamic ("Node ... was invalid, but is output", the second length of a run); aten's random ops do not.
-    torch._inductor.config.fallback_random = True
-    counters.clear()  # compile_report() counts from here
-    for layer in model.get_base_model().model.layers:
-        layer.compile()
-
-
-def compile_report() -> dict:
-    """What torch.compile did since `compile_layers`: graphs compiled, graph breaks (0 when layers trace whole)
-    and recompile-limit hits (0 when every mode got its graph).
-
-    A layer that cannot be traced, or that meets a new mode past the limit, runs eager silently and still
-    computes the same numbers; this is the proof that the compiled path ran.
-    """
-    from torch._dynamo.utils import counters
-
-    limit_hits = sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason.lower())
-    return {
-        "graphs": counters["stats"]["unique_graphs"],
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "recompile_limit_hits": limit_hits,
-    }

@@ -82,7 +82,8 @@ def trainable_model(recipe: Recipe, source):
     from mixtral_ft.common import is_main_process
     from mixtral_ft.distributed import prepare_for_distributed
     from mixtral_ft.model.audit import audit_model
-    from mixtral_ft.model.load import apply_lora, compile_layers, load_recipe_model
+    from mixtral_ft.model.load import apply_lora, load_recipe_model
+    from mixtral_ft.model.torch_compile import compile_layers
 
     model = load_recipe_model(recipe.model, source)
     model.config.use_cache = False
@@ -110,7 +111,7 @@ def train(recipe: Recipe) -> dict:
 
     from mixtral_ft.common import is_main_process
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import default_device
+    from mixtral_ft.model.device import default_device
     from mixtral_ft.train.callbacks import make_callbacks
     from mixtral_ft.train.guards import run_trainer
     from mixtral_ft.train.memory import PhaseMemory
@@ -245,7 +246,7 @@ def save_outputs(recipe: Recipe, trainer, tokenizer, summary: dict, *, audit, re
 
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype, memory) -> dict:
-    from mixtral_ft.model.load import compile_report
+    from mixtral_ft.model.torch_compile import compile_report
     from mixtral_ft.train.carry import carried_runtime, resumed_at_step, run_peak_gib
 
     history = trainer.state.log_history

@@ -117,12 +117,8 @@ def load_for_inference(target: Target, *, quantize: bool = True, attn_implementa
     `attn_implementation` overrides the target's (the run's recipe); neither given: sdpa.
     """
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import (
-        check_attn_implementation,
-        default_device,
-        load_model,
-        resolve_compute_dtype,
-    )
+    from mixtral_ft.model.device import check_attn_implementation, default_device, resolve_compute_dtype
+    from mixtral_ft.model.load import load_model
 
     attn = check_attn_implementation(attn_implementation or target.attn_implementation)
     path = target.source.local_path()
@@ -262,7 +258,7 @@ def repl(model, tokenizer, system: str | None, settings: GenerationSettings, std
 
 def load_announced(model: str, adapter: str | None, *, quantize: bool, attn_implementation: str | None):
     """(model, tokenizer, what) for `mixtral-ft chat`, terminal or web: checked first, the load announced."""
-    from mixtral_ft.model.load import check_attn_implementation
+    from mixtral_ft.model.device import check_attn_implementation
 
     target = resolve_target(model, adapter)
     check_attn_implementation(attn_implementation or target.attn_implementation)  # before the long load

@@ -42,7 +42,7 @@ def test_attn_implementation_defaults_to_sdpa_and_is_checked():
 
 
 def test_flash_attention_on_cpu_or_without_the_package_is_refused():
-    from mixtral_ft.model.load import check_attn_implementation
+    from mixtral_ft.model.device import check_attn_implementation
 
     with pytest.raises(UserError, match="CUDA GPU"):
         check_attn_implementation("flash_attention_2", "cpu")
@@ -56,7 +56,7 @@ def test_flash_attention_on_cuda_needs_the_flash_attn_package(monkeypatch, insta
     import importlib.util
     from importlib.machinery import ModuleSpec
 
-    from mixtral_ft.model.load import check_attn_implementation
+    from mixtral_ft.model.device import check_attn_implementation
 
     real_find_spec = importlib.util.find_spec
     asked = []

@@ -13,7 +13,8 @@ import torch
 
 from mixtral_ft.errors import UserError
 from mixtral_ft.model import cpu_bf16
-from mixtral_ft.model.load import load_model, resolve_compute_dtype
+from mixtral_ft.model.device import resolve_compute_dtype
+from mixtral_ft.model.load import load_model
 
 pytestmark = pytest.mark.numeric
 

@@ -12,8 +12,8 @@ from mixtral_ft.bench import steps
 from mixtral_ft.bench import throughput as bench
 from mixtral_ft.model import grouped_gemm, quant
 from mixtral_ft.model.audit import audit_model
-from mixtral_ft.model.load import compile_layers
 from mixtral_ft.model.shapes import mixtral_config, tiny_config
+from mixtral_ft.model.torch_compile import compile_layers
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.bfloat16]

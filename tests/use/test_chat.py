@@ -158,7 +158,7 @@ def test_plain_model_folder_loads_unquantized(tiny_dir, capsys):
     from transformers import AutoModelForCausalLM
 
     from mixtral_ft.data.tokenizer import load_tokenizer
-    from mixtral_ft.model.load import default_device, resolve_compute_dtype
+    from mixtral_ft.model.device import default_device, resolve_compute_dtype
     from mixtral_ft.use.chat import build_messages, encode_prompt
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=resolve_compute_dtype("auto", default_device()))
