@@ -1,4 +1,5 @@
-"""End-of-run plots (matplotlib, Agg): the loss curve and the router's layers x experts load heatmap.
+"""End-of-run plots (matplotlib, Agg): the loss curve and the router's layers x experts load heatmap, drawn by the
+`RunPlots` callback when training ends.
 
 Both read what the run already wrote (the Trainer's log history, router_stats.jsonl), so they can be
 redrawn from a finished output dir: `plot_router_heatmap(out / "router_stats.jsonl", out / "x.png")`.
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 
 def _pyplot():
@@ -81,3 +83,33 @@ def plot_router_heatmap(stats_path: Path, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+class RunPlots(TrainerCallback):
+    """When training ends: loss_curve.png and router_heatmap.png in the output dir, and to wandb if on."""
+
+    def __init__(self, output_dir: str | Path):
+        self.out = Path(output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        try:
+            images = {
+                "loss_curve": plot_loss_curve(state.log_history, self.out / "loss_curve.png"),
+                "router_heatmap": plot_router_heatmap(self.out / "router_stats.jsonl", self.out / "router_heatmap.png"),
+            }
+        except Exception as exc:  # the adapter is saved after this: a plot must never cost a finished run
+            print(f"warning: could not draw the run's plots ({type(exc).__name__}: {exc})", flush=True)
+            images = {}
+        if "wandb" in args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log(
+                    {f"plots/{k}": wandb.Image(str(v)) for k, v in images.items() if v}
+                    | {"train/global_step": state.global_step}
+                )
+                # Runs here after WandbCallback.on_train_end (it never finishes the run). Finishing completes the
+                # offline run's files and lets the next run in this process (an SFT -> DPO chain) start its own.
+                wandb.finish()

@@ -6,7 +6,7 @@ On step 1 (the untouched model: the baseline), every `every` steps and on the la
 the fraction of real (non-padding) tokens routed to each expert (top-k assignments), the router's
 entropy (nats; ln E at uniform), the Switch load-balancing loss (top_k at perfect balance) and the change
 since the baseline. Records go to `router_stats.jsonl`; four aggregates go to the trainer's log, hence to
-wandb and tensorboard. `Throughput` adds tokens/s to the log and the progress bar. `RunPlots` draws
+wandb and tensorboard. `Throughput` adds tokens/s to the log and the progress bar. `plots.RunPlots` draws
 `loss_curve.png` and `router_heatmap.png` when training ends (and logs them to wandb).
 """
 
@@ -22,6 +22,7 @@ import torch
 from transformers import ProgressCallback, TrainerCallback
 
 from mixtral_ft.common import distributed_initialized
+from mixtral_ft.train.plots import RunPlots
 
 ROUTER_NAME = re.compile(r"^(?:(?P<backbone>.*)\.)?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.gate$")
 
@@ -236,38 +237,6 @@ class Throughput(TrainerCallback):
         bar = getattr(self.progress, "training_bar", None)
         if bar is not None and "loss" in logs:
             bar.set_postfix({"loss": f"{logs['loss']:.4g}", "tok/s": logs.get("tokens_per_s", "-")}, refresh=False)
-
-
-class RunPlots(TrainerCallback):
-    """When training ends: loss_curve.png and router_heatmap.png in the output dir, and to wandb if on."""
-
-    def __init__(self, output_dir: str | Path):
-        self.out = Path(output_dir)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from mixtral_ft.train.plots import plot_loss_curve, plot_router_heatmap
-
-        try:
-            images = {
-                "loss_curve": plot_loss_curve(state.log_history, self.out / "loss_curve.png"),
-                "router_heatmap": plot_router_heatmap(self.out / "router_stats.jsonl", self.out / "router_heatmap.png"),
-            }
-        except Exception as exc:  # the adapter is saved after this: a plot must never cost a finished run
-            print(f"warning: could not draw the run's plots ({type(exc).__name__}: {exc})", flush=True)
-            images = {}
-        if "wandb" in args.report_to:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log(
-                    {f"plots/{k}": wandb.Image(str(v)) for k, v in images.items() if v}
-                    | {"train/global_step": state.global_step}
-                )
-                # Runs here after WandbCallback.on_train_end (it never finishes the run). Finishing completes the
-                # offline run's files and lets the next run in this process (an SFT -> DPO chain) start its own.
-                wandb.finish()
 
 
 def add_to_log(state, logs: dict, values: dict) -> None:
