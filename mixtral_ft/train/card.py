@@ -181,6 +181,7 @@ RUN_METRICS = (
     "tokens",
     "tokens_per_s",
     "train_runtime_s",
+    "eval_and_save_s",
     "peak_memory_gib",
 )
 

@@ -5,6 +5,10 @@ loss summed since the last log (the logging window that spans the resume point),
 `train_loss`), TRL's token count and its per-window metrics. `CarryState.on_save` writes them, exactly, into each
 checkpoint (`mixtral_ft_state.json`) with the run's peak memory so far (each process measures only its own part),
 then seals the folder with its checksum manifest (checksums.py), last.
+
+It also keeps the run's clock for throughput: the seconds spent evaluating and saving checkpoints (from a step's
+end to the end of its evaluation and save) are pauses, which tokens/s leaves out, so that a run that evaluates
+often does not look slower per token than one that does not.
 `on_train_begin` puts them back when a run resumes from such a checkpoint.
 
 A checkpoint at the run's last step means training is done: `train_or_finish` then loads its weights and log
@@ -18,6 +22,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from time import perf_counter
 
 import torch
 from transformers import TrainerCallback
@@ -53,6 +58,9 @@ class CarryState(TrainerCallback):
         self.peak = peak or (lambda: 0.0)  # this process's peak memory in GiB so far
         self.previous_runtime = 0.0  # seconds of training before this process resumed
         self.previous_peak = 0.0  # GiB: the highest peak of the parts before this process
+        self.previous_paused = 0.0  # seconds of evaluation and saving before this process resumed
+        self.paused = 0.0  # this process's seconds of evaluation and saving
+        self.step_ended: float | None = None  # when the pause in progress began (None: no step yet)
         self.resumed_at: int | None = None  # the step this process resumed at (None: a fresh run)
         self.started = time.time()
 
@@ -68,8 +76,25 @@ class CarryState(TrainerCallback):
         restore(self.trainer, saved)
         self.previous_runtime = float(saved.get("runtime_s", 0.0))
         self.previous_peak = float(saved.get("peak_memory_gib") or 0.0)
+        self.previous_paused = float(saved.get("paused_s") or 0.0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (control.should_evaluate or control.should_save) and args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)  # the step's queued kernels are training time, not the pause's
+        self.step_ended = perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.pause_ends()
+
+    def pause_ends(self) -> None:
+        """An evaluation or a save just ended: the time since the step's end (or the previous pause) is a pause."""
+        if self.step_ended is not None:
+            now = perf_counter()
+            self.paused += now - self.step_ended
+            self.step_ended = now
 
     def on_save(self, args, state, control, **kwargs):
+        self.pause_ends()  # the checkpoint's files are written; sealing it (below) is left out of the pause
         t = self.trainer
         partials = _per_rank(float(t._tr_loss), args.device)  # every rank: a collective
         if distributed_initialized():
@@ -87,6 +112,7 @@ class CarryState(TrainerCallback):
             "metrics": {k: list(v) for k, v in metrics.items()},
             "runtime_s": self.previous_runtime + time.time() - self.started,
             "peak_memory_gib": max(self.previous_peak, self.peak()),
+            "paused_s": self.previous_paused + self.paused,
         }
         (folder / STATE).write_text(json.dumps(saved) + "\n")
         write_manifest(folder)
@@ -121,6 +147,14 @@ def carried_runtime(trainer) -> float:
     """Training seconds spent before this process resumed (0 for a fresh run)."""
     carry = _carry(trainer)
     return carry.previous_runtime if carry else 0.0
+
+
+def paused_seconds(trainer, whole_run: bool = False) -> float:
+    """Seconds of evaluation and checkpoint saving: this process's, or the whole run's (parts before a resume too)."""
+    carry = _carry(trainer)
+    if carry is None:
+        return 0.0
+    return carry.paused + (carry.previous_paused if whole_run else 0.0)
 
 
 def run_peak_gib(trainer, this_part: float) -> float:

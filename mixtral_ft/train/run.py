@@ -247,12 +247,13 @@ def save_outputs(recipe: Recipe, trainer, tokenizer, summary: dict, *, audit, re
 
 def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtype, memory) -> dict:
     from mixtral_ft.model.torch_compile import compile_report
-    from mixtral_ft.train.carry import carried_runtime, resumed_at_step, run_peak_gib
+    from mixtral_ft.train.carry import carried_runtime, paused_seconds, resumed_at_step, run_peak_gib
 
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
     runtime = result.metrics.get("train_runtime", time.time() - started)
     runtime += carried_runtime(trainer)  # a resumed run's throughput covers the whole run
+    paused = paused_seconds(trainer, whole_run=True)  # evaluation and checkpoint saves: not training
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     device = trainer.args.device
     return {
@@ -269,8 +270,10 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "losses": losses,
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "tokens": tokens,
-        "tokens_per_s": round(tokens / runtime, 1) if tokens else None,  # TRL counts tokens on all ranks
+        # TRL counts tokens on all ranks
+        "tokens_per_s": round(tokens / max(runtime - paused, 1e-9), 1) if tokens else None,
         "train_runtime_s": round(runtime, 2),
+        "eval_and_save_s": round(paused, 2),
         "wall_s": round(time.time() - started, 2),
         # load or training, whichever was higher, in any part of a resumed run
         "peak_memory_gib": round(run_peak_gib(trainer, memory.overall_peak_gib()), 3),

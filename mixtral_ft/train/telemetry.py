@@ -22,6 +22,7 @@ import torch
 from transformers import ProgressCallback, TrainerCallback
 
 from mixtral_ft.common import distributed_initialized
+from mixtral_ft.train.carry import paused_seconds
 from mixtral_ft.train.plots import RunPlots
 
 ROUTER_NAME = re.compile(r"^(?:(?P<backbone>.*)\.)?layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.gate$")
@@ -213,7 +214,8 @@ class RouterTelemetry(TrainerCallback):
 
 
 class Throughput(TrainerCallback):
-    """Adds `tokens_per_s` (since the previous log) to each log, and loss and tokens/s to the progress bar."""
+    """Adds `tokens_per_s` (since the previous log, evaluation and saving left out: carry.py's pauses) to each log,
+    and loss and tokens/s to the progress bar."""
 
     log_first = True
     progress: ProgressCallback | None = None  # set by attach(); its bar shows steps and ETA
@@ -225,15 +227,18 @@ class Throughput(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.last is None:  # this process's first step: a resumed run's earlier tokens took no time here
             count = getattr(self.trainer, "_total_train_tokens", None)
-            self.last = (state.num_input_tokens_seen if count is None else count, perf_counter())
+            seen = state.num_input_tokens_seen if count is None else count
+            self.last = (seen, perf_counter(), paused_seconds(self.trainer))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen"))  # TRL's count, or the Trainer's
         now = perf_counter()
         if isinstance(tokens, (int, float)) and "loss" in logs and self.last is not None:
-            seen, then = self.last
-            add_to_log(state, logs, {"tokens_per_s": round((tokens - (seen or 0)) / max(now - then, 1e-9), 1)})
-            self.last = (tokens, now)
+            seen, then, paused_then = self.last
+            paused = paused_seconds(self.trainer)
+            trained = max(now - then - (paused - paused_then), 1e-9)
+            add_to_log(state, logs, {"tokens_per_s": round((tokens - (seen or 0)) / trained, 1)})
+            self.last = (tokens, now, paused)
         bar = getattr(self.progress, "training_bar", None)
         if bar is not None and "loss" in logs:
             bar.set_postfix({"loss": f"{logs['loss']:.4g}", "tok/s": logs.get("tokens_per_s", "-")}, refresh=False)

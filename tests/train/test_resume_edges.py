@@ -16,7 +16,7 @@ from mixtral_ft.train.checksums import MANIFEST
 from mixtral_ft.train.resume import checkpoint_problem, newest_complete
 from tests.conftest import adapter_bytes, make_checkpoint, signal_at, train
 
-TIMINGS = {"tokens_per_s", "train_runtime_s", "wall_s", "peak_memory_gib", "memory"}
+TIMINGS = {"tokens_per_s", "train_runtime_s", "eval_and_save_s", "wall_s", "peak_memory_gib", "memory"}
 PART = {"resumed_at_step"}  # says that wall_s and memory are the last part's
 
 

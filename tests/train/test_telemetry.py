@@ -263,3 +263,46 @@ def test_tensorboard_event_file_holds_the_loss(run):
     events.Reload()
     assert {"train/loss", "train/router/max_expert_load", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+# --- throughput leaves out evaluation and saving -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_saves(tmp_path, monkeypatch):
+    # A clock that moves only when told: 1 s a step, 100 s an evaluation batch, 1000 s a checkpoint save. Each
+    # logged tokens_per_s is then its window's tokens over its steps' seconds, whatever was evaluated or saved.
+    from transformers import TrainerCallback
+
+    import mixtral_ft.train.callbacks
+    import mixtral_ft.train.carry
+    import mixtral_ft.train.telemetry
+    from tests.conftest import train
+
+    clock = [0.0]
+    for module in (mixtral_ft.train.telemetry, mixtral_ft.train.carry):
+        monkeypatch.setattr(module, "perf_counter", lambda: clock[0])
+
+    class Tick(TrainerCallback):  # ahead of carry.py's CarryState, which comes last
+        def on_step_end(self, args, state, control, **kwargs):
+            clock[0] += 1
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            clock[0] += 100
+
+        def on_save(self, args, state, control, **kwargs):
+            clock[0] += 1000
+
+    make = mixtral_ft.train.callbacks.make_callbacks
+    monkeypatch.setattr(mixtral_ft.train.callbacks, "make_callbacks", lambda recipe, out: [Tick(), *make(recipe, out)])
+    out = tmp_path / "run"
+    steps = ["data.test_size=0.1", "train.eval_steps=2", "train.save_steps=3"]
+    assert train(out, *steps)[0] == 0
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    tokens = {h["step"]: h["num_tokens"] for h in history if "loss" in h}
+    rates = {h["step"]: h["tokens_per_s"] for h in history if "loss" in h}
+    assert any("eval_loss" in h for h in history)
+    assert rates == {step: tokens[step] - tokens.get(step - 1, 0) for step in tokens}  # one step a window: 1 s
+    run = json.loads((out / "run.json").read_text())
+    evals = sum(1 for h in history if "eval_loss" in h)
+    assert run["eval_and_save_s"] >= 2 * 1000 + evals * 100  # saves at steps 3 and 6, each evaluation's batches
