@@ -19,7 +19,14 @@ LOGGERS = ("bitsandbytes", "trl", "torch", "accelerate", "peft", "datasets", "tr
 # Libraries that configure their own root logger on import read these instead (a user's setting wins). torch sets
 # its logger back to WARNING on import unless TORCH_LOGS says otherwise ("-all": ERROR; TORCH_LOGS=recompiles etc.
 # still work when set).
-VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error", "TORCH_LOGS": "-all"}
+# WANDB_QUIET drops wandb's 25-line history and summary panel at the end of a run (the metrics are in run.json and
+# in wandb); the upload command of an offline run it also drops is in our closing line (train/outputs.py).
+VERBOSITY_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "TORCH_LOGS": "-all",
+    "WANDB_QUIET": "true",
+}
 WARNING_MODULES = r"(bitsandbytes|transformers|trl|datasets|torch|accelerate|peft)(\.|$)"
 WARNING_CATEGORIES = (UserWarning, RuntimeWarning)  # Future/DeprecationWarning: ignored everywhere, below
 

@@ -85,4 +85,7 @@ def written_files(out: Path) -> dict[str, list[str]]:
 
 def closing_line(out: Path) -> str:
     groups = "; ".join(f"{group}: {', '.join(names)}" for group, names in written_files(out).items())
-    return f"saved to {out}: {groups}"
+    line = f"saved to {out}: {groups}"
+    if any((out / "wandb").glob("offline-run-*")):  # wandb, quiet (quiet.py), no longer says how to upload them
+        line += f"\nwandb runs offline: upload them with `wandb sync {out / 'wandb'}/offline-run-*`"
+    return line

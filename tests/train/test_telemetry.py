@@ -1,6 +1,8 @@
 """Router telemetry, plots, wandb (offline) and tensorboard: unit tests of the statistics and hooks, then
 one tiny training run whose outputs every reporting test reads."""
 
+import contextlib
+import io
 import json
 import math
 import struct
@@ -143,24 +145,27 @@ def test_logging_section_is_checked():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("telemetry") / "run"
-    code = main(
-        [
-            "train",
-            TINY,
-            f"train.output_dir={out}",
-            "data.test_size=0",
-            "data.max_rows=16",
-            "train.max_steps=4",
-            "train.logging_steps=1",
-            "train.max_length=128",
-            "train.save_steps=100",
-            "logging.router_stats_steps=2",
-            "logging.report_to=[wandb, tensorboard]",
-            "logging.run_name=telemetry-test",
-            "logging.project=telemetry-project",
-        ]
-    )
-    assert code == 0
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        code = main(
+            [
+                "train",
+                TINY,
+                f"train.output_dir={out}",
+                "data.test_size=0",
+                "data.max_rows=16",
+                "train.max_steps=4",
+                "train.logging_steps=1",
+                "train.max_length=128",
+                "train.save_steps=100",
+                "logging.router_stats_steps=2",
+                "logging.report_to=[wandb, tensorboard]",
+                "logging.run_name=telemetry-test",
+                "logging.project=telemetry-project",
+            ]
+        )
+    (out.parent / "console.txt").write_text(console.getvalue())  # what the user saw, beside the run
+    assert code == 0, console.getvalue()[-2000:]
     return out
 
 
@@ -252,6 +257,15 @@ def test_wandb_offline_run_holds_the_loss(run):
     names = [r.run.display_name for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
     projects = [r.run.project for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "run"]
     assert names == ["telemetry-test"] and projects == ["telemetry-project"]
+
+
+@pytest.mark.slow
+def test_wandb_shows_no_summary_panel_and_the_closing_line_says_how_to_upload(run):
+    # wandb's history and summary panel (25 lines) is off (quiet.py); its offline upload command is ours now.
+    console = (run.parent / "console.txt").read_text()
+    assert "Run data is saved locally in" in console  # wandb's own lines reach this capture
+    assert "Run summary" not in console and "Run history" not in console
+    assert f"wandb runs offline: upload them with `wandb sync {run / 'wandb'}/offline-run-*`" in console
 
 
 @pytest.mark.slow
