@@ -4,12 +4,12 @@ The Trainer restores the weights, optimizer, scheduler, RNG and step, but starts
 loss summed since the last log (the logging window that spans the resume point), the run's loss total (hence
 `train_loss`), TRL's token count and its per-window metrics. `CarryState.on_save` writes them, exactly, into each
 checkpoint (`mixtral_ft_state.json`) with the run's peak memory so far (each process measures only its own part),
-then seals the folder with its checksum manifest (checksums.py), last.
+then seals the folder with its checksum manifest (checksums.py), last. `on_train_begin` puts them back when a run
+resumes from such a checkpoint.
 
 It also keeps the run's clock for throughput: the seconds spent evaluating and saving checkpoints (from a step's
 end to the end of its evaluation and save) are pauses, which tokens/s leaves out, so that a run that evaluates
 often does not look slower per token than one that does not.
-`on_train_begin` puts them back when a run resumes from such a checkpoint.
 
 A checkpoint at the run's last step means training is done: `train_or_finish` then loads its weights and log
 history and returns a TrainOutput without another step (the Trainer would run one: it checks the step count only
