@@ -100,11 +100,22 @@ def adapter_bytes(out: Path) -> bytes:
 
 
 @contextlib.contextmanager
+def callback_first(callback):
+    """Training runs with `callback` ahead of its own (before the guards; carry.py's CarryState stays last)."""
+    import mixtral_ft.train.callbacks
+
+    make = mixtral_ft.train.callbacks.make_callbacks
+    mixtral_ft.train.callbacks.make_callbacks = lambda recipe, out: [callback, *make(recipe, out)]
+    try:
+        yield
+    finally:
+        mixtral_ft.train.callbacks.make_callbacks = make
+
+
+@contextlib.contextmanager
 def signal_at(step: int | str, signum: int):
     """A real signal to this process at the end of `step` (or "end": of training), from a callback before the guards."""
     from transformers import TrainerCallback
-
-    import mixtral_ft.train.callbacks
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -115,12 +126,8 @@ def signal_at(step: int | str, signum: int):
             if step == "end":  # after the last step, just before the final save
                 os.kill(os.getpid(), signum)
 
-    make = mixtral_ft.train.callbacks.make_callbacks
-    mixtral_ft.train.callbacks.make_callbacks = lambda recipe, out: [Kill(), *make(recipe, out)]
-    try:
+    with callback_first(Kill()):
         yield
-    finally:
-        mixtral_ft.train.callbacks.make_callbacks = make
 
 
 def make_checkpoint(out: Path, step: int, recipe_overrides: tuple[str, ...] = ()) -> Path:

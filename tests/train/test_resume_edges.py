@@ -2,6 +2,7 @@
 last step only finishes its outputs, a full disk is one line and exit 74, and a checkpoint is checked byte by byte.
 """
 
+import contextlib
 import json
 import resource
 import shutil
@@ -11,10 +12,9 @@ import struct
 import pytest
 from transformers import TrainerCallback
 
-import mixtral_ft.train.callbacks
 from mixtral_ft.train.checksums import MANIFEST
 from mixtral_ft.train.resume import checkpoint_problem, newest_complete
-from tests.conftest import adapter_bytes, make_checkpoint, signal_at, train
+from tests.conftest import adapter_bytes, callback_first, make_checkpoint, signal_at, train
 
 TIMINGS = {"tokens_per_s", "train_runtime_s", "eval_and_save_s", "wall_s", "peak_memory_gib", "memory"}
 PART = {"resumed_at_step"}  # says that wall_s and memory are the last part's
@@ -86,6 +86,7 @@ def test_peak_memory_of_a_resumed_run_is_the_highest_of_its_parts(tmp_path):
     assert json.loads((out / "checkpoint-6" / STATE).read_text())["peak_memory_gib"] == 999.0
 
 
+@contextlib.contextmanager
 def fill_disk_at(step: int, limit: int):
     """From the end of `step` on, no file may grow past `limit` bytes: what a full disk does to the next save."""
 
@@ -95,23 +96,21 @@ def fill_disk_at(step: int, limit: int):
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-    make = mixtral_ft.train.callbacks.make_callbacks
-    mixtral_ft.train.callbacks.make_callbacks = lambda recipe, out: [Fill(), *make(recipe, out)]
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
-    return make, previous, hard
+    try:
+        with callback_first(Fill()):
+            yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 @pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_exit_74_and_the_last_checkpoint_survives(reference5, tmp_path):
     # Case 5: checkpoint-2 saves; at checkpoint-4 the disk is "full" (optimizer.pt cannot be written).
     out = tmp_path / "full"
-    make, previous, hard = fill_disk_at(3, 100_000)
-    try:
+    with fill_disk_at(3, 100_000):
         code, err = train(out, "train.logging_steps=5", "train.save_steps=2")
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-        mixtral_ft.train.callbacks.make_callbacks = make
     lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("error:")]
     assert code == 74, err[-2000:]
     assert "Traceback" not in err and len(lines) == 1, err[-3000:]

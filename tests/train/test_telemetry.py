@@ -288,10 +288,9 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_saves(tmp_path, monke
     # logged tokens_per_s is then its window's tokens over its steps' seconds, whatever was evaluated or saved.
     from transformers import TrainerCallback
 
-    import mixtral_ft.train.callbacks
     import mixtral_ft.train.carry
     import mixtral_ft.train.telemetry
-    from tests.conftest import train
+    from tests.conftest import callback_first, train
 
     clock = [0.0]
     for module in (mixtral_ft.train.telemetry, mixtral_ft.train.carry):
@@ -307,11 +306,10 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_saves(tmp_path, monke
         def on_save(self, args, state, control, **kwargs):
             clock[0] += 1000
 
-    make = mixtral_ft.train.callbacks.make_callbacks
-    monkeypatch.setattr(mixtral_ft.train.callbacks, "make_callbacks", lambda recipe, out: [Tick(), *make(recipe, out)])
     out = tmp_path / "run"
     steps = ["data.test_size=0.1", "train.eval_steps=2", "train.save_steps=3"]
-    assert train(out, *steps)[0] == 0
+    with callback_first(Tick()):
+        assert train(out, *steps)[0] == 0
     history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     tokens = {h["step"]: h["num_tokens"] for h in history if "loss" in h}
     rates = {h["step"]: h["tokens_per_s"] for h in history if "loss" in h}
