@@ -1,4 +1,4 @@
-"""DPO on pre-tokenized pairs: the one place we override TRL, and the reward summary for run.json.
+"""DPO on pre-tokenized pairs: our one override of TRL's data path, and the reward summary for run.json.
 
 We hand TRL our LoRA-wrapped PeftModel with `ref_model=None` and no `peft_config` (given a peft_config TRL
 would wrap the model itself; alignment-handbook's QLoRA DPO recipe fails on "You passed both a ref_model and
@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from mixtral_ft.data.prefs import PAIR_COLUMNS
+from mixtral_ft.train.trl_trainers import OwnModelCard
 
 TRL_CHECKED = "1.16"  # the TRL minor this override was read against
 REF_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
@@ -32,8 +33,9 @@ REWARD_KEYS = {
 }
 
 
-class TokenizedDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer, fed with rows that data/prefs.py already tokenized and cut to max_length."""
+class TokenizedDPOTrainer(OwnModelCard, DPOTrainer):
+    """TRL's DPOTrainer, fed with rows that data/prefs.py already tokenized and cut to max_length (and without
+    TRL's draft card: trl_trainers.py)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]

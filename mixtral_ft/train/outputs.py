@@ -41,7 +41,7 @@ def use_numeric_progress(handler) -> None:
 
 
 def write_run_files(out: Path, audit, reports) -> None:
-    """audit.json, data_report.json, then README.md: our card, over the one TRL's save_model wrote."""
+    """audit.json, data_report.json, then README.md: our card, over the one peft's save_pretrained wrote."""
     from mixtral_ft.train.card import write_card
 
     (out / "audit.json").write_text(audit.to_json() + "\n")

@@ -133,9 +133,11 @@ class Method:
 
 
 def _sft_classes():
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    return SFTConfig, SFTTrainer
+    from mixtral_ft.train.trl_trainers import RunSFTTrainer
+
+    return SFTConfig, RunSFTTrainer
 
 
 def _dpo_classes():

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from mixtral_ft.cli import main
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import load_recipe
 from mixtral_ft.train.telemetry import RouterTelemetry, layer_stats, routing_sums
+from tests.conftest import callback_first
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
@@ -142,11 +144,20 @@ def test_logging_section_is_checked():
 # --- one tiny run with wandb (offline) and tensorboard ------------------------------------------------
 
 
+class CardAtSave(TrainerCallback):
+    """Whether output_dir held a README.md at each checkpoint save (TRL drafts one there unless told not to)."""
+
+    seen: list[bool] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        CardAtSave.seen.append((Path(args.output_dir) / "README.md").exists())
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("telemetry") / "run"
     console = io.StringIO()
-    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console), callback_first(CardAtSave()):
         code = main(
             [
                 "train",
@@ -165,6 +176,7 @@ def run(tmp_path_factory):
             ]
         )
     (out.parent / "console.txt").write_text(console.getvalue())  # what the user saw, beside the run
+    (out.parent / "card_at_save.json").write_text(json.dumps(CardAtSave.seen))
     assert code == 0, console.getvalue()[-2000:]
     return out
 
@@ -266,6 +278,14 @@ def test_wandb_shows_no_summary_panel_and_the_closing_line_says_how_to_upload(ru
     assert "Run data is saved locally in" in console  # wandb's own lines reach this capture
     assert "Run summary" not in console and "Run history" not in console
     assert f"wandb runs offline: upload them with `wandb sync {run / 'wandb'}/offline-run-*`" in console
+
+
+@pytest.mark.slow
+def test_checkpoints_leave_the_card_to_the_run_s_end(run):
+    # TRL's draft card at each save asked offline wandb for a URL: a warning in the middle of the progress bar.
+    assert "URL not available" not in (run.parent / "console.txt").read_text()
+    assert json.loads((run.parent / "card_at_save.json").read_text()) == [False]  # one save, at step 4: no draft
+    assert "## Audit" in (run / "README.md").read_text()  # then ours, at the end
 
 
 @pytest.mark.slow
