@@ -25,6 +25,7 @@ LOCK = ".lock"
 ASIDE = ".replaced-"
 _held: dict[str, int] = {}  # resolved output_dir -> the locked file descriptor
 _deferred: dict[str, list[Path]] = {}  # resolved output_dir -> what train.overwrite replaces
+_deferred_note: dict[str, str] = {}  # resolved output_dir -> the line replace_deferred prints, if not overwrite's
 
 
 def _key(out: Path) -> str:
@@ -111,6 +112,7 @@ def claimed(output_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         unlock(out)
         _deferred.pop(_key(out), None)
+        _deferred_note.pop(_key(out), None)
         for folder in created if is_main_process() else ():
             try:
                 folder.rmdir()  # only if empty: what the run wrote stays
@@ -120,10 +122,15 @@ def claimed(output_dir: str | Path) -> Iterator[Path]:
     unlock(out)
 
 
-def defer_replace(out: Path, paths: list[Path]) -> None:
-    """Record what the new run replaces; `replace_deferred` removes it later. Every rank records, rank 0 removes."""
+def defer_replace(out: Path, paths: list[Path], note: str | None = None) -> None:
+    """Record what the new run replaces; `replace_deferred` removes it later. Every rank records, rank 0 removes.
+
+    `note`: the line printed once they are removed (default: train.overwrite's count of the checkpoints removed).
+    """
     if paths:
         _deferred[_key(out)] = list(paths)
+        if note:
+            _deferred_note[_key(out)] = note
 
 
 def deferred(out: Path) -> list[Path]:
@@ -132,7 +139,7 @@ def deferred(out: Path) -> list[Path]:
 
 def replace_deferred(out: Path) -> None:
     """Rename the replaced run aside (run.json last, so a cut-short move still reads as a finished run), delete it."""
-    paths = _deferred.pop(_key(out), [])
+    paths, note = _deferred.pop(_key(out), []), _deferred_note.pop(_key(out), None)
     if not paths or not is_main_process():
         return
     aside = Path(out) / f"{ASIDE}{os.getpid()}"
@@ -148,5 +155,7 @@ def replace_deferred(out: Path) -> None:
             "choose another train.output_dir"
         ) from None
     checkpoints = sum(p.name.startswith("checkpoint-") for p in paths)
-    if checkpoints:
+    if note:
+        print(note, flush=True)
+    elif checkpoints:
         print(f"train.overwrite: removed {checkpoints} checkpoint(s) of the previous run in {out}", flush=True)

@@ -5,6 +5,7 @@ output folder (not TRL's default), and a closing line that names every file writ
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from transformers import ProgressCallback
@@ -20,8 +21,14 @@ GROUPS = (  # (group, file names or glob patterns), in the order the closing lin
 
 
 def number(value):
-    """A float at 4 significant digits that still prints as a number (transformers prints '11.65', a string)."""
-    return float(f"{value:.4g}") if isinstance(value, float) else value
+    """A float at 4 significant digits that still prints as a number (transformers prints '11.65', a string).
+
+    From 10,000 up the whole number: counts are floats in the log (TRL's `num_tokens`), and a long run's
+    12,345,678 tokens at 4 digits would print as an exact-looking 12350000.0.
+    """
+    if not isinstance(value, float):
+        return value
+    return round(value) if math.isfinite(value) and abs(value) >= 1e4 else float(f"{value:.4g}")
 
 
 class NumericProgress(ProgressCallback):

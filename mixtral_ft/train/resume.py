@@ -193,6 +193,10 @@ def find_resume_checkpoint(recipe: Recipe, out: Path) -> Path | None:
         folder, skipped = (None, []) if replacing else newest_complete(out)
         for bad, why in skipped:
             _say(f"resume: skipping incomplete {bad}: {why}")
+        # Left there, a save cut short would count towards save_total_limit: the Trainer's rotation would delete the
+        # complete checkpoint before it instead, leaving none to resume from until the next save is sealed.
+        incomplete = [bad for bad, _ in skipped]
+        defer_replace(out, incomplete, f"resume: removed {', '.join(p.name for p in incomplete)} (cut short)")
         if folder is None:
             if resume is True:
                 raise UserError(

@@ -52,6 +52,12 @@ def test_log_lines_print_numbers_not_strings(run):
     assert number(11.6523) == 11.65 and number(3) == 3
 
 
+def test_log_lines_keep_every_digit_of_a_long_runs_counts():
+    # TRL logs num_tokens as a float: at 4 significant digits 12,345,678 tokens printed as 12350000.0.
+    assert str(number(12_345_678.0)) == "12345678" and number(1234.567) == 1235.0
+    assert number(float("inf")) == float("inf") and number(float("nan")) != number(float("nan"))
+
+
 def test_closing_line_names_every_file_grouped(run):
     out, text = run
     closing = next(line for line in text.splitlines() if line.startswith(f"saved to {out}: "))

@@ -188,3 +188,29 @@ def test_tokens_per_s_after_a_resume_counts_only_this_processes_tokens(tmp_path,
     rates = {h["step"]: h["tokens_per_s"] for h in history if "loss" in h}
     assert rates[4] == tokens[4] - tokens[3]
     assert rates[1] == tokens[1] and rates[5] == tokens[5] - tokens[4]
+
+
+@pytest.mark.slow
+def test_rotation_after_a_save_cut_short_keeps_a_complete_checkpoint(tmp_path, capsys):
+    """save_total_limit 2 keeps a complete checkpoint through every save, even after a kill during a save.
+
+    A preemption's save cut short (checkpoint-3, unsealed) is skipped by the resume; left there, it counted towards
+    the limit, so the resumed run's next save (checkpoint-4) deleted checkpoint-2, the only complete one, and until
+    checkpoint-4 was sealed a kill would have left nothing to resume from."""
+    out, keep = tmp_path / "run", ("train.save_steps=2", "train.save_total_limit=2")
+    with signal_at(3, signal.SIGTERM):
+        assert train(out, *keep)[0] == 143
+    (out / "checkpoint-3" / MANIFEST).unlink()  # the kill came before the manifest
+    found = {}
+
+    class Probe(TrainerCallback):  # first: runs after the Trainer's rotation, before carry.py seals the new folder
+        def on_save(self, args, state, control, **kwargs):
+            found[state.global_step] = newest_complete(out)[0]
+
+    capsys.readouterr()
+    with callback_first(Probe()):
+        code, err = train(out, *keep)
+    assert code == 0, err
+    assert "resume: removed checkpoint-3 (cut short)" in capsys.readouterr().out
+    assert found == {4: out / "checkpoint-2", 6: out / "checkpoint-4"}, found
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
