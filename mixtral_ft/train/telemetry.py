@@ -13,6 +13,7 @@ wandb and tensorboard. `Throughput` adds tokens/s to the log and the progress ba
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import partial
 from pathlib import Path
@@ -106,7 +107,7 @@ class RouterTelemetry(TrainerCallback):
             # full disk, dropped with the rest past the checkpoint.
             old = self.path.read_text().split("\n")[:-1] if state.global_step and self.path.is_file() else []
             kept = [line for line in old if line.strip() and json.loads(line)["step"] <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            _replace_text(self.path, "".join(line + "\n" for line in kept))
             self.baseline = json.loads(kept[0]) if kept else None
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -242,6 +243,17 @@ class Throughput(TrainerCallback):
         bar = getattr(self.progress, "training_bar", None)
         if bar is not None and "loss" in logs:
             bar.set_postfix({"loss": f"{logs['loss']:.4g}", "tok/s": logs.get("tokens_per_s", "-")}, refresh=False)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    # Through a new file and a rename: rewritten in place, a kill or a full disk mid-write would lose the
+    # records of every step before the checkpoint, which the resumed run does not redo.
+    fresh = path.with_name(path.name + ".new")
+    try:
+        fresh.write_text(text)
+        os.replace(fresh, path)
+    finally:
+        fresh.unlink(missing_ok=True)
 
 
 def add_to_log(state, logs: dict, values: dict) -> None:

@@ -5,6 +5,8 @@ import contextlib
 import io
 import json
 import math
+import resource
+import signal
 import struct
 from pathlib import Path
 
@@ -124,6 +126,33 @@ def test_resume_drops_a_record_cut_short_by_a_kill(tmp_path):
     )
     telemetry.on_train_end(None, None, None)
     assert [json.loads(line)["step"] for line in stats.read_text().splitlines()] == [1]
+
+
+def test_a_full_disk_during_the_resume_s_rewrite_keeps_the_records(tmp_path):
+    """The resume rewrites router_stats.jsonl without the records past its checkpoint; a write that fails (here
+    RLIMIT_FSIZE, as a full disk) must leave the old file whole, not truncated."""
+    from transformers import MixtralForCausalLM, TrainerControl, TrainerState
+
+    from mixtral_ft.model.shapes import tiny_config
+
+    stats = tmp_path / "router_stats.jsonl"
+    stats.write_text("".join(json.dumps({"step": s, "expert_fraction": [[0.5, 0.5]] * 8}) + "\n" for s in (1, 10, 20)))
+    before = stats.read_bytes()
+    telemetry = RouterTelemetry(tmp_path, every=10)
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4, hard))
+    try:
+        with pytest.raises(OSError):
+            telemetry.on_train_begin(
+                None, TrainerState(global_step=10), TrainerControl(), model=MixtralForCausalLM(tiny_config())
+            )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+        telemetry.on_train_end(None, None, None)
+    assert stats.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["router_stats.jsonl"]
 
 
 def test_logging_section_is_checked():
