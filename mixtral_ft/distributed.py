@@ -23,13 +23,15 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from mixtral_ft.common import fsdp_enabled, under_launcher
+from mixtral_ft.common import fsdp_enabled, under_launcher, world_size
 from mixtral_ft.errors import UserError
 
 # distributed_type values that need GPUs (accelerate silently degrades them to DDP on CPU).
@@ -135,6 +137,24 @@ def launch(recipe: str, overrides: list[str], num_processes: int | None, config_
 
 
 # --- inside each process ---------------------------------------------------------------------------
+
+
+@contextmanager
+def local_main_first():
+    """Under a launcher, local rank 0 runs the block (the data: tokenizing and caching it) while the machine's other
+    ranks wait, then they run it and read its cache instead of tokenizing the same rows all at once.
+
+    accelerate's own way (PartialState.local_main_process_first); it starts the process group a little before the
+    Trainer would, with the Trainer's settings (its default ddp_timeout, gloo under ACCELERATE_USE_CPU), which
+    the Trainer's TrainingArguments then reuses."""
+    if not under_launcher() or world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    with PartialState(cpu=cpu, timeout=timedelta(seconds=1800)).local_main_process_first():
+        yield
 
 
 def prepare_for_distributed(model: nn.Module) -> nn.Module:

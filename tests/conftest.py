@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ import torch
 def private_cache(tmp_path_factory):
     # Subprocesses inherit it too, so no test writes to the user's ~/.cache.
     os.environ["MIXTRAL_FT_CACHE"] = str(tmp_path_factory.mktemp("mixtral_ft_cache"))
+    # datasets' Arrow caches (the sources' and our tokenized rows'): also private, so every session starts cold.
+    # datasets reads the variable at import, and test modules may have imported it already: its config too.
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets_cache"))
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_DATASETS_CACHE = Path(os.environ["HF_DATASETS_CACHE"])
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -42,6 +42,8 @@ RECIPES = [
     ("tiny max_length", ["train.max_length=8"], {}, "'train.max_length' must be >= 16"),
     ("test_size of 1", ["data.test_size=1"], {}, "'data.test_size' must be in [0, 1)"),
     ("bad fraction > 1", ["data.max_bad_fraction=2"], {}, "'data.max_bad_fraction' must be in [0, 1]"),
+    ("zero tokenizing processes", ["data.num_proc=0"], {}, "'data.num_proc' must be > 0 or null"),
+    ("text for num_proc", ["data.num_proc=auto"], {}, "'data.num_proc' must be an integer"),
     ("unknown compute dtype", ["model.compute_dtype=fp16"], {}, "'model.compute_dtype' must be auto, bfloat16"),
     ("unknown optimizer", ["train.optim=adamw"], {}, "'train.optim' must be a transformers name, e.g. adamw_torch"),
     (

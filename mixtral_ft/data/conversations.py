@@ -12,9 +12,10 @@ Reading sources (files.py) and holding out and mixing them (sources.py) are shar
 
 from __future__ import annotations
 
-from collections import Counter
+from functools import partial
 
 from mixtral_ft.data import formats
+from mixtral_ft.data.encode import encode_rows
 from mixtral_ft.data.files import read_rows
 from mixtral_ft.data.formats import ROLE_ALIASES
 from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, settle
@@ -138,32 +139,20 @@ def load_sft_data(cfg: DataSection, tokenizer, *, max_length: int, seed: int, as
 
 
 def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, assistant_only: bool):
-    from datasets import Dataset
-
     dataset, label = read_rows(cfg, split)
     fmt = formats.sft_format(dataset.column_names, dataset[0] if len(dataset) else None, cfg.format, label)
-
-    report = SourceReport(source=label, format=fmt.describe(), supervised_tokens=0)
-    dropped: Counter[str] = Counter()
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
-    for row in dataset.select_columns(list(fmt.columns)):
-        report.read += 1
-        try:
-            messages, context_answers = fmt.convert(row)
-            encoded = encode_conversation(messages, tokenizer)
-        except ValueError as exc:
-            dropped[str(exc)] += 1
-            continue
-        mask = formats.completion_only(encoded["assistant_masks"], context_answers)[:max_length]
-        if 1 not in mask:
-            dropped[TRUNCATED] += 1
-            continue
-        rows["input_ids"].append(encoded["input_ids"][:max_length])
-        rows["assistant_masks"].append(mask)
-        report.trailing_user_dropped += formats.ends_on_user(messages)
-        # Without the mask the loss is on every token but the first (<s>, which nothing predicts).
-        report.supervised_tokens += sum(mask) if assistant_only else len(rows["input_ids"][-1]) - 1
-    report.kept = len(rows["input_ids"])
+    settings = {"method": "sft", "format": fmt.name, "max_length": max_length, "assistant_only": assistant_only}
+    rows, dropped, sums = encode_rows(
+        dataset.select_columns(list(fmt.columns)),
+        partial(_encode_row, fmt=fmt, tokenizer=tokenizer, max_length=max_length, assistant_only=assistant_only),
+        {"input_ids": "ids", "assistant_masks": "ids", "_supervised": "count", "_trailing_user": "count"},
+        settings,
+        tokenizer=tokenizer,
+        num_proc=cfg.num_proc,
+        label=label,
+    )
+    report = SourceReport(source=label, format=fmt.describe(), read=len(dataset), kept=len(rows))
+    report.supervised_tokens, report.trailing_user_dropped = sums["_supervised"], sums["_trailing_user"]
     settle(
         report,
         dropped,
@@ -172,4 +161,21 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, assist
         not_bad=TRUNCATED,
         empty_fix=f"fix the data, or raise train.max_length (now {max_length}) if rows are too long",
     )
-    return Dataset.from_dict(rows), report
+    return rows, report
+
+
+def _encode_row(row: dict, *, fmt, tokenizer, max_length: int, assistant_only: bool) -> dict:
+    """One row's ids and mask, cut to max_length, and what it adds to the report; ValueError(reason) drops it."""
+    messages, context_answers = fmt.convert(row)
+    encoded = encode_conversation(messages, tokenizer)
+    mask = formats.completion_only(encoded["assistant_masks"], context_answers)[:max_length]
+    if 1 not in mask:
+        raise ValueError(TRUNCATED)
+    ids = encoded["input_ids"][:max_length]
+    return {
+        "input_ids": ids,
+        "assistant_masks": mask,
+        # Without the mask the loss is on every token but the first (<s>, which nothing predicts).
+        "_supervised": sum(mask) if assistant_only else len(ids) - 1,
+        "_trailing_user": int(formats.ends_on_user(messages)),
+    }

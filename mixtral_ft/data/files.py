@@ -82,7 +82,7 @@ def _read_source(path: str, split: str):
             "or pass a local .jsonl/.json/.parquet file"
         )
     try:
-        with _no_progress_bars() if kind == "folder" else nullcontext():  # a hub download keeps its bars
+        with no_progress_bars() if kind == "folder" else nullcontext():  # a hub download keeps its bars
             return datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets/hub raise many unrelated types; each means "cannot load this"
         raise UserError(f"data: cannot load {where} (split '{split}'): {_why(exc)}; {fix}") from None
@@ -131,7 +131,7 @@ def _read_file(file: Path, label: str, split: str):
     check_file_source(file, label, split)
     loader = LOCAL_LOADERS[file.suffix.lower()]
     try:
-        with _no_progress_bars():
+        with no_progress_bars():
             return datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as exc:  # malformed JSON and broken Parquet arrive as assorted wrapped errors
         kind = "JSON Lines (or one JSON list of objects)" if loader == "json" else "Parquet"
@@ -186,7 +186,7 @@ def _json_kind(value) -> str:
 
 
 @contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """datasets draws a "Generating train split" bar for each new local file: seconds at most, and often right
     before the one-line error about that file's columns, which would then not be the only line on stderr."""
     import datasets

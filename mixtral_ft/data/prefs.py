@@ -18,7 +18,7 @@ Bad pairs are dropped and counted per reason, exactly like bad SFT rows (convers
 
 from __future__ import annotations
 
-from collections import Counter
+from functools import partial
 
 from mixtral_ft.data import formats
 from mixtral_ft.data.conversations import (
@@ -26,6 +26,7 @@ from mixtral_ft.data.conversations import (
     encode_conversation,
     normalize_messages,
 )
+from mixtral_ft.data.encode import encode_rows
 from mixtral_ft.data.files import read_rows
 from mixtral_ft.data.sources import SFTData, SourceReport, load_sources, settle
 from mixtral_ft.recipe import DataSection
@@ -112,24 +113,31 @@ def fit(prompt: list[int], chosen: list[int], rejected: list[int], max_length: i
 
 
 def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, max_prompt_length: int):
-    from datasets import Dataset
-
     dataset, label = read_rows(cfg, split)
     fmt = formats.preference_format(dataset.column_names, cfg.format, label)
-
-    report = SourceReport(source=label, format=fmt.describe(), supervised_tokens=0)
-    dropped: Counter[str] = Counter()
-    rows: dict[str, list[list[int]]] = {name: [] for name in PAIR_COLUMNS}
-    for row in dataset.select_columns(list(fmt.columns)):
-        report.read += 1
-        try:
-            pair = encode_pair(*split_pair(fmt.convert(row)), tokenizer)
-        except ValueError as exc:
-            dropped[str(exc)] += 1
-            continue
-        for name, ids in zip(PAIR_COLUMNS, fit(*pair, max_length, max_prompt_length)):
-            rows[name].append(ids)
-        report.supervised_tokens += len(rows["chosen_ids"][-1]) + len(rows["rejected_ids"][-1])
-    report.kept = len(rows["prompt_ids"])
+    settings = {"method": "dpo", "format": fmt.name, "max_length": max_length, "max_prompt_length": max_prompt_length}
+    rows, dropped, sums = encode_rows(
+        dataset.select_columns(list(fmt.columns)),
+        partial(_encode_row, fmt=fmt, tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length),
+        {**dict.fromkeys(PAIR_COLUMNS, "ids"), "_supervised": "count"},
+        settings,
+        tokenizer=tokenizer,
+        num_proc=cfg.num_proc,
+        label=label,
+    )
+    report = SourceReport(source=label, format=fmt.describe(), read=len(dataset), kept=len(rows))
+    report.supervised_tokens = sums["_supervised"]
     settle(report, dropped, cfg, label, not_bad=None, empty_fix="fix the data")
-    return Dataset.from_dict(rows), report
+    return rows, report
+
+
+def _encode_row(row: dict, *, fmt, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """One pair's ids, fitted to the lengths; ValueError(reason) drops it."""
+    pair = encode_pair(*split_pair(fmt.convert(row)), tokenizer)
+    prompt, chosen, rejected = fit(*pair, max_length, max_prompt_length)
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        "_supervised": len(chosen) + len(rejected),
+    }

@@ -88,6 +88,7 @@ def _check_data(recipe: Recipe) -> None:
     _need(0.0 <= d.test_size < 1.0, "data.test_size", "must be in [0, 1), e.g. 0.05")
     _need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1], e.g. 0.1")
     _need(d.max_rows is None or d.max_rows > 0, "data.max_rows", "must be > 0 or null")
+    _need(d.num_proc is None or d.num_proc > 0, "data.num_proc", "must be > 0 or null (null: by the rows and cores)")
 
 
 def _check_lora(lo: LoraSection, nf4_experts: bool) -> None:

@@ -53,6 +53,7 @@ class DataSection:
     format: str = "auto"  # auto detects it from the columns; README's Data section shows one row of each
     max_bad_fraction: float = 0.1  # stop the run if more than this fraction of rows is unparseable
     max_rows: int | None = None  # read at most this many rows (quick experiments)
+    num_proc: int | None = None  # processes that tokenize; null: by the rows and cores (data/encode.py)
     # Blend sources instead of data.path: seeded sampling, each source gets weight/sum(weights) of the rows.
     mixture: tuple[MixtureSource, ...] = ()  # [{path, weight, split, eval_split, format, max_rows}, ...]
     mixture_size: int | None = None  # rows in the mixed train set; null: the sum of the sources' usable rows

@@ -62,6 +62,7 @@ FREE_KEYS = {
     "train.eval_steps",
     "train.check_fit",
     "data.max_bad_fraction",  # only decides whether to stop: the rows kept are the same
+    "data.num_proc",  # how many processes tokenize: the rows are the same
     "logging.report_to",
     "logging.project",
     "logging.run_name",

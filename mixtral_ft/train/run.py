@@ -111,6 +111,7 @@ def train(recipe: Recipe) -> dict:
 
     from mixtral_ft.common import is_main_process
     from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.distributed import local_main_first
     from mixtral_ft.model.device import default_device
     from mixtral_ft.train.callbacks import make_callbacks
     from mixtral_ft.train.guards import run_trainer
@@ -129,7 +130,8 @@ def train(recipe: Recipe) -> dict:
 
     tokenizer = load_tokenizer(source.local_path(), mode="finetuning")
     method = METHODS[recipe.train.method]
-    data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
+    with local_main_first():  # the machine's other ranks then read local rank 0's tokenized cache
+        data = method.rows(recipe, tokenizer)  # conversations or preference pairs, as Mixtral-format ids
     for report in data.reports if is_main_process() else ():  # every rank loads the data; rank 0 reports
         print(report.line(), flush=True)
     memory = PhaseMemory(default_device())

@@ -50,6 +50,7 @@ DOCUMENTED_DEFAULTS = {
         "format": "auto",
         "max_bad_fraction": 0.1,
         "max_rows": None,
+        "num_proc": None,
         "mixture": [],
         "mixture_size": None,
     },
