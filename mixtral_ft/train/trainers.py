@@ -8,12 +8,15 @@ and the handful of arguments only that method has. TRL owns the loop.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mixtral_ft.data.encode import BAR_ROWS
+from mixtral_ft.data.files import no_progress_bars
 from mixtral_ft.recipe import Recipe
 
 # train.* keys that are TrainingArguments of the same name and meaning: the recipe maps onto the trainer's own
@@ -173,15 +176,17 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, callb
         **trainer_arguments(recipe, dtype, eval_rows is not None), **method.arguments(recipe, pad_token)
     )
     trainable = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        **method.trainer_kwargs,
-    )
+    # TRL prepares the rows again (labels, truncation): six datasets bars for a few rows, as data/encode.py's.
+    with no_progress_bars() if len(train_rows) < BAR_ROWS else nullcontext():
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            **method.trainer_kwargs,
+        )
     # TRL casts a 4-bit model's LoRA weights to bf16, but a resume loads them through peft as fp32: the resumed run
     # would train in another precision, and at DPO learning rates most Adam steps would round away. Keep them fp32.
     for name, p in model.named_parameters():

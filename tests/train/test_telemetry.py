@@ -310,6 +310,13 @@ def test_wandb_shows_no_summary_panel_and_the_closing_line_says_how_to_upload(ru
 
 
 @pytest.mark.slow
+def test_a_few_rows_show_no_dataset_bars(run):
+    # TRL's own preparation of our rows (labels, truncation, masking) drew six bars for 16 rows.
+    console = (run.parent / "console.txt").read_text()
+    assert "Building labels" not in console and "examples/s" not in console
+
+
+@pytest.mark.slow
 def test_checkpoints_leave_the_card_to_the_run_s_end(run):
     # TRL's draft card at each save asked offline wandb for a URL: a warning in the middle of the progress bar.
     assert "URL not available" not in (run.parent / "console.txt").read_text()
