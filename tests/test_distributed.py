@@ -205,6 +205,18 @@ def test_ranks_hold_identical_adapters_after_training(tmp_path):
     # ...and they trained: LoRA B starts at zero and has moved (different data on each rank, averaged grads).
     assert any(not torch.equal(rank0[k], init[k]) for k in rank0 if "lora_B" in k)
 
+    # Rank 1 peaked far above rank 0 (its ballast): run.json's and the checkpoint's peak are the highest rank's,
+    # not rank 0's, while the memory by phase is rank 0's and says so.
+    rank1_peak = json.loads((out / "rank1_peak.json").read_text())
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["memory"]["rank"] == 0 and summary["memory"]["train_peak_gib"] < rank1_peak
+    assert summary["peak_memory_gib"] >= round(rank1_peak, 3)
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "mixtral_ft_state.json").read_text())
+    assert state["peak_memory_gib"] >= rank1_peak
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"| peak_memory_gib (per process, the highest of 2) | {summary['peak_memory_gib']} |" in card
+    assert "| tokens_per_s (all 2 processes, not per GPU) |" in card
+
 
 # --- FSDP ---------------------------------------------------------------------------------------------
 
