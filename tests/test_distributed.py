@@ -154,7 +154,16 @@ def test_two_process_ddp_through_the_cli(tmp_path):
     assert proc.stdout.count("saved to ") == 1
     assert proc.stdout.count("audit: ok") == 1
     assert proc.stdout.count("data: builtin:oasst_top1") == 1
+    assert proc.stdout.count("{'loss': ") == 4 and proc.stdout.count("{'eval_loss': ") == 1
     assert not list(out.glob(".write_test*"))
+    # The figures are the run's, not rank 0's: router telemetry counts both ranks' tokens, as TRL's num_tokens does.
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    first = json.loads((out / "router_stats.jsonl").read_text().splitlines()[0])
+    assert history[0]["step"] == first["step"] == 1 and first["tokens"] == history[0]["num_tokens"]
+    # tokens_per_s: both ranks' tokens per second of training time (not per GPU), as the card's label says.
+    assert summary["tokens"] == max(h.get("num_tokens", 0) for h in history)
+    training_s = summary["train_runtime_s"] - summary["eval_and_save_s"]
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / training_s, rel=1e-2)
 
 
 @pytest.mark.slow
