@@ -2,7 +2,9 @@
 
 python -m torch.distributed.run --nproc-per-node 2 tests/distributed_helpers.py dump OUT RECIPE [k=v ...]
     trains through the real `mixtral-ft train` path; each rank writes its LoRA weights after the
-    last step to OUT/rank{R}.safetensors (and rank 0 the initial ones to OUT/init.safetensors).
+    last step to OUT/rank{R}.safetensors (and rank 0 the initial ones to OUT/init.safetensors). Rank 1
+    also holds BALLAST_MIB of memory for a moment after step 1 (so its peak is the run's highest, not
+    rank 0's) and writes its peak then, in GiB, to OUT/rank1_peak.json.
 python -m torch.distributed.run --nproc-per-node 2 tests/distributed_helpers.py fsdp OUT CONFIG
     wraps the tiny NF4 model in FSDP the way accelerate + the HF Trainer do for CONFIG (accelerate
     itself enables FSDP only on GPUs), trains one step, and writes OUT/fsdp_rank{R}.json.
@@ -18,6 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
+BALLAST_MIB = 1024  # about the tiny run's whole footprint (0.7-1 GiB on CPU), so rank 1 peaks highest
+
 
 def lora_state(model) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
@@ -32,6 +36,7 @@ def dump(out: Path, argv: list[str]) -> int:
 
     import mixtral_ft.train.callbacks
     from mixtral_ft.cli import main
+    from mixtral_ft.common import peak_gib
 
     rank = int(os.environ["RANK"])
 
@@ -39,6 +44,12 @@ def dump(out: Path, argv: list[str]) -> int:
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if rank == 0:
                 save_file(lora_state(model), str(out / "init.safetensors"))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if rank == 1 and state.global_step == 1:
+                ballast = torch.ones(BALLAST_MIB * 2**18, device=args.device)  # float32, every page written
+                del ballast
+                (out / "rank1_peak.json").write_text(json.dumps(peak_gib(args.device)))
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
             save_file(lora_state(model), str(out / f"rank{rank}.safetensors"))

@@ -154,7 +154,16 @@ def test_two_process_ddp_through_the_cli(tmp_path):
     assert proc.stdout.count("saved to ") == 1
     assert proc.stdout.count("audit: ok") == 1
     assert proc.stdout.count("data: builtin:oasst_top1") == 1
+    assert proc.stdout.count("{'loss': ") == 4 and proc.stdout.count("{'eval_loss': ") == 1
     assert not list(out.glob(".write_test*"))
+    # The figures are the run's, not rank 0's: router telemetry counts both ranks' tokens, as TRL's num_tokens does.
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    first = json.loads((out / "router_stats.jsonl").read_text().splitlines()[0])
+    assert history[0]["step"] == first["step"] == 1 and first["tokens"] == history[0]["num_tokens"]
+    # tokens_per_s: both ranks' tokens per second of training time (not per GPU), as the card's label says.
+    assert summary["tokens"] == max(h.get("num_tokens", 0) for h in history)
+    training_s = summary["train_runtime_s"] - summary["eval_and_save_s"]
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / training_s, rel=1e-2)
 
 
 @pytest.mark.slow
@@ -204,6 +213,18 @@ def test_ranks_hold_identical_adapters_after_training(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
     # ...and they trained: LoRA B starts at zero and has moved (different data on each rank, averaged grads).
     assert any(not torch.equal(rank0[k], init[k]) for k in rank0 if "lora_B" in k)
+
+    # Rank 1 peaked far above rank 0 (its ballast): run.json's and the checkpoint's peak are the highest rank's,
+    # not rank 0's, while the memory by phase is rank 0's and says so.
+    rank1_peak = json.loads((out / "rank1_peak.json").read_text())
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["memory"]["rank"] == 0 and summary["memory"]["train_peak_gib"] < rank1_peak
+    assert summary["peak_memory_gib"] >= round(rank1_peak, 3)
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "mixtral_ft_state.json").read_text())
+    assert state["peak_memory_gib"] >= rank1_peak
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"| peak_memory_gib (per process, the highest of 2) | {summary['peak_memory_gib']} |" in card
+    assert "| tokens_per_s (all 2 processes, not per GPU) |" in card
 
 
 # --- FSDP ---------------------------------------------------------------------------------------------

@@ -186,11 +186,21 @@ RUN_METRICS = (
 )
 
 
+# What a multi-process run's figures cover, said in the table: the bare names read as one GPU's.
+ALL_RANKS = {
+    "tokens": "tokens (all {n} processes)",
+    "tokens_per_s": "tokens_per_s (all {n} processes, not per GPU)",
+    "peak_memory_gib": "peak_memory_gib (per process, the highest of {n})",
+}
+
+
 def _run_table(run: dict | None) -> list[str]:
     if not run:
         return []
+    n = run.get("world_size") or 1
+    label = {k: v.format(n=n) for k, v in ALL_RANKS.items()} if n > 1 else {}
     lines = ["## Training run", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {run[k]} |" for k in RUN_METRICS if run.get(k) is not None]
+    lines += [f"| {label.get(k, k)} | {run[k]} |" for k in RUN_METRICS if run.get(k) is not None]
     lines += _memory_row(run.get("memory"))
     versions = run.get("versions") or {}
     if versions:

@@ -3,9 +3,9 @@
 The Trainer restores the weights, optimizer, scheduler, RNG and step, but starts its loss bookkeeping afresh: the
 loss summed since the last log (the logging window that spans the resume point), the run's loss total (hence
 `train_loss`), TRL's token count and its per-window metrics. `CarryState.on_save` writes them, exactly, into each
-checkpoint (`mixtral_ft_state.json`) with the run's peak memory so far (each process measures only its own part),
-then seals the folder with its checksum manifest (checksums.py), last. `on_train_begin` puts them back when a run
-resumes from such a checkpoint.
+checkpoint (`mixtral_ft_state.json`) with the run's peak memory so far (each process measures its own; the
+checkpoint keeps the highest rank's), then seals the folder with its checksum manifest (checksums.py), last.
+`on_train_begin` puts them back when a run resumes from such a checkpoint.
 
 It also keeps the run's clock for throughput: the seconds spent evaluating and saving checkpoints (from a step's
 end to the end of its evaluation and save) are pauses, which tokens/s leaves out, so that a run that evaluates
@@ -97,6 +97,7 @@ class CarryState(TrainerCallback):
         self.pause_ends()  # the checkpoint's files are written; sealing it (below) is left out of the pause
         t = self.trainer
         partials = _per_rank(float(t._tr_loss), args.device)  # every rank: a collective
+        peak = max(_per_rank(max(self.previous_peak, self.peak()), args.device))  # any rank's GPU: a collective too
         if distributed_initialized():
             torch.distributed.barrier()  # every rank's files (rng_state_N.pth) are written before rank 0 seals
         if not state.is_world_process_zero:
@@ -111,7 +112,7 @@ class CarryState(TrainerCallback):
             "tokens": getattr(t, "_total_train_tokens", None),
             "metrics": {k: list(v) for k, v in metrics.items()},
             "runtime_s": self.previous_runtime + time.time() - self.started,
-            "peak_memory_gib": max(self.previous_peak, self.peak()),
+            "peak_memory_gib": peak,
             "paused_s": self.previous_paused + self.paused,
         }
         (folder / STATE).write_text(json.dumps(saved) + "\n")
@@ -158,9 +159,12 @@ def paused_seconds(trainer, whole_run: bool = False) -> float:
 
 
 def run_peak_gib(trainer, this_part: float) -> float:
-    """The whole run's peak memory: `this_part`'s or a part's before the resume, whichever was higher."""
+    """The whole run's peak memory per process: the highest of every rank's `this_part` and of the parts before a
+    resume. Every rank must call it (a collective when distributed): the GPU that runs out is any rank's, not
+    necessarily rank 0's, whose numbers the rest of run.json's memory shows."""
     carry = _carry(trainer)
-    return max(this_part, carry.previous_peak) if carry else this_part
+    mine = max(this_part, carry.previous_peak) if carry else this_part
+    return max(_per_rank(mine, trainer.args.device))
 
 
 def resumed_at_step(trainer) -> int | None:

@@ -8,7 +8,8 @@ loop's own (steps, evaluation, checkpoints).
 On a GPU the numbers are torch's allocated tensors on this rank's device (`memory_allocated`,
 `max_memory_allocated`); the CUDA context and the caching allocator's slack come on top. On CPU they are
 the process's resident memory (VmRSS, VmHWM), so they include Python, the libraries and the data. Each
-process measures its own; run.json is written by rank 0, so it holds rank 0's.
+process measures its own; run.json is written by rank 0, so `memory` holds rank 0's (its `peak_memory_gib` is the
+highest rank's: carry.run_peak_gib).
 """
 
 from __future__ import annotations

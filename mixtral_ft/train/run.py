@@ -277,7 +277,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
         "train_runtime_s": round(runtime, 2),
         "eval_and_save_s": round(paused, 2),
         "wall_s": round(time.time() - started, 2),
-        # load or training, whichever was higher, in any part of a resumed run
+        # load or training, whichever was higher, on any rank, in any part of a resumed run (a collective)
         "peak_memory_gib": round(run_peak_gib(trainer, memory.overall_peak_gib()), 3),
         "memory": memory.summary(),  # by phase, this rank's (run.json is rank 0's): see train/memory.py
         **({"compile": compile_report()} if recipe.train.compile else {}),
