@@ -27,19 +27,21 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     precheck(recipe)  # data files, adapter folder: fast, before torch and transformers load
-    from mixtral_ft.distributed import launch, needs_launcher
+    from mixtral_ft.distributed import launch, needs_launcher, shards_weights
 
+    force = getattr(args, "force", False)
     if needs_launcher(args.num_processes, args.accelerate_config):  # N > 1 or a config: accelerate launches
         from torch.distributed.elastic.multiprocessing.api import SignalException
 
         from mixtral_ft.train.run import check_output_dir
 
+        check_can_train(recipe, args.recipe, force=force, sharded=shards_weights(args.accelerate_config))
         try:
             check_output_dir(recipe)  # once here, not in every worker after N model loads
             return launch(args.recipe, args.overrides, args.num_processes, args.accelerate_config)
         except SignalException as exc:  # the launcher got it too; it passed it on and waited for the workers,
             return 128 + int(exc.sigval)  # which saved a checkpoint and said so: 143 / 130, no traceback
-    check_can_train(recipe, args.recipe, force=getattr(args, "force", False))  # before any download or folder
+    check_can_train(recipe, args.recipe, force=force)  # before any download or folder
     try:
         with claimed(recipe.train.output_dir):  # one run per folder (rank 0 locks); a failed run leaves no empty one
             return _train(recipe)

@@ -71,6 +71,15 @@ def read_config(config_file: str | None) -> dict:
         ) from None
 
 
+def _kind(config: dict) -> str:
+    return str(config.get("distributed_type", "NO")).upper().removeprefix("DISTRIBUTEDTYPE.")
+
+
+def shards_weights(config_file: str | None) -> bool:
+    """Whether the accelerate config splits the weights over the GPUs (FSDP, DeepSpeed), unlike DDP's copies."""
+    return _kind(read_config(config_file)) in GPU_ONLY
+
+
 def launch_args(
     num_processes: int | None, config_file: str | None, *, cuda: bool | None = None, env: dict | None = None
 ) -> list[str]:
@@ -78,7 +87,7 @@ def launch_args(
     cuda = torch.cuda.is_available() if cuda is None else cuda
     env = os.environ if env is None else env
     config = read_config(config_file)
-    kind = str(config.get("distributed_type", "NO")).upper().removeprefix("DISTRIBUTEDTYPE.")
+    kind = _kind(config)
     n = num_processes if num_processes is not None else max(int(config.get("num_processes", 1)), 1)
     machines = int(config.get("num_machines", 1) or 1)
     args = ["--config_file", str(config_file)] if config_file else []

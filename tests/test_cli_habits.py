@@ -99,6 +99,16 @@ def test_full_mixtral_without_gpu_stops_before_any_download(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
+def test_the_launching_command_checks_once_before_starting_workers(tmp_path, capsys):
+    # Before, only single-process runs were checked: N workers each started loading the full model on CPU.
+    out = tmp_path / "runs" / "oasst"
+    assert main(["train", OASST, f"train.output_dir={out}", "--num-processes", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0] and "stopped before any download" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
 @pytest.mark.parametrize("extra", [["--force"], ["train.check_fit=false"]])
 def test_force_or_the_recipe_key_skip_the_check(tmp_path, capsys, extra):
     # Past the check, the offline download is what fails (HF_HUB_OFFLINE, conftest): proof the check was skipped.
@@ -113,6 +123,9 @@ def test_plan_verdicts_for_a_gpu():
     assert "does not fit this GPU" in small and "mixtral-ft plan recipes/oasst.yaml --gpu-mem 24" in small
     assert verdict(recipe, "recipes/oasst.yaml", 141.0) is None  # an H200
     assert "needs a CUDA GPU" in verdict(recipe, "recipes/oasst.yaml", None)
+    # FSDP / ZeRO-3 split the weights: the per-GPU share is plan --num-gpus's to judge, not the whole model's.
+    assert verdict(recipe, "recipes/oasst.yaml", 24.0, sharded=True) is None
+    assert "needs a CUDA GPU" in verdict(recipe, "recipes/oasst.yaml", None, sharded=True)
 
 
 def test_the_tiny_recipe_hint_works_from_any_folder(tmp_path, monkeypatch):

@@ -106,6 +106,13 @@ def test_workers_refuse_to_launch_again(monkeypatch, capsys):
     assert "under accelerate launch or torchrun" in capsys.readouterr().err
 
 
+def test_which_configs_shard_the_weights():
+    from mixtral_ft.distributed import shards_weights
+
+    assert not shards_weights(None) and not shards_weights(str(CONFIGS / "multi_gpu.yaml"))
+    assert shards_weights(str(CONFIGS / "fsdp_qlora.yaml"))
+
+
 def test_launch_flags_for_cpu_and_gpu():
     env: dict[str, str] = {"MASTER_PORT": "29999"}
     cpu = launch_args(2, None, cuda=False, env=env)

@@ -35,8 +35,11 @@ def gpu_memory_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
-def verdict(recipe, recipe_path: str, gpu_mem: float | None) -> str | None:
-    """Why this machine cannot train the recipe (one line), or None if it can or we cannot tell."""
+def verdict(recipe, recipe_path: str, gpu_mem: float | None, *, sharded: bool = False) -> str | None:
+    """Why this machine cannot train the recipe (one line), or None if it can or we cannot tell.
+
+    `sharded`: FSDP or ZeRO-3 will split the weights over the GPUs, so only the no-GPU case is judged here (the
+    per-GPU share is `mixtral-ft plan --num-gpus N`'s); DDP keeps the whole model on each GPU, as one process."""
     from mixtral_ft.model.tiny import TINY_NAME
     from mixtral_ft.plan.preflight import plan
 
@@ -56,7 +59,7 @@ def verdict(recipe, recipe_path: str, gpu_mem: float | None) -> str | None:
             f"{why_no_cuda()}; stopped before any download. On CPU try `mixtral-ft train {tiny_recipe()}`; "
             f"size a GPU with `mixtral-ft plan {recipe_path}`; {override}"
         )
-    if report["fits"]:
+    if report["fits"] or sharded:
         return None
     return (
         f"{recipe.model.name} does not fit this GPU: plan predicts {need:.1f} GiB at peak, the GPU has "
@@ -65,11 +68,13 @@ def verdict(recipe, recipe_path: str, gpu_mem: float | None) -> str | None:
     )
 
 
-def check_can_train(recipe, recipe_path: str, *, force: bool = False) -> None:
-    """UserError (exit 2) when the model cannot train on this machine; nothing is downloaded or written first."""
+def check_can_train(recipe, recipe_path: str, *, force: bool = False, sharded: bool = False) -> None:
+    """UserError (exit 2) when the model cannot train on this machine; nothing is downloaded or written first.
+
+    Under `--num-processes N` the launching command checks once (`sharded`: see verdict), before N workers start."""
     if force or not recipe.train.check_fit or world_size() > 1:
-        return  # launched workers: the per-process share (DDP, FSDP) is plan's business with --num-gpus
-    why = verdict(recipe, recipe_path, gpu_memory_gib())
+        return  # a launched worker: the launching command has checked
+    why = verdict(recipe, recipe_path, gpu_memory_gib(), sharded=sharded)
     if why:
         raise UserError(why)
 
