@@ -257,6 +257,7 @@ def summarize(recipe: Recipe, trainer, result, started: float, dtype: torch.dtyp
     runtime += carried_runtime(trainer)  # a resumed run's throughput covers the whole run
     paused = paused_seconds(trainer, whole_run=True)  # evaluation and checkpoint saves: not training
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    tokens = int(tokens) if tokens is not None else None  # TRL counts in floats: 1340.0
     device = trainer.args.device
     return {
         "method": recipe.train.method,

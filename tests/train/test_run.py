@@ -80,6 +80,7 @@ def test_run_outputs(repeated_run):
     run = json.loads((repeated_run / "run.json").read_text())
     assert run["steps"] == 20 and run["world_size"] == 1 and run["seed"] == 42
     assert run["tokens_per_s"] > 0 and run["peak_memory_gib"] > 0
+    assert type(run["tokens"]) is int and run["tokens"] > 0  # a count, not TRL's 1340.0
     # Training time only: the checkpoint saves (and any evaluation) are left out of tokens/s.
     assert 0 < run["eval_and_save_s"] < run["train_runtime_s"]
     training_s = run["train_runtime_s"] - run["eval_and_save_s"]
