@@ -145,7 +145,7 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, assist
     rows, dropped, sums = encode_rows(
         dataset.select_columns(list(fmt.columns)),
         partial(_encode_row, fmt=fmt, tokenizer=tokenizer, max_length=max_length, assistant_only=assistant_only),
-        {"input_ids": "ids", "assistant_masks": "ids", "_supervised": "count", "_trailing_user": "count"},
+        {"input_ids": "ids", "assistant_masks": "mask", "_supervised": "count", "_trailing_user": "count"},
         settings,
         tokenizer=tokenizer,
         num_proc=cfg.num_proc,

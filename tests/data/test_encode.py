@@ -123,3 +123,12 @@ def test_processes_by_rows_and_cores(monkeypatch):
     assert encode.processes(None, 10**7) == 16
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on the machine: 2 cores each
     assert encode.processes(None, 10**7) == 2
+
+
+def test_the_cache_holds_5_bytes_a_token(tokenizer, tmp_path):
+    # int32 ids and int8 masks; with int64 for both a 280 M-token dataset's cache was 4.5 GB instead of 1.4.
+    rows = sft(tokenizer, messy_file(tmp_path)).train
+    assert rows.features["input_ids"].feature.dtype == "int32"
+    assert rows.features["assistant_masks"].feature.dtype == "int8"
+    pairs = dpo(tokenizer, DataSection(path="builtin:preferences")).train
+    assert {pairs.features[name].feature.dtype for name in ("prompt_ids", "chosen_ids", "rejected_ids")} == {"int32"}
