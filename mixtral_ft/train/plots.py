@@ -23,16 +23,47 @@ def _pyplot():
     return plt
 
 
-def plot_loss_curve(log_history: list[dict], path: Path) -> Path | None:
+SMOOTH_FROM = 200  # logged losses; past this a long run's per-step noise paints a solid band
+MARKERS_UP_TO = 40  # eval points drawn as dots; more run together
+
+
+def smoothed(values: list[float]) -> list[float]:
+    """Exponential moving average over about 1/50 of the points (as TensorBoard's smoothing slider does)."""
+    weight = 1 - 50 / max(len(values), 50)
+    out, level = [], values[0]
+    for value in values:
+        level = weight * level + (1 - weight) * value
+        out.append(level)
+    return out
+
+
+def loss_lines(log_history: list[dict]) -> list[tuple[list, list, dict]]:
+    """(steps, losses, matplotlib style) for each line of the loss plot."""
     train = [(h["step"], h["loss"]) for h in log_history if isinstance(h.get("loss"), (int, float))]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if isinstance(h.get("eval_loss"), (int, float))]
-    if not train and not evals:
+    lines = []
+    if len(train) > SMOOTH_FROM:
+        steps, losses = map(list, zip(*train))
+        lines.append((steps, losses, {"color": "C0", "alpha": 0.25, "linewidth": 0.5}))
+        lines.append((steps, smoothed(losses), {"color": "C0", "label": "train loss (smoothed)"}))
+    elif train:
+        lines.append((*map(list, zip(*train)), {"color": "C0", "label": "train loss"}))
+    if evals:
+        marker = "o" if len(evals) <= MARKERS_UP_TO else None
+        lines.append(
+            (*map(list, zip(*evals)), {"color": "C1", "linestyle": "--", "marker": marker, "label": "eval loss"})
+        )
+    return lines
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> Path | None:
+    lines = loss_lines(log_history)
+    if not lines:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o--")):
-        if points:
-            ax.plot(*zip(*points), style, label=label)
+    for steps, losses, style in lines:
+        ax.plot(steps, losses, **style)
     ax.set(xlabel="step", ylabel="loss", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()

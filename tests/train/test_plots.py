@@ -39,3 +39,23 @@ def test_one_record_is_both_ends_and_an_empty_file_none(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     assert first_and_last(tmp_path / "empty.jsonl") is None
     assert plot_router_heatmap(tmp_path / "empty.jsonl", tmp_path / "x.png") is None
+
+
+def test_a_long_run_s_loss_plot_shows_the_trend_through_the_noise(tmp_path):
+    import random
+    import statistics
+
+    from mixtral_ft.train.plots import loss_lines, plot_loss_curve
+
+    rng = random.Random(0)
+    history = [{"step": s, "loss": 2.0 - s / 20_000 + rng.uniform(-0.5, 0.5)} for s in range(1, 10_001)]
+    history += [{"step": s, "eval_loss": 1.8} for s in range(100, 10_001, 100)]
+    raw, smooth, evals = loss_lines(history)
+    assert raw[2]["alpha"] < 1 and "smoothed" in smooth[2]["label"]
+    # the smoothed line follows the trend (2.0 -> 1.5) with a small fraction of the per-step noise
+    residual = [y - (2.0 - s / 20_000) for s, y in zip(smooth[0][1000:], smooth[1][1000:])]
+    assert statistics.pstdev(residual) < 0.1 * statistics.pstdev([y for y in raw[1]])
+    assert evals[2]["marker"] is None  # 100 eval points: a line, not a row of overlapping dots
+    assert plot_loss_curve(history, tmp_path / "loss.png").stat().st_size > 0
+    short = [{"step": s, "loss": 1.0} for s in range(1, 21)] + [{"step": 10, "eval_loss": 1.0}]
+    assert [line[2]["label"] for line in loss_lines(short)] == ["train loss", "eval loss"]
