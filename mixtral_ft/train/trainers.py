@@ -17,6 +17,7 @@ import torch
 
 from mixtral_ft.data.encode import BAR_ROWS
 from mixtral_ft.data.files import no_progress_bars
+from mixtral_ft.data.rows import dpo_rows, sft_rows  # shared with `mixtral-ft data`
 from mixtral_ft.recipe import Recipe
 
 # train.* keys that are TrainingArguments of the same name and meaning: the recipe maps onto the trainer's own
@@ -88,28 +89,6 @@ def dpo_arguments(recipe: Recipe, pad_token: str) -> dict[str, Any]:
         beta=d.beta,
         loss_type=[d.loss_type],
         disable_dropout=True,  # policy and reference log-probs must come from the same deterministic network
-    )
-
-
-def sft_rows(recipe: Recipe, tokenizer):
-    from mixtral_ft.data.conversations import load_sft_data
-
-    t = recipe.train
-    data = load_sft_data(
-        recipe.data, tokenizer, max_length=t.max_length, seed=t.seed, assistant_only=t.assistant_only_loss
-    )
-    if not t.assistant_only_loss:  # TRL builds the labels from an `assistant_masks` column whenever present
-        data.train = data.train.remove_columns("assistant_masks")
-        data.eval = data.eval.remove_columns("assistant_masks") if data.eval is not None else None
-    return data
-
-
-def dpo_rows(recipe: Recipe, tokenizer):
-    from mixtral_ft.data.prefs import load_preference_data
-
-    t = recipe.train
-    return load_preference_data(
-        recipe.data, tokenizer, max_length=t.max_length, max_prompt_length=recipe.dpo.max_prompt_length, seed=t.seed
     )
 
 
