@@ -89,6 +89,26 @@ def cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
+def cmd_data(args) -> int:
+    import os
+
+    from mixtral_ft.data.preview import preview
+    from mixtral_ft.data.tokenizer import load_tokenizer
+    from mixtral_ft.model.source import model_source
+    from mixtral_ft.recipe import load_recipe
+    from mixtral_ft.train.precheck import check_data
+
+    if args.show < 0:
+        raise UserError(f"--show {args.show}: give how many rows to show, 0 or more (0: the summary alone)")
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_data(recipe)  # train's precheck of the sources, before datasets loads
+    tokenizer_folder = model_source(recipe.model.name, recipe.model.revision).tokenizer_folder()  # nothing fetched
+    tokenizer = load_tokenizer(tokenizer_folder, mode="finetuning")  # as train/run.py, from that folder
+    color = not args.json and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(preview(recipe, tokenizer, show=args.show, color=color, as_json=args.json))
+    return 0
+
+
 def cmd_audit(args) -> int:
     from mixtral_ft.model.audit import audit_model
     from mixtral_ft.model.load import apply_lora, load_model, load_recipe_model

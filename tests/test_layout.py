@@ -27,6 +27,7 @@ STAGES = [
     "bench",
     "commands",
     "quiet",
+    "parsers",
     "cli",
 ]
 MAX_LINES = 300

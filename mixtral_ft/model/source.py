@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mixtral_ft.errors import UserError, io_failure
 from mixtral_ft.model.shapes import tiny_config
-from mixtral_ft.model.tiny import TINY_NAME, tiny_model_dir
+from mixtral_ft.model.tiny import TINY_NAME, cached_tiny_dir, tiny_model_dir
 from mixtral_ft.recipe import is_repo_id
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"]
@@ -45,6 +45,24 @@ class ModelSource:
             if io_failure(exc):
                 raise  # a full disk is not bad input: exit 74 (cli.py)
             raise UserError(fetch_problem(exc, self.name, self.revision)) from None
+
+    def tokenizer_folder(self) -> Path | None:
+        """Where `local_path()` would find the tokenizer, without building or downloading anything: tiny's cached
+        folder, the local folder, or a Hub snapshot already in the cache. None: mistral-common's bundled Mixtral
+        tokenizer, which tiny and Hub Mixtral folders also give (data/tokenizer.py), file for file."""
+        if self.kind == "tiny":
+            return cached_tiny_dir()
+        if self.kind == "local":
+            return self.local_path()
+        from huggingface_hub import snapshot_download
+
+        try:
+            cached = snapshot_download(
+                self.name, revision=self.revision, allow_patterns=HUB_FILES, local_files_only=True
+            )
+        except Exception:  # not in the cache (or no such revision there): the weights' download will say why
+            return None
+        return Path(cached)
 
     def config_dict(self) -> dict:
         """config.json alone (no weights); for a Hub id the cache or one request (hub_config.ConfigUnavailable)."""

@@ -62,11 +62,17 @@ def write_random_mixtral(out_dir: str | os.PathLike, config, *, layout="legacy",
     return out
 
 
+def cached_tiny_dir() -> Path | None:
+    """The cached tiny model's folder if it is built, else None (nothing is built here)."""
+    target = cache_root() / f"tiny-{TINY_VERSION}"
+    return target if (target / "config.json").exists() else None
+
+
 def tiny_model_dir() -> Path:
     """The cached tiny model, built on first use. Safe when several processes ask at once."""
+    if (cached := cached_tiny_dir()) is not None:
+        return cached
     target = cache_root() / f"tiny-{TINY_VERSION}"
-    if (target / "config.json").exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=target.parent))
     write_tiny(staging)

@@ -26,10 +26,7 @@ ADAPTER_KEYS = {
 
 
 def precheck(recipe: Recipe) -> None:
-    d = recipe.data
-    sources = [(d.path, d.split)] if d.path is not None else [(s.path, s.split) for s in d.mixture]
-    for path, split in sources:
-        _check_source(path, split)
+    check_data(recipe)
     if recipe.model.adapter:
         check_adapter_folder(recipe.model.adapter)
         _check_lora_unused(recipe)
@@ -76,6 +73,14 @@ def _check_token(output_dir: str) -> None:
             "hub.push is true but there is no Hugging Face token: set HF_TOKEN or run `hf auth login` first, or "
             f"set hub.push=false and push later with `mixtral-ft push {output_dir} --repo-id ...`"
         )
+
+
+def check_data(recipe: Recipe) -> None:
+    """Each data source of the recipe (`mixtral-ft data` makes this check alone: it trains nothing)."""
+    d = recipe.data
+    sources = [(d.path, d.split)] if d.path is not None else [(s.path, s.split) for s in d.mixture]
+    for path, split in sources:
+        _check_source(path, split)
 
 
 def _check_source(path: str, split: str) -> None:
