@@ -8,6 +8,7 @@ word's leading space shows before the mark: sentencepiece puts it in the word's 
 
 from __future__ import annotations
 
+import math
 from itertools import groupby
 
 MARK = ("⟦", "⟧")
@@ -27,11 +28,9 @@ def trained_mask(row: dict) -> list[int]:
 
 
 def spread(values: list[int]) -> dict:
-    """min / median / p95 / max (nearest rank: each is a real row's value)."""
-    ordered = sorted(values)
-    if not ordered:
-        return {"min": 0, "median": 0, "p95": 0, "max": 0}
-    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    """min / median / p95 / max, by nearest rank (the ceil(q·n)-th smallest), so each is a real row's value."""
+    ordered = sorted(values) or [0]
+    at = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
     return {"min": ordered[0], "median": at(0.5), "p95": at(0.95), "max": ordered[-1]}
 
 
