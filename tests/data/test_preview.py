@@ -69,11 +69,12 @@ def test_builtin_sample_renders_every_answer_marked(tokenizer):
     data = sft_rows(recipe(TINY, "train.max_length=4096"), tokenizer)
     source = [json.loads(line) for line in Path(BUILTIN["oasst_top1"]).read_text().splitlines()]
     fmt = sft_format(list(source[0]), source[0], "auto", "builtin")
-    assert len(data.train) == len(source)
-    for row, raw in zip(data.train, source):
+    shown = show_rows(data, "sft", tokenizer, len(source), color=False)[1::2]  # header, text; header, text; ...
+    assert len(data.train) == len(source) == len(shown)
+    for text, raw in zip(shown, source):
         messages = normalize_messages(fmt.convert(raw)[0])
         answers = [t["content"] + "</s>" for t in messages if t["role"] == "assistant"]
-        assert SPAN.findall(render(row["input_ids"], row["assistant_masks"], tokenizer, color=False)) == answers
+        assert SPAN.findall(text) == answers
 
 
 def test_colour_marks_the_same_spans(tokenizer):
