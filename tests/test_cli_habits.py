@@ -61,7 +61,7 @@ def test_mistyped_command_suggests_the_right_one(capsys):
     err = capsys.readouterr().err.strip()
     assert err == (
         "error: unknown command 'trian'; did you mean `mixtral-ft train recipes/tiny.yaml`? (commands: "
-        "train, validate, audit, tiny, quantize, merge, push, chat, eval, plan, bench)"
+        "train, validate, data, audit, tiny, quantize, merge, push, chat, eval, plan, bench)"
     )
     assert main(["xyzzy"]) == 2 and "see `mixtral-ft --help`" in capsys.readouterr().err
 

@@ -101,3 +101,12 @@ def test_an_uncached_hub_model_offline_is_one_line_naming_hf_hub_offline(tmp_pat
         "the local cache; unset it to download the model"
     ]
     assert not out.exists()
+
+
+def test_tokenizer_folder_builds_and_fetches_nothing(tiny_dir):
+    """`mixtral-ft data`'s tokenizer: the folder train would read, or None (the bundled one) for a Hub id not cached."""
+    from mixtral_ft.model.source import model_source
+
+    assert model_source("tiny").tokenizer_folder() == tiny_dir
+    assert model_source(str(tiny_dir)).tokenizer_folder() == tiny_dir
+    assert model_source("nobody-xyz/not-a-cached-model").tokenizer_folder() is None  # HF_HUB_OFFLINE: no request
