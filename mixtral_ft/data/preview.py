@@ -110,10 +110,10 @@ def summary_lines(summary: dict) -> list[str]:
     ]
     if unit == "rows":
         at, trained, total = train["at_max_length"], train["supervised_tokens"], train["tokens"]
+        cut = f"; {train['cut_mid_answer']:,} of them cut inside an answer (the rest is not trained)" if at else ""
         lines += [
             f"  tokens per train row: {_spread_text(train['tokens_per_row'])}",
-            f"  at max_length: {at:,} of {count:,} train rows ({_share(at, count)}); {train['cut_mid_answer']:,} of "
-            "them cut inside an answer (the rest of it is not trained)",
+            f"  at max_length: {at:,} of {count:,} train rows ({_share(at, count)}){cut}",
             f"  supervised tokens: {trained:,} of {total:,} train tokens ({_share(trained, total)})",
         ]
     else:
