@@ -60,7 +60,7 @@ def encode_rows(
     empty = {name: 0 if kind == "count" else [] for name, kind in columns.items()}
     key = fingerprint(dataset, settings, tokenizer)
     procs = processes(num_proc, len(dataset))
-    with no_progress_bars() if len(dataset) < BAR_ROWS else nullcontext():
+    with bars_for(len(dataset)):
         mapped = dataset.map(
             _encode_batch,
             fn_kwargs={"encode_row": encode_row, "empty": empty},
@@ -85,6 +85,11 @@ def encode_rows(
             )
         )
     return kept.remove_columns([DROP, *sums]), dropped, sums
+
+
+def bars_for(rows: int):
+    """datasets' progress bars for work on `rows` rows: shown from BAR_ROWS up, hidden below (a context manager)."""
+    return no_progress_bars() if rows < BAR_ROWS else nullcontext()
 
 
 def _encode_batch(batch: dict[str, list], encode_row, empty: dict) -> dict[str, list]:

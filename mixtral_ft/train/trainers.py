@@ -8,15 +8,13 @@ and the handful of arguments only that method has. TRL owns the loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixtral_ft.data.encode import BAR_ROWS
-from mixtral_ft.data.files import no_progress_bars
+from mixtral_ft.data.encode import bars_for
 from mixtral_ft.data.rows import dpo_rows, sft_rows  # shared with `mixtral-ft data`
 from mixtral_ft.recipe import Recipe
 
@@ -156,7 +154,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows, eval_rows, callb
     )
     trainable = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
     # TRL prepares the rows again (labels, truncation): six datasets bars for a few rows, as data/encode.py's.
-    with no_progress_bars() if len(train_rows) < BAR_ROWS else nullcontext():
+    with bars_for(len(train_rows)):
         trainer = trainer_class(
             model=model,
             args=args,
