@@ -68,7 +68,8 @@ def _train(recipe) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Preempted as exc:  # a checkpoint is saved; 143 / 130 tell the scheduler it was a signal
-        print(f"stopped: {exc}", file=sys.stderr)
+        if is_main_process():  # every rank stops on the same step, with the same line
+            print(f"stopped: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
 
