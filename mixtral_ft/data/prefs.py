@@ -14,10 +14,13 @@ Each pair becomes `prompt_ids` (`<s>[INST] … [/INST]`) plus `chosen_ids` / `re
 to TRL as they are, because TRL's tokenization goes through `apply_chat_template`, which MistralCommonBackend
 cannot do for a pair (finetuning mode refuses a prompt that ends on a user turn, test mode refuses an answer).
 Bad pairs are dropped and counted per reason, exactly like bad SFT rows (conversations.py).
+A pair over train.max_length is fitted by `fit_pair`: a long prompt loses whole old exchanges, then the start of
+its question, never `<s>[INST]` or its end; the answers lose their ends. The reports count shortened prompts.
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 from mixtral_ft.data import formats
@@ -103,13 +106,41 @@ def encode_pair(turns: list[dict], chosen: str, rejected: str, tokenizer) -> tup
     return prompt, chosen_ids, rejected_ids
 
 
-def fit(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int):
-    """TRL's classic truncation: when prompt + the longer answer exceed max_length, the prompt keeps `<s>` and its
-    last max_prompt_length - 1 tokens (the question being answered and `[/INST]`); answers are cut to what is left."""
-    if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
-        prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1) :]
+def fit_pair(turns: list[dict], chosen: str, rejected: str, tokenizer, max_length: int, max_prompt_length: int):
+    """(prompt, chosen, rejected) ids within max_length, and whether the prompt was shortened.
+
+    TRL's rule decides when: prompt + the longer answer over max_length and prompt over max_prompt_length. Then the
+    prompt loses its oldest exchanges first (a system turn stays), and if the last question alone is still too long,
+    the start of its text, after `<s>[INST]`: cutting tokens off the front, as TRL does, would leave the model a
+    prompt that starts inside an old answer, or one without `[INST]`. Answers are cut to what is left."""
+    prompt, chosen_ids, rejected_ids = encode_pair(turns, chosen, rejected, tokenizer)
+    longest = max(len(chosen_ids), len(rejected_ids))
+
+    def too_long(ids: list[int]) -> bool:
+        return len(ids) + longest > max_length and len(ids) > max_prompt_length
+
+    shortened = False
+    while too_long(prompt) and (fewer := _without_oldest_exchange(turns)) is not None:
+        turns, shortened = fewer, True
+        prompt = encode_pair(turns, chosen, rejected, tokenizer)[0]
+    if too_long(prompt):
+        head = _instruction_head(tokenizer)
+        prompt, shortened = prompt[:head] + prompt[len(prompt) - (max_prompt_length - head) :], True
     room = max_length - len(prompt)
-    return prompt, chosen[:room], rejected[:room]
+    return prompt, chosen_ids[:room], rejected_ids[:room], shortened
+
+
+def _without_oldest_exchange(turns: list[dict]) -> list[dict] | None:
+    """The prompt turns less their first user/assistant exchange (a leading system turn stays); None when only the
+    last question is left. The turns alternate: encode_pair has validated them."""
+    lead = 1 if formats.turn_role(turns[0]) == "system" else 0
+    return turns[:lead] + turns[lead + 2 :] if len(turns) - lead >= 3 else None
+
+
+def _instruction_head(tokenizer) -> int:
+    """How many tokens open a one-question prompt before the question's text (`<s>[INST]`, in pieces in v1)."""
+    a, b = (encode_pair([{"role": "user", "content": q}], "x", "y", tokenizer)[0] for q in ("a", "b"))
+    return len(os.path.commonprefix([a, b]))
 
 
 def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, max_prompt_length: int):
@@ -119,25 +150,27 @@ def _load_split(cfg: DataSection, split: str, tokenizer, max_length: int, max_pr
     rows, dropped, sums = encode_rows(
         dataset.select_columns(list(fmt.columns)),
         partial(_encode_row, fmt=fmt, tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length),
-        {**dict.fromkeys(PAIR_COLUMNS, "ids"), "_supervised": "count"},
+        {**dict.fromkeys(PAIR_COLUMNS, "ids"), "_supervised": "count", "_prompt_shortened": "count"},
         settings,
         tokenizer=tokenizer,
         num_proc=cfg.num_proc,
         label=label,
     )
     report = SourceReport(source=label, format=fmt.describe(), read=len(dataset), kept=len(rows))
-    report.supervised_tokens = sums["_supervised"]
+    report.supervised_tokens, report.prompts_shortened = sums["_supervised"], sums["_prompt_shortened"]
     settle(report, dropped, cfg, label, not_bad=None, empty_fix="fix the data")
     return rows, report
 
 
 def _encode_row(row: dict, *, fmt, tokenizer, max_length: int, max_prompt_length: int) -> dict:
     """One pair's ids, fitted to the lengths; ValueError(reason) drops it."""
-    pair = encode_pair(*split_pair(fmt.convert(row)), tokenizer)
-    prompt, chosen, rejected = fit(*pair, max_length, max_prompt_length)
+    prompt, chosen, rejected, shortened = fit_pair(
+        *split_pair(fmt.convert(row)), tokenizer, max_length, max_prompt_length
+    )
     return {
         "prompt_ids": prompt,
         "chosen_ids": chosen,
         "rejected_ids": rejected,
         "_supervised": len(chosen) + len(rejected),
+        "_prompt_shortened": int(shortened),
     }

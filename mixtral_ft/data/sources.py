@@ -29,6 +29,7 @@ class SourceReport:
     format: str | None = None  # e.g. "alpaca (auto-detected)"
     supervised_tokens: int | None = None  # SFT: tokens the loss is on (after truncation)
     trailing_user_dropped: int = 0  # kept conversations whose unanswered last user turn was cut
+    prompts_shortened: int = 0  # DPO: kept pairs whose prompt lost old exchanges or its start (prefs.fit_pair)
     held_out: int = 0  # kept rows held out for eval by data.test_size: never trained on
 
     def line(self) -> str:
@@ -41,6 +42,8 @@ class SourceReport:
             text += " (" + ", ".join(f"{r}: {n}" for r, n in _by_count(self.dropped)) + ")"
         if self.trailing_user_dropped:
             text += f"; {self.trailing_user_dropped} unanswered last user turn(s) cut"
+        if self.prompts_shortened:
+            text += f"; {self.prompts_shortened} long prompt(s) shortened"
         if self.supervised_tokens is not None:
             text += f"; {self.supervised_tokens:,} supervised tokens"
         if self.sampled:

@@ -115,7 +115,7 @@ class HubSection:
 class DpoSection:  # used when train.method is dpo; train.max_length caps prompt + answer
     beta: float = 0.1  # pull towards the reference model (the starting policy): higher stays closer
     loss_type: str = "sigmoid"  # TRL DPO loss: sigmoid (the DPO paper), ipo, hinge, apo_zero, ...
-    max_prompt_length: int = 512  # if prompt + answer exceed train.max_length: the prompt keeps <s> and its end
+    max_prompt_length: int = 512  # over train.max_length: old turns go first, then the question's start
 
 
 @dataclass(frozen=True)

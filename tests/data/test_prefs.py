@@ -11,7 +11,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mixtral_ft.data.prefs import fit, load_preference_data
+from mixtral_ft.data.prefs import fit_pair, load_preference_data
 from mixtral_ft.data.tokenizer import bundled_tokenizer_file, load_tokenizer
 from mixtral_ft.errors import UserError
 from mixtral_ft.recipe import DataSection
@@ -84,12 +84,54 @@ def test_multi_turn_prompt_keeps_earlier_turns(tokenizer, tmp_path):
     assert prompt.count(EOS) == 1  # the earlier answer's </s>
 
 
-def test_long_prompts_keep_bos_and_their_end():
-    prompt, chosen, rejected = list(range(1, 101)), [7] * 59 + [EOS], [8] * 10 + [EOS]
-    p, c, r = fit(prompt, chosen, rejected, max_length=64, max_prompt_length=20)
-    assert p == [1, *range(82, 101)] and c == chosen[:44] and r == rejected  # answers get what is left
-    assert fit(prompt[:30], rejected, rejected, 64, 20) == (prompt[:30], rejected, rejected)  # fits: untouched
-    assert fit(prompt[:10], chosen, rejected, 64, 20) == (prompt[:10], chosen[:54], rejected)  # short prompt stays
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def shown(ids: list[int], tokenizer) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_long_prompt_loses_its_oldest_exchanges_first(tokenizer):
+    old = [user("Tell me about cats. " * 30), assistant("Cats are small carnivores. " * 30)]
+    recent = [user("And dogs?"), assistant("Dogs are loyal.")]
+    prompt, chosen, rejected, shortened = fit_pair([*old, *recent, user(QUESTION)], GOOD, BAD, tokenizer, 96, 48)
+    # TRL's cut keeps the last 47 tokens: a prompt that starts inside the old answer about cats.
+    assert shown(prompt, tokenizer) == f"[INST] And dogs? [/INST] Dogs are loyal. [INST] {QUESTION} [/INST]"
+    assert shortened and prompt[0] == 1 and chosen[-1] == rejected[-1] == EOS  # whole answers: they had room
+    system = {"role": "system", "content": "Answer in one sentence."}
+    prompt, *_ = fit_pair([system, *old, user(QUESTION)], GOOD, BAD, tokenizer, 96, 48)
+    assert shown(prompt, tokenizer) == f"[INST] Answer in one sentence.\n\n{QUESTION} [/INST]"  # the system stays
+
+
+def test_a_long_question_loses_its_start_and_keeps_inst(tokenizer):
+    question = "Summarize this: " + "word " * 200 + "The end."
+    prompt, chosen, _, shortened = fit_pair([user(question)], GOOD + " " + "More. " * 40, BAD, tokenizer, 96, 48)
+    text = shown(prompt, tokenizer)
+    assert shortened and len(prompt) == 48 and prompt[0] == 1
+    assert text.startswith("[INST] word word") and text.endswith("word The end. [/INST]")
+    assert len(prompt) + len(chosen) == 96 and chosen[-1] != EOS  # the long answer gets what is left
+
+
+def test_a_prompt_is_shortened_only_when_the_pair_does_not_fit(tokenizer):
+    question = "word " * 60
+    full, *_ = fit_pair([user(question)], GOOD, BAD, tokenizer, 512, 48)
+    assert fit_pair([user(question)], GOOD, BAD, tokenizer, len(full) + 20, 48)[::3] == (full, False)  # it fits
+    long_answer = "More. " * 200  # a prompt within max_prompt_length stays whole; the answer is cut instead
+    prompt, chosen, _, shortened = fit_pair([user(QUESTION)], long_answer, BAD, tokenizer, 96, 48)
+    assert not shortened and shown(prompt, tokenizer) == f"[INST] {QUESTION} [/INST]"
+    assert len(prompt) + len(chosen) == 96
+
+
+def test_the_report_counts_shortened_prompts(tokenizer, tmp_path):
+    rows = [PAIR, {"prompt": "word " * 300, "chosen": GOOD, "rejected": BAD}]
+    report = load(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, max_length=96, max_prompt_length=48).reports[0]
+    assert report.prompts_shortened == 1 and report.kept == 2
+    assert "dropped 0; 1 long prompt(s) shortened; " in report.line()
 
 
 def test_builtin_preferences(tokenizer):
