@@ -11,7 +11,7 @@ Each command is one plain function in commands.py.
     mixtral-ft merge ADAPTER --out DIR           fold a LoRA adapter into the (NF4-dequantized) base
     mixtral-ft push DIR --repo-id ORG/NAME       upload an adapter or merged model with a model card
     mixtral-ft chat MODEL [--prompt TEXT|--web]  talk to a model, adapter or merged model (REPL, one shot, browser)
-    mixtral-ft eval OUTPUT_DIR_OR_RECIPE         held-out loss/perplexity, base vs adapter; eval.json
+    mixtral-ft eval OUTPUT_DIR_OR_RECIPE         held-out loss/perplexity (DPO: rewards), base vs adapter
     mixtral-ft plan RECIPE [--gpu-mem GiB]       predict peak GPU memory without loading the model
     mixtral-ft bench [--batch N ...]             throughput and memory of full-width Mixtral in NF4
 """

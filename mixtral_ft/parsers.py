@@ -88,14 +88,18 @@ def chat_parser(sub) -> None:
 
 
 def eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss and perplexity, base vs adapter, with sample generations")
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss and perplexity (DPO: preference accuracy and rewards), base vs adapter, "
+        "with sample generations",
+    )
     p.add_argument("target", metavar="OUTPUT_DIR_OR_RECIPE", help="training output_dir or a recipe")
     p.add_argument("--adapter", default=None, help="adapter folder (default: the output_dir's own)")
     p.add_argument(
         "--data",
         default=None,
         help="evaluate on all of these conversations (a file, a dataset folder or hub id: its train split, or "
-        "builtin:oasst_top1) instead of the recipe's held-out split",
+        "builtin:oasst_top1) instead of the recipe's held-out split (or a DPO run's held-out pairs): loss",
     )
     p.add_argument(
         "--samples", type=int, default=3, help="sample generations to write to eval.json (0: none, no generation flags)"

@@ -138,6 +138,8 @@ def check_outputs(name: str, text: str, nb, tmp: Path, adapter: Path) -> None:
         assert f"SFT adapter: {adapter}" in text
         assert text.index("--- SFT\n$ mixtral-ft chat") < text.index("--- DPO\n$ mixtral-ft chat")
         assert set(read_json(dpo / "eval.json")["scores"]) == {"base", "adapter"}
+        pairs = read_json(dpo / "eval_pairs.json")  # held-out pairs, against the SFT adapter DPO started from
+        assert list(pairs["scores"]) == ["base", "reference", "adapter"] and "'reference': 'reference'" in text
     if name == "04_merge_and_push":
         merged = tmp / "merged"
         assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))

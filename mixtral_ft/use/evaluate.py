@@ -7,7 +7,8 @@ held-out split exactly as training made it (`data.eval_split`, or `data.test_siz
 seed, through `load_sft_data`), or from `--data FILE`, all of which is then held out. Loss counts the
 assistant tokens only (`assistant_masks`), the tokens training puts its loss on. The base numbers come
 from the same loaded model with the adapter switched off (`disable_adapter`), so one copy of the
-weights serves both columns.
+weights serves both columns. A DPO run without --data is scored on its held-out preference pairs instead (pair_eval.py):
+how often each variant prefers the chosen answer, and the adapter's DPO rewards.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from mixtral_ft.export.staging import refuse_unwritable
 from mixtral_ft.model.scoring import assistant_nll
 from mixtral_ft.model.source import check_adapter_folder
 from mixtral_ft.use.chat import GenerationSettings, Target, generate, is_merged_folder, load_for_inference
+from mixtral_ft.use.eval_report import write_report
+from mixtral_ft.use.pair_eval import (
+    REFERENCE,
+    held_out_pairs,
+    load_reference,
+    pair_samples,
+    score_pairs,
+    settle_pair_scores,
+)
 
 
 def resolve_eval_target(target: str, adapter: str | None):
@@ -93,12 +103,6 @@ def held_out_rows(recipe, target: Target, data_path: str | None, max_rows: int |
     from mixtral_ft.data.conversations import load_sft_data
     from mixtral_ft.data.tokenizer import load_tokenizer
 
-    if data_path is None and getattr(recipe.train, "method", "sft") != "sft":
-        # Preference pairs have no single reference answer to score: perplexity needs conversations.
-        raise UserError(
-            f"this is a {recipe.train.method} run: its data are preference pairs; pass "
-            "--data FILE with conversations (e.g. --data builtin:oasst_top1)"
-        )
     tokenizer = load_tokenizer(target.source.local_path(), mode="finetuning")
     cfg = recipe.data
     if data_path is not None:
@@ -170,16 +174,29 @@ def evaluate(
     recipe, loaded_target, default_out = resolve_eval_target(target, adapter)
     out_path = Path(out) if out else default_out
     check_report_path(out_path)  # before the load and the scoring, not after them
-    rows, what = held_out_rows(recipe, loaded_target, data, max_rows)
-    say("eval", f"{len(rows)} held-out rows from {what}")
+    pairs = data is None and recipe.train.method == "dpo"  # --data: conversations, scored for loss
+    if pairs:
+        rows, what = held_out_pairs(recipe, loaded_target.source.local_path(), max_rows)
+    else:
+        rows, what = held_out_rows(recipe, loaded_target, data, max_rows)
+    say("eval", f"{len(rows)} held-out {'pairs' if pairs else 'rows'} from {what}")
     merged = not eval_quantizes(loaded_target)
     how = "as merged, unquantized" if merged else "NF4"
     say("eval", f"loading {loaded_target.base}{' with the adapter' if loaded_target.adapter else ''} ({how})")
     model, tokenizer = load_for_inference(loaded_target, quantize=not merged, attn_implementation=attn_implementation)
-    prompts = sample_prompts(rows, tokenizer, samples)
+    prompts = (pair_samples if pairs else sample_prompts)(rows, tokenizer, samples)
     plain = "merged" if merged else "base"  # a merged folder: itself
+    reference = load_reference(model, recipe) if pairs and loaded_target.adapter else None
     scores, tokens = score_variants(
-        model, tokenizer, rows, prompts, settings, with_adapter=bool(loaded_target.adapter), plain=plain
+        model,
+        tokenizer,
+        rows,
+        prompts,
+        settings,
+        with_adapter=bool(loaded_target.adapter),
+        plain=plain,
+        score=score_pairs if pairs else score_rows,
+        reference=reference,
     )
     report = {
         "model": loaded_target.base,
@@ -187,12 +204,14 @@ def evaluate(
         "adapter_dir": str(loaded_target.adapter) if loaded_target.adapter else None,
         "data": what,
         "rows": len(rows),
-        "assistant_tokens": tokens,
+        "answer_tokens" if pairs else "assistant_tokens": tokens,
         "scores": scores,
         "generation": dataclasses.asdict(settings),
         "samples": [{k: v for k, v in s.items() if k != "prompt_ids"} for s in prompts],
     }
-    _write_report(report, out_path)
+    if pairs:
+        report["rewards"] = settle_pair_scores(scores, recipe, plain)
+    write_report(report, out_path)
     return report
 
 
@@ -211,58 +230,43 @@ def _check_counts(samples: int, max_rows: int | None) -> None:
         raise UserError("--max-rows must be >= 1")
 
 
+def score_rows(model, rows, device: torch.device) -> tuple[dict, int]:
+    """Loss and perplexity on conversation rows, and the assistant tokens scored."""
+    loss, tokens = assistant_loss(model, rows, device)
+    return {"loss": round(loss, 6), "perplexity": _perplexity(loss)}, tokens
+
+
 def score_variants(
-    model, tokenizer, rows, prompts: list[dict], settings, *, with_adapter: bool, plain: str = "base"
+    model,
+    tokenizer,
+    rows,
+    prompts: list[dict],
+    settings,
+    *,
+    with_adapter: bool,
+    plain: str = "base",
+    score=score_rows,
+    reference=None,
 ) -> tuple[dict, int]:
-    """Loss and perplexity of the model (`plain`: adapter switched off), then with the adapter; each fills in its
-    sample answers."""
+    """`score` of the model (`plain`: adapter switched off), then (`reference`: with a DPO run's starting adapter)
+    with the adapter; each fills in its sample answers."""
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     variants = {plain: model.disable_adapter if with_adapter else nullcontext}
+    if reference is not None:
+        variants[REFERENCE] = reference
     if with_adapter:
         variants["adapter"] = nullcontext
     scores = {}
     for name, context in variants.items():
         with context():
-            say("eval", f"{name}: scoring {len(rows)} rows")
-            loss, tokens = assistant_loss(model, bar(rows, f"eval {name}"), device)
-            scores[name] = {"loss": round(loss, 6), "perplexity": _perplexity(loss)}
+            say("eval", f"{name}: scoring {len(rows)} {'rows' if score is score_rows else 'pairs'}")
+            scores[name], tokens = score(model, bar(rows, f"eval {name}"), device)
             for i, sample in enumerate(prompts, 1):
                 say("eval", f"{name}: generating sample {i}/{len(prompts)} (up to {settings.max_new_tokens} tokens)")
                 sample[name] = generate(model, tokenizer, sample["prompt_ids"], settings)
     return scores, tokens
 
 
-def _write_report(report: dict, out_path: Path) -> None:
-    """eval.json (replacing an earlier report), then the report as a table on stdout."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(render(report))
-    print(f"wrote {out_path}")
-
-
 def _perplexity(loss: float) -> float:
     # A random base model's loss can be ~10 nats; exp overflows only past ~709, so inf is honest there.
     return round(math.exp(loss), 4) if loss < 700 else math.inf
-
-
-def render(report: dict) -> str:
-    """Scores as a small table, then each sample with its reference and one line per variant."""
-    scores = report["scores"]
-    names = list(scores)
-    lines = [
-        f"eval: {report['rows']} rows, {report['assistant_tokens']} assistant tokens ({report['data']})",
-        f"{'':8} {'loss':>10} {'perplexity':>14}",
-    ]
-    lines += [f"{n:8} {scores[n]['loss']:>10.4f} {scores[n]['perplexity']:>14,.2f}" for n in names]
-    if len(names) == 2:
-        lines.append(f"{'change':8} {scores['adapter']['loss'] - scores[names[0]]['loss']:>+10.4f}")
-    for i, sample in enumerate(report["samples"], 1):
-        lines.append(f"\n[{i}] prompt:    {_short(sample['prompt'])}")
-        lines.append(f"    reference: {_short(sample['reference'])}")
-        lines += [f"    {n + ':':10} {_short(sample[n])}" for n in names]
-    return "\n".join(lines)
-
-
-def _short(text: str, width: int = 100) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -127,11 +127,6 @@ def test_bad_adapter_and_samples_are_refused(capsys):
     assert "--samples" in capsys.readouterr().err
 
 
-def test_preference_run_needs_conversation_data(capsys):
-    assert main(["eval", str(ROOT / "recipes" / "tiny_dpo.yaml")]) == 2
-    assert "--data FILE with conversations" in capsys.readouterr().err
-
-
 def test_out_that_is_a_folder_or_another_file_is_refused_before_scoring(adapter_run, capsys):
     recipe = (adapter_run / "recipe.yaml").read_bytes()
     unwritable = Path("/proc/mixtral-ft-no-such-folder/eval.json")  # no one can create a folder in /proc
