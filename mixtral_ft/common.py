@@ -80,7 +80,13 @@ def sigterm_unwinds() -> Iterator[None]:
         yield  # only the main thread may set handlers; SIGTERM's default then applies
         return
 
+    owner = os.getpid()
+
     def unwind(signum, frame):
+        if os.getpid() != owner:  # a forked child (datasets' pool and its manager) inherited this: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, unwind)

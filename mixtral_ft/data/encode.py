@@ -11,19 +11,27 @@ Sources held in memory (no cache files) are simply computed.
 
 Each row also gets helper columns (`_drop`: why it was dropped, null if kept; `_`-prefixed counts); they are
 summed for the SourceReport, then the dropped rows and the helper columns go.
+
+With several processes, Ctrl-C (sent to the whole process group) is the parent's alone to answer: the workers
+ignore it and die at the pool's SIGTERM, and the parent's KeyboardInterrupt (or SIGTERM's SystemExit) is raised
+as itself, not as the TimeoutError datasets' pool raises over it while it collects its workers' results. The
+CLI then prints its one line instead of a traceback from every process.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import signal
+import sys
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-from mixtral_ft.common import local_world_size
+from mixtral_ft.common import local_world_size, sigterm_unwinds
 from mixtral_ft.data.files import no_progress_bars
 
 DROP = "_drop"  # helper column: why the row was dropped; null for a kept row
@@ -60,10 +68,11 @@ def encode_rows(
     empty = {name: 0 if kind == "count" else [] for name, kind in columns.items()}
     key = fingerprint(dataset, settings, tokenizer)
     procs = processes(num_proc, len(dataset))
-    with bars_for(len(dataset)):
-        mapped = dataset.map(
+    with bars_for(len(dataset)), sigterm_unwinds():  # so a SIGTERM still stops the workers
+        mapped = _map_keeping_signals(
+            dataset,
             _encode_batch,
-            fn_kwargs={"encode_row": encode_row, "empty": empty},
+            fn_kwargs={"encode_row": encode_row, "empty": empty, "parent": os.getpid()},
             batched=True,
             remove_columns=dataset.column_names,
             features=features,
@@ -92,7 +101,47 @@ def bars_for(rows: int):
     return no_progress_bars() if rows < BAR_ROWS else nullcontext()
 
 
-def _encode_batch(batch: dict[str, list], encode_row, empty: dict) -> dict[str, list]:
+def _map_keeping_signals(dataset, function, **kwargs):
+    """dataset.map(function, **kwargs), re-raising a Ctrl-C or SIGTERM that datasets' pool buried under another
+    exception (a TimeoutError while it waits for its workers, a RuntimeError when one has died)."""
+    # A signal between two results closes datasets' result generator as the stack unwinds; its cleanup waits on
+    # the stopped workers, and Python would print that TimeoutError as "Exception ignored in".
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_unless_pool_cleanup, hook)
+    try:
+        return dataset.map(function, **kwargs)
+    except BaseException as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, (KeyboardInterrupt, SystemExit)):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+    finally:
+        sys.unraisablehook = hook
+
+
+def _unless_pool_cleanup(hook, unraisable) -> None:
+    if getattr(unraisable.object, "__name__", None) != "iflatmap_unordered":
+        hook(unraisable)
+
+
+_signals_left_to_parent = False
+
+
+def _leave_signals_to_the_parent() -> None:
+    """In a datasets worker: ignore Ctrl-C (the parent answers it) and die at SIGTERM, as the pool's terminate()
+    expects, instead of running the handler inherited from the parent (train's unwinds with SystemExit)."""
+    global _signals_left_to_parent
+    if not _signals_left_to_parent:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _signals_left_to_parent = True
+
+
+def _encode_batch(batch: dict[str, list], encode_row, empty: dict, parent: int) -> dict[str, list]:
+    if os.getpid() != parent:  # a worker process of num_proc > 1
+        _leave_signals_to_the_parent()
     out = {name: [] for name in (*empty, DROP)}
     for values in zip(*batch.values()):
         try:
