@@ -98,8 +98,8 @@ def eval_parser(sub) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="evaluate on all of these conversations (a file, a dataset folder or hub id: its train split, or "
-        "builtin:oasst_top1) instead of the recipe's held-out split (or a DPO run's held-out pairs): loss",
+        help="evaluate on all of these rows (a file, a dataset folder or hub id: its train split; or a builtin) "
+        "instead of the recipe's held-out split: conversations for loss, preference pairs for DPO rewards",
     )
     p.add_argument(
         "--samples", type=int, default=3, help="sample generations to write to eval.json (0: none, no generation flags)"

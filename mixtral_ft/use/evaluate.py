@@ -7,8 +7,8 @@ held-out split exactly as training made it (`data.eval_split`, or `data.test_siz
 seed, through `load_sft_data`), or from `--data FILE`, all of which is then held out. Loss counts the
 assistant tokens only (`assistant_masks`), the tokens training puts its loss on. The base numbers come
 from the same loaded model with the adapter switched off (`disable_adapter`), so one copy of the
-weights serves both columns. A DPO run without --data is scored on its held-out preference pairs instead (pair_eval.py):
-how often each variant prefers the chosen answer, and the adapter's DPO rewards.
+weights serves both columns. Preference pairs (a DPO run's held-out data, or `--data` pairs) are scored instead
+as pair_eval.py says: how often each variant prefers the chosen answer, and the adapter's DPO rewards.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from mixtral_ft.use.chat import GenerationSettings, Target, generate, is_merged_
 from mixtral_ft.use.eval_report import write_report
 from mixtral_ft.use.pair_eval import (
     REFERENCE,
+    given_data,
     held_out_pairs,
     load_reference,
     pair_samples,
     score_pairs,
+    scores_pairs,
     settle_pair_scores,
 )
 
@@ -104,10 +106,7 @@ def held_out_rows(recipe, target: Target, data_path: str | None, max_rows: int |
     from mixtral_ft.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(target.source.local_path(), mode="finetuning")
-    cfg = recipe.data
-    if data_path is not None:
-        # A given file is held out as a whole: its train split, nothing split off.
-        cfg = dataclasses.replace(cfg, path=data_path, split="train", eval_split=None, test_size=0.0, max_rows=None)
+    cfg = recipe.data if data_path is None else given_data(recipe.data, data_path)
     data = load_sft_data(cfg, tokenizer, max_length=recipe.train.max_length, seed=recipe.train.seed)
     rows = data.train if data_path is not None else data.eval
     if rows is None:
@@ -174,9 +173,9 @@ def evaluate(
     recipe, loaded_target, default_out = resolve_eval_target(target, adapter)
     out_path = Path(out) if out else default_out
     check_report_path(out_path)  # before the load and the scoring, not after them
-    pairs = data is None and recipe.train.method == "dpo"  # --data: conversations, scored for loss
+    pairs = scores_pairs(recipe, data)
     if pairs:
-        rows, what = held_out_pairs(recipe, loaded_target.source.local_path(), max_rows)
+        rows, what = held_out_pairs(recipe, loaded_target.source.local_path(), data, max_rows)
     else:
         rows, what = held_out_rows(recipe, loaded_target, data, max_rows)
     say("eval", f"{len(rows)} held-out {'pairs' if pairs else 'rows'} from {what}")

@@ -1,4 +1,5 @@
-"""`mixtral-ft eval` of a DPO run: its held-out preference pairs, scored the way TRL's DPO evaluation scores them.
+"""`mixtral-ft eval` on preference pairs (a DPO run's held-out ones, or `--data` pairs), scored as TRL's DPO
+evaluation scores them.
 
 A pair's score under a model is the summed log-probability of each answer's tokens (and its `</s>`) after the
 prompt, as TRL's sigmoid loss sums them. Each variant (base, adapter) reports how often it prefers the chosen
@@ -12,6 +13,7 @@ its batch means, which is the same number only when every eval batch is full (ti
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,23 +26,43 @@ from mixtral_ft.model.scoring import assistant_nll
 REFERENCE = "reference"  # the variant, and peft adapter name, of a continued run's starting adapter
 
 
-def held_out_pairs(recipe, model_dir, max_rows: int | None):
-    """(dataset of prompt/chosen/rejected ids, description) of the run's held-out pairs, as training made them."""
+def given_data(cfg, data_path: str):
+    """The data section for `--data`: the whole of its train split is held out, nothing split off."""
+    return dataclasses.replace(cfg, path=data_path, split="train", eval_split=None, test_size=0.0, max_rows=None)
+
+
+def scores_pairs(recipe, data_path: str | None) -> bool:
+    """Whether eval scores preference pairs: a DPO run's own held-out data, or `--data` rows that are pairs (any
+    run: how its adapter moved the preferences); else conversations, for loss."""
+    from mixtral_ft.data.files import read_rows
+
+    if data_path is None:
+        return recipe.train.method == "dpo"
+    dataset, _ = read_rows(given_data(recipe.data, data_path), "train")  # datasets caches it for the load
+    return {"chosen", "rejected"} <= set(dataset.column_names)
+
+
+def held_out_pairs(recipe, model_dir, data_path: str | None, max_rows: int | None):
+    """(dataset of prompt/chosen/rejected ids, description) of the run's held-out pairs, as training made them,
+    or of all the pairs in `data_path`."""
     from mixtral_ft.data.prefs import load_preference_data
     from mixtral_ft.data.tokenizer import load_tokenizer
 
     cfg, t = recipe.data, recipe.train
+    if data_path is not None:
+        cfg = dataclasses.replace(given_data(cfg, data_path), format="auto")  # an SFT recipe's format is not theirs
     tokenizer = load_tokenizer(model_dir, mode="finetuning")
     data = load_preference_data(
         cfg, tokenizer, max_length=t.max_length, max_prompt_length=recipe.dpo.max_prompt_length, seed=t.seed
     )
-    if data.eval is None:
+    rows = data.train if data_path is not None else data.eval
+    if rows is None:
         raise UserError(
             f"recipe data '{cfg.path}' has no held-out pairs (data.eval_split and data.test_size are unset): "
-            "pass --data FILE with conversations to score loss instead"
+            "pass --data FILE (preference pairs, or conversations to score loss)"
         )
-    rows = data.eval.select(range(max_rows)) if max_rows is not None and len(data.eval) > max_rows else data.eval
-    return rows, f"{cfg.path} [{cfg.eval_split or f'test_size {cfg.test_size} of {cfg.split}'}]"
+    rows = rows.select(range(max_rows)) if max_rows is not None and len(rows) > max_rows else rows
+    return rows, data_path or f"{cfg.path} [{cfg.eval_split or f'test_size {cfg.test_size} of {cfg.split}'}]"
 
 
 @torch.no_grad()

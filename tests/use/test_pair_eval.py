@@ -85,6 +85,16 @@ def test_data_flag_scores_conversations_for_loss_instead(fresh_run, tmp_path):
     assert set(report["scores"]["adapter"]) == {"loss", "perplexity"} and "rewards" not in report
 
 
+@pytest.mark.slow
+def test_data_flag_with_pairs_scores_those_pairs_for_any_run(fresh_run, tmp_path_factory, tmp_path):
+    argv = ["--data", "builtin:preferences", "--max-rows", "6", "--samples", "0", "--out", str(tmp_path / "p.json")]
+    for run in (fresh_run, trained_adapter(tmp_path_factory)):  # a DPO run, then an SFT run
+        assert main(["eval", str(run), *argv]) == 0
+        report = json.loads((tmp_path / "p.json").read_text())
+        assert report["rows"] == 6 and report["data"] == "builtin:preferences"
+        assert set(report["scores"]) == {"base", "adapter"} and report["rewards"]["reference"] == "base"
+
+
 def test_a_dpo_recipe_without_held_out_pairs_asks_for_data(tmp_path, capsys):
     recipe = tmp_path / "dpo.yaml"
     recipe.write_text(Path(TINY_DPO).read_text().replace("test_size: 0.1", "test_size: 0.0"))
