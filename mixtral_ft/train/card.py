@@ -67,6 +67,7 @@ def render_card(folder: Path, kind: str, title: str | None = None, ref: str | No
         *_merge_section(merge),
         *_verify_section(_read(folder, "verify.json", json.loads)),
         *_run_table(run),
+        *_eval_section(folder, _read(folder, "eval.json", json.loads)),
         *_run_sections(folder, run),
     ]
     if recipe:
@@ -215,6 +216,24 @@ def _memory_row(memory: dict | None) -> list[str]:
     labels = {"load_peak_gib": "load peak", "model_gib": "loaded model", "train_peak_gib": "training peak"}
     value = ", ".join(f"{label} {memory[k]} GiB" for k, label in labels.items() if memory.get(k) is not None)
     return [f"| memory ({memory.get('device')}, rank {memory.get('rank')}) | {value} |"]
+
+
+def _eval_section(folder: Path, report: dict | None) -> list[str]:
+    """`mixtral-ft eval`'s scores, when its eval.json scored this very folder (`--adapter` may have scored another)."""
+    scored = (report or {}).get("adapter_dir") or (report or {}).get("model")
+    if not scored or not isinstance(report.get("scores"), dict) or Path(scored).resolve() != folder.resolve():
+        return []
+    pairs = "answer_tokens" in report
+    keys = ("prefers_chosen", "logp_margin") if pairs else ("loss", "perplexity")
+    lines = ["## Evaluation", "", f"`mixtral-ft eval` on {report['rows']} held-out {'pairs' if pairs else 'rows'} "]
+    lines[-1] += f"({report.get('data')}, {report.get('weights', 'nf4')} weights):"
+    lines += ["", f"| | {' | '.join(k.replace('_', ' ') for k in keys)} |", "|---|---|---|"]
+    lines += [f"| {name} | {' | '.join(str(s.get(k)) for k in keys)} |" for name, s in report["scores"].items()]
+    rewards = report.get("rewards")
+    if rewards:
+        lines += ["", f"DPO rewards against {rewards['reference']} (beta {rewards['beta']}): accuracy "]
+        lines[-1] += f"{rewards['accuracy']:.2f}, margin {rewards['margin']}."
+    return lines + [""]
 
 
 def _run_sections(folder: Path, run: dict | None) -> list[str]:

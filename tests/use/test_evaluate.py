@@ -48,6 +48,18 @@ def test_eval_json_holds_side_by_side_samples(report, capsys):
 
 
 @pytest.mark.slow
+def test_the_card_shows_the_scores_of_this_folder_only(adapter_run, report, tmp_path):
+    from mixtral_ft.train.card import render_card
+
+    card = render_card(adapter_run, "adapter")
+    assert "## Evaluation" in card and f"| adapter | {report['scores']['adapter']['loss']} |" in card
+    other = tmp_path / "other"  # an eval.json copied beside another adapter scored this one: not that one's
+    other.mkdir()
+    (other / "eval.json").write_text((adapter_run / "eval.json").read_text())
+    assert "## Evaluation" not in render_card(other, "adapter")
+
+
+@pytest.mark.slow
 def test_base_column_matches_a_base_only_eval(adapter_run, report, tmp_path):
     # A recipe whose output_dir holds no adapter evaluates the base alone, on the same held-out rows.
     recipe = yaml.safe_load((adapter_run / "recipe.yaml").read_text())

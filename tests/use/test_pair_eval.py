@@ -77,6 +77,18 @@ def test_each_variant_scores_the_held_out_pairs(report):
 
 
 @pytest.mark.slow
+def test_the_card_shows_the_preferences_and_rewards(fresh_run, report):
+    from mixtral_ft.train.card import render_card
+
+    card = render_card(fresh_run, "adapter")
+    assert (
+        "| | prefers chosen | logp margin |" in card
+        and f"| adapter | {report['scores']['adapter']['prefers_chosen']} |" in card
+    )
+    assert f"DPO rewards against base (beta 0.1): accuracy {report['rewards']['accuracy']:.2f}" in card
+
+
+@pytest.mark.slow
 def test_data_flag_scores_conversations_for_loss_instead(fresh_run, tmp_path):
     out = tmp_path / "conversations.json"
     argv = ["--data", "builtin:oasst_top1", "--max-rows", "2", "--samples", "0", "--out", str(out)]
