@@ -23,9 +23,8 @@ def render(report: dict) -> str:
     lines = render_pair_scores(report) if pairs else loss_lines(report)
     for i, sample in enumerate(report["samples"], 1):
         lines.append(f"\n[{i}] prompt:    {_short(sample['prompt'])}")
-        lines.append(f"    {'chosen:' if pairs else 'reference:':10} {_short(sample['reference'])}")
-        lines += [f"    {'rejected:':10} {_short(sample['rejected'])}"] if pairs else []
-        lines += [f"    {n + ':':10} {_short(sample[n])}" for n in names]
+        given = ("chosen", "rejected") if pairs else ("reference",)
+        lines += [f"    {n + ':':10} {_short(sample[n])}" for n in (*given, *names)]
     return "\n".join(lines)
 
 

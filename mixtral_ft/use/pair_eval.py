@@ -140,7 +140,7 @@ def settle_pair_scores(scores: dict, recipe, plain: str) -> dict | None:
 
 
 def pair_samples(rows, tokenizer, n: int) -> list[dict]:
-    """The prompt of each of the first `n` pairs, with the chosen answer as the reference and the rejected one."""
+    """The prompt of each of the first `n` pairs, with its chosen and rejected answers."""
 
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -149,7 +149,7 @@ def pair_samples(rows, tokenizer, n: int) -> list[dict]:
         {
             "prompt_ids": row["prompt_ids"],
             "prompt": text(row["prompt_ids"]).removeprefix("[INST]").removesuffix("[/INST]").strip(),
-            "reference": text(row["chosen_ids"]),
+            "chosen": text(row["chosen_ids"]),  # not "reference": that is a variant's name here
             "rejected": text(row["rejected_ids"]),
         }
         for row in rows.select(range(min(n, len(rows))))
@@ -159,11 +159,12 @@ def pair_samples(rows, tokenizer, n: int) -> list[dict]:
 def render_pair_scores(report: dict) -> list[str]:
     """The score table of a pairs report (samples are rendered as for conversations)."""
     scores = report["scores"]
+    width = max(8, *map(len, scores))
     lines = [
         f"eval: {report['rows']} pairs, {report['answer_tokens']} answer tokens ({report['data']})",
-        f"{'':8} {'prefers chosen':>15} {'log-prob margin':>16}",
+        f"{'':{width}} {'prefers chosen':>15} {'log-prob margin':>16}",
     ]
-    lines += [f"{n:8} {s['prefers_chosen']:>15.0%} {s['logp_margin']:>+16.4f}" for n, s in scores.items()]
+    lines += [f"{n:{width}} {s['prefers_chosen']:>15.0%} {s['logp_margin']:>+16.4f}" for n, s in scores.items()]
     if rewards := report.get("rewards"):
         lines.append(
             f"DPO rewards of the adapter against {rewards['reference']} (beta {rewards['beta']}): accuracy "

@@ -55,8 +55,10 @@ def test_adapter_rewards_are_trls_eval_rewards(fresh_run, report):
 def test_a_continued_run_is_rewarded_against_its_starting_adapter(tmp_path_factory):
     sft = trained_adapter(tmp_path_factory)
     run = dpo_run(tmp_path_factory.mktemp("pair_eval_chain") / "run", f"model.adapter={sft}")
-    report = evaluated(run, "--samples", "0")
+    report = evaluated(run, "--samples", "1", "--max-new-tokens", "4")
     assert list(report["scores"]) == ["base", "reference", "adapter"] and report["rewards"]["reference"] == "reference"
+    (sample,) = report["samples"]  # each variant's answer beside the pair's own two, none written over another
+    assert sample["chosen"].startswith("DNA stands for deoxyribonucleic acid") and "reference" in sample
     scores = {name: score["logp_margin"] for name, score in report["scores"].items()}
     against_base = 0.1 * (scores["adapter"] - scores["base"])  # what a reward against the wrong reference reads
     assert abs(against_base - report["rewards"]["margin"]) > 1e-3
@@ -72,7 +74,7 @@ def test_each_variant_scores_the_held_out_pairs(report):
     margins = report["rewards"]["margin"], report["scores"]["adapter"]["logp_margin"]
     assert margins[0] == pytest.approx(0.1 * (margins[1] - report["scores"]["base"]["logp_margin"]), abs=1e-5)
     (sample,) = report["samples"]
-    assert sample["reference"] and sample["rejected"] and {"base", "adapter"} <= set(sample)
+    assert sample["chosen"] and sample["rejected"] and {"base", "adapter"} <= set(sample)
     assert "[INST]" not in sample["prompt"]
 
 
