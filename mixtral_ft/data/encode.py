@@ -13,9 +13,10 @@ Each row also gets helper columns (`_drop`: why it was dropped, null if kept; `_
 summed for the SourceReport, then the dropped rows and the helper columns go.
 
 With several processes, Ctrl-C (sent to the whole process group) is the parent's alone to answer: the workers
-ignore it and die at the pool's SIGTERM, and the parent's KeyboardInterrupt (or SIGTERM's SystemExit) is raised
-as itself, not as the TimeoutError datasets' pool raises over it while it collects its workers' results. The
-CLI then prints its one line instead of a traceback from every process.
+ignore it and die at the pool's SIGTERM (sigterm_unwinds lets a forked child die as by default), and the parent's
+KeyboardInterrupt (or SIGTERM's SystemExit) is raised as itself, not as the TimeoutError datasets' pool raises
+over it while it collects its workers' results. The CLI then prints its one line instead of a traceback from
+every process.
 """
 
 from __future__ import annotations
@@ -126,22 +127,15 @@ def _unless_pool_cleanup(hook, unraisable) -> None:
         hook(unraisable)
 
 
-_signals_left_to_parent = False
-
-
-def _leave_signals_to_the_parent() -> None:
-    """In a datasets worker: ignore Ctrl-C (the parent answers it) and die at SIGTERM, as the pool's terminate()
-    expects, instead of running the handler inherited from the parent (train's unwinds with SystemExit)."""
-    global _signals_left_to_parent
-    if not _signals_left_to_parent:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _signals_left_to_parent = True
+def _leave_ctrl_c_to_the_parent() -> None:
+    """In a datasets worker: Ctrl-C reaches the whole process group, and the parent alone answers it. (SIGTERM needs
+    nothing here: sigterm_unwinds' handler, inherited from the parent, kills a forked child as by default.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_batch(batch: dict[str, list], encode_row, empty: dict, parent: int) -> dict[str, list]:
     if os.getpid() != parent:  # a worker process of num_proc > 1
-        _leave_signals_to_the_parent()
+        _leave_ctrl_c_to_the_parent()
     out = {name: [] for name in (*empty, DROP)}
     for values in zip(*batch.values()):
         try:

@@ -220,8 +220,10 @@ def _memory_row(memory: dict | None) -> list[str]:
 
 def _eval_section(folder: Path, report: dict | None) -> list[str]:
     """`mixtral-ft eval`'s scores, when its eval.json scored this very folder (`--adapter` may have scored another)."""
-    scored = (report or {}).get("adapter_dir") or (report or {}).get("model")
-    if not scored or not isinstance(report.get("scores"), dict) or Path(scored).resolve() != folder.resolve():
+    if not report or not isinstance(report.get("scores"), dict):
+        return []
+    scored = report.get("adapter_dir") or report.get("model")
+    if not scored or Path(scored).resolve() != folder.resolve():
         return []
     pairs = "answer_tokens" in report
     keys = ("prefers_chosen", "logp_margin") if pairs else ("loss", "perplexity")

@@ -11,7 +11,7 @@ import pytest
 from mixtral_ft.recipe import load_recipe
 from mixtral_ft.train.reporting import newest_wandb_id, wandb_resume_env, wandb_session
 from tests.conftest import TINY_RECIPE, signal_at, train
-from tests.train.test_telemetry import _wandb_records
+from tests.train.test_run_reports import _wandb_records
 
 
 def wandb_folder(out: Path, name: str, run_id: str) -> Path:
